@@ -1,0 +1,3 @@
+"""Imports every method module so that each registers itself. Adding a method = one line here."""
+
+from . import flow_matching  # noqa: F401

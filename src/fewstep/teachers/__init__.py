@@ -1,0 +1,7 @@
+"""Teachers: the analytic Gaussian mixture, wrappers for any network, and the exact teacher flow map."""
+
+from .base import Teacher
+from .flowmap import TeacherFlowMap
+from .gmm import GaussianMixtureTeacher
+
+__all__ = ["Teacher", "GaussianMixtureTeacher", "TeacherFlowMap"]

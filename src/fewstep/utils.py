@@ -1,0 +1,69 @@
+"""Small tensor helpers shared by the whole library: time checking and broadcasting."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor
+
+TimeLike = Union[float, int, Tensor]
+
+__all__ = ["TimeLike", "as_time", "bcast", "check_batch", "count_dims"]
+
+
+def as_time(t: TimeLike, x: Tensor, name: str = "t", check_range: bool = True) -> Tensor:
+    """Return ``t`` as a tensor of shape (batch,) on ``x``'s device and dtype.
+
+    Args:
+        t: A Python number, a 0-d tensor or a tensor of shape (batch,).
+        x: The batch the times belong to, shape (batch, ...).
+        name: Name used in error messages.
+        check_range: Whether to require ``0 <= t <= 1``.
+
+    Returns:
+        Tensor of shape (batch,).
+
+    Raises:
+        ValueError: if the shape does not match the batch or a time lies outside [0, 1].
+    """
+    b = x.shape[0]
+    if not torch.is_tensor(t):
+        t = torch.tensor(float(t))
+    t = t.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+    if t.dim() == 0:
+        t = t.expand(b)
+    elif t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() != 1 or t.shape[0] != b:
+        raise ValueError(
+            f"{name} must be a scalar or have shape ({b},) to match the batch; got shape {tuple(t.shape)}"
+        )
+    if check_range and t.numel() > 0:
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0 or t.isnan().any():
+            raise ValueError(f"{name} must lie in [0, 1] (t=0 data, t=1 noise); got values in [{lo}, {hi}]")
+    return t
+
+
+def bcast(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape a (batch,) tensor so that it broadcasts against ``x`` of shape (batch, ...)."""
+    return t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
+
+
+def count_dims(x: Tensor) -> int:
+    """Number of event dimensions of a batch ``x`` of shape (batch, ...)."""
+    n = 1
+    for s in x.shape[1:]:
+        n *= s
+    return n
+
+
+def check_batch(x: Tensor, event_shape: tuple[int, ...], name: str = "x") -> None:
+    """Raise a ValueError naming the problem when ``x`` is not a batch of ``event_shape`` events."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape[1:]) != tuple(event_shape):
+        raise ValueError(
+            f"{name} must have shape (batch, {', '.join(map(str, event_shape))}); got {tuple(x.shape)}"
+        )
