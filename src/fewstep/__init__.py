@@ -8,13 +8,15 @@ from .flowmap import FlowMap, VelocityFlowMap
 from .networks import MLP
 from .paths import AffinePath, CosinePath, GeneralAffinePath, LinearPath, cfg_combine, get_path
 from .samplers import gamma_sample, sample_flowmap, solve, solve_adaptive, time_grid
-from .teachers import GaussianMixtureTeacher, Teacher, TeacherFlowMap
+from .teachers import PRESETS, GaussianMixtureTeacher, ModuleTeacher, Teacher, TeacherFlowMap, load_preset
+from .trainer import Trainer, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AffinePath", "LinearPath", "CosinePath", "GeneralAffinePath", "cfg_combine", "get_path",
     "FlowMap", "VelocityFlowMap", "MLP",
-    "Teacher", "GaussianMixtureTeacher", "TeacherFlowMap",
+    "Teacher", "GaussianMixtureTeacher", "TeacherFlowMap", "ModuleTeacher", "load_preset", "PRESETS",
+    "Trainer", "train",
     "solve", "solve_adaptive", "sample_flowmap", "gamma_sample", "time_grid",
 ]

@@ -73,7 +73,7 @@ class FlowMap(nn.Module):
         return bcast(c_skip, x) * x + bcast(c_out, x) * self.net(x, tt, self.network_s(tt, ss), cond)
 
     def velocity(self, x: Tensor, t: TimeLike, cond: Tensor | None = None) -> Tensor:
-        r"""Instantaneous velocity :math:`v(x,t) = -\partial_s f_{t\to s}(x)|_{s=t} = F(x, t, t')`."""
+        r"""Instantaneous velocity :math:`v(x,t) = \partial_s f_{t\to s}(x)|_{s=t} = F(x, t, t')` (f = x + (s-t)F)."""
         return self.F(x, t, t, cond)
 
     def x0(self, x: Tensor, t: TimeLike, cond: Tensor | None = None) -> Tensor:

@@ -29,7 +29,7 @@ def as_time(t: TimeLike, x: Tensor, name: str = "t", check_range: bool = True) -
     """
     b = x.shape[0]
     if not torch.is_tensor(t):
-        t = torch.tensor(float(t))
+        t = torch.tensor(float(t), dtype=torch.float64)  # keep float64 precision of Python floats
     t = t.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
     if t.dim() == 0:
         t = t.expand(b)

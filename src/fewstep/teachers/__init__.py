@@ -3,5 +3,7 @@
 from .base import Teacher
 from .flowmap import TeacherFlowMap
 from .gmm import GaussianMixtureTeacher
+from .module import ModuleTeacher
+from .presets import PRESETS, load_preset
 
-__all__ = ["Teacher", "GaussianMixtureTeacher", "TeacherFlowMap"]
+__all__ = ["Teacher", "GaussianMixtureTeacher", "TeacherFlowMap", "ModuleTeacher", "PRESETS", "load_preset"]
