@@ -59,4 +59,4 @@ class FlowMatching(Method):
         if cond is not None and cfg.cond_drop > 0:
             cond = torch.where(batch.u[:, 1] < cfg.cond_drop, torch.full_like(cond, -1), cond)
         loss = ((self.student.velocity(x_t, t, cond) - v) ** 2).mean()
-        return loss, {"loss": float(loss)}
+        return loss, {"loss": float(loss.detach())}
