@@ -25,7 +25,7 @@ __all__ = ["DEMO_METHODS", "DEMO_STEPS", "run_demo"]
 #: fewstep.benchmarks.reflow_experiments).
 DEMO_METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("reflow", "reflow", {}),
-    ("reflow+MA", "reflow", {"ma_weight": 0.003, "ma_warmup": lambda steps: steps // 2, "ma_t_min": 0.05,
+    ("reflow+MA", "reflow", {"ma_weight": 0.0003, "ma_warmup": lambda steps: steps // 2, "ma_t_min": 0.05,
                              "ma_batch": 128}),
 ]
 #: Fallback when ``reflow`` is not registered: a 1-rectified-flow student trained by flow matching.
