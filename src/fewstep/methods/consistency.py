@@ -1,0 +1,221 @@
+r"""Discrete-time consistency models: consistency distillation (``cd``) and consistency training (``ct``).
+
+The student is a consistency function :math:`f_\theta(x,t) = f_{t\to 0}(x) = x - t\,F_\theta(x,t,0)`
+(``consistency`` parameterization, so :math:`f_{0\to0}=\mathrm{id}` exactly). On a grid
+:math:`0 = t_0 < t_1 < \dots < t_N = 1` with :math:`N = N(k)` intervals at training step k, draw i ∈ {1..N},
+:math:`t = t_i`, :math:`t' = t_{i-1}`, :math:`x_t = (1-t)x_0 + t x_1` and minimise
+
+.. math::
+    L(\theta) = E\big[\,w(t,t')\; d\big(f_\theta(x_t, t),\ \mathrm{sg}\,f_{\theta^-}(x_{t'}, t')\big)\big],
+
+* ``cd``: :math:`x_{t'}` is one teacher ODE step from :math:`x_t` (Euler :math:`x_t - (t-t')v(x_t,t)` or Heun);
+* ``ct``: :math:`x_{t'} = (1-t')x_0 + t' x_1` with the same :math:`(x_0, x_1)` (the conditional velocity
+  :math:`x_1 - x_0` replaces the teacher; the loss vanishes at the exact flow map only as :math:`\Delta t\to0`).
+
+Distances: :math:`d = \|a-b\|^2` (``l2``) or pseudo-Huber :math:`\sqrt{\|a-b\|^2 + c^2} - c` (``pseudo_huber``).
+Weights: :math:`w = 1` (``uniform``) or :math:`w = 1/(t - t')` (``inv_dt``, iCT). The target network
+:math:`\theta^- \leftarrow \mu\theta^- + (1-\mu)\theta` after every update (μ = ``target_ema``; μ = 0 is iCT's
+:math:`\theta^- = \mathrm{sg}(\theta)`). N(k) is fixed or iCT's curriculum
+:math:`N(k) = \min(n_{min} 2^{\lfloor k/K'\rfloor}, n_{max})`, :math:`K' = \lfloor K/(\log_2(n_{max}/n_{min})+1)\rfloor`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..flowmap import FlowMap
+from ..samplers import time_grid
+from ..utils import bcast
+from .base import Batch, Method, MethodConfig, register
+
+__all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber", "ema_update",
+           "discretization_steps", "consistency_grid"]
+
+DISTANCES = ("l2", "pseudo_huber")
+WEIGHTINGS = ("uniform", "inv_dt")
+
+
+@dataclass
+class ConsistencyConfig(MethodConfig):
+    """Hyper-parameters of discrete consistency models.
+
+    Attributes:
+        distance: ``l2`` or ``pseudo_huber``.
+        huber_c: The c of the pseudo-Huber distance (absolute, in data units).
+        weighting: ``uniform`` or ``inv_dt`` (w = 1/(t - t')).
+        target_ema: EMA decay μ of the target network θ⁻ (0: θ⁻ = sg(θ)).
+        n_schedule: ``fixed`` (N = n_steps) or ``ict`` (doubling curriculum from n_min to n_max).
+        n_steps: Number of intervals N for the fixed schedule.
+        n_min: First N of the curriculum.
+        n_max: Last N of the curriculum.
+        curriculum_steps: Total training steps K the curriculum is spread over.
+        grid: ``uniform`` in t or ``edm`` (rho-spacing of the noise-to-signal ratio t/(1-t)).
+        rho: EDM exponent.
+        grid_jitter: Draw a continuous grid index (every t trained) instead of the N grid points.
+        solver: Teacher step of ``cd``: ``euler`` or ``heun`` (ignored by ``ct``).
+        guidance: Teacher guidance weight (``cd``, class-conditional teachers).
+    """
+
+    distance: str = "pseudo_huber"
+    huber_c: float = 0.03
+    weighting: str = "uniform"
+    target_ema: float = 0.95
+    n_schedule: str = "fixed"
+    n_steps: int = 16
+    n_min: int = 10
+    n_max: int = 640
+    curriculum_steps: int = 4000
+    grid: str = "uniform"
+    rho: float = 7.0
+    grid_jitter: bool = True
+    solver: str = "heun"
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.distance not in DISTANCES:
+            raise ValueError(f"unknown distance {self.distance!r}; expected one of {DISTANCES}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        if self.n_schedule not in ("fixed", "ict"):
+            raise ValueError(f"unknown n_schedule {self.n_schedule!r}; expected 'fixed' or 'ict'")
+        if self.solver not in ("euler", "heun"):
+            raise ValueError(f"unknown solver {self.solver!r}; expected 'euler' or 'heun'")
+        if self.grid not in ("uniform", "edm"):
+            raise ValueError(f"unknown grid {self.grid!r}; expected 'uniform' or 'edm'")
+        if not 0.0 <= self.target_ema < 1.0:
+            raise ValueError(f"target_ema must lie in [0, 1); got {self.target_ema}")
+        if self.n_steps < 1 or self.n_min < 1 or self.n_max < self.n_min:
+            raise ValueError(f"need n_steps >= 1 and 1 <= n_min <= n_max; got {self.n_steps}, {self.n_min}, "
+                             f"{self.n_max}")
+        if self.huber_c <= 0:
+            raise ValueError(f"huber_c must be positive; got {self.huber_c}")
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
+    r"""Per-sample pseudo-Huber distance :math:`\sqrt{\|a-b\|^2 + c^2} - c`, shape (batch,)."""
+    sq = (a - b).flatten(1).pow(2).sum(1)
+    return torch.sqrt(sq + c * c) - c
+
+
+def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    r"""In place :math:`\theta^- \leftarrow \mu\theta^- + (1-\mu)\theta` over parameters and float buffers."""
+    with torch.no_grad():
+        for pt, ps in zip(target.parameters(), source.parameters()):
+            pt.lerp_(ps, 1.0 - decay)
+        for bt, bs in zip(target.buffers(), source.buffers()):
+            bt.copy_(bs)
+
+
+def discretization_steps(step: int, cfg: ConsistencyConfig) -> int:
+    r"""Number of intervals N(k): fixed, or iCT's :math:`\min(n_{min}2^{\lfloor k/K'\rfloor}, n_{max})`."""
+    if cfg.n_schedule == "fixed":
+        return cfg.n_steps
+    k_prime = max(1, math.floor(cfg.curriculum_steps / (math.log2(cfg.n_max / cfg.n_min) + 1)))
+    return int(min(cfg.n_min * 2 ** (step // k_prime), cfg.n_max))
+
+
+def consistency_grid(n: int, kind: str = "uniform", rho: float = 7.0) -> Tensor:
+    """Increasing grid 0 = t_0 < ... < t_n = 1 (float64) of the discretisation."""
+    return time_grid(n, 1.0, 0.0, kind=kind, rho=rho).flip(0)
+
+
+class _ConsistencyBase(Method):
+    """Shared machinery: the EMA target network, the grid, the distance and the loss."""
+
+    config_class = ConsistencyConfig
+    parameterization = "consistency"
+    needs_data = True
+
+    def __init__(self, student: FlowMap, teacher: torch.nn.Module | None = None,
+                 config: ConsistencyConfig | None = None) -> None:
+        super().__init__(student, teacher, config)
+        if getattr(student, "parameterization", "consistency") != "consistency":
+            raise ValueError(f"{self.name} trains a 'consistency' student; got {student.parameterization!r}")
+        self.target = copy.deepcopy(student).requires_grad_(False)
+
+    def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
+        """The point x_{t'} paired with x_t (teacher step for cd, same (x0, x1) for ct)."""
+        raise NotImplementedError
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """Per-sample distance d(a, b), shape (batch,)."""
+        if self.config.distance == "l2":
+            return (a - b).flatten(1).pow(2).sum(1)
+        return pseudo_huber(a, b, self.config.huber_c)
+
+    def times(self, u: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Adjacent grid times (t_i, t_{i-1}) with i uniform on {1..N}; with ``grid_jitter`` a continuous index.
+
+        Jitter: c ~ U(0, N), t = G(c), t' = G(max(c - 1, 0)) with G the piecewise-linear interpolation of the
+        grid, so every t in (0, 1] is trained (a fixed grid only ever shows the network N distinct times,
+        which leaves multi-step sampling at off-grid times to interpolation).
+        """
+        n = discretization_steps(step, self.config)
+        g = consistency_grid(n, self.config.grid, self.config.rho).to(u.device)
+        if not self.config.grid_jitter:
+            i = (u * n).long().clamp(0, n - 1) + 1
+            return g[i].to(u.dtype), g[i - 1].to(u.dtype)
+        c = u.double() * n
+
+        def interp(x: Tensor) -> Tensor:
+            i = x.floor().long().clamp(0, n - 1)
+            return g[i] + (x - i) * (g[i + 1] - g[i])
+
+        return interp(c).to(u.dtype), interp((c - 1).clamp(min=0.0)).to(u.dtype)
+
+    def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if batch.x0 is None:
+            raise ValueError(f"{self.name} needs data batches (x0) to form x_t = (1-t) x0 + t x1")
+        t, t_prev = self.times(batch.u[:, 0], step)
+        x_t = bcast(1 - t, batch.x0) * batch.x0 + bcast(t, batch.x0) * batch.x1
+        with torch.no_grad():
+            x_prev = self.partner(x_t, t, t_prev, batch)
+            target = self.target(x_prev, t_prev, torch.zeros_like(t), batch.cond)
+        pred = self.student(x_t, t, torch.zeros_like(t), batch.cond)
+        d = self.distance(pred, target)
+        w = 1.0 / (t - t_prev) if self.config.weighting == "inv_dt" else torch.ones_like(t)
+        loss = (w * d).mean()
+        return loss, {"loss": float(loss.detach()), "distance": float(d.detach().mean()),
+                      "N": float(discretization_steps(step, self.config))}
+
+    def after_update(self, name: str, step: int) -> None:
+        if name == "student":
+            ema_update(self.target, self.student, self.config.target_ema)
+
+
+@register
+class ConsistencyDistillation(_ConsistencyBase):
+    """Consistency distillation: x_{t'} is one Euler/Heun step of the frozen teacher from x_t."""
+
+    name = "cd"
+    description = "Consistency distillation (discrete CM): f(x_t,t) vs EMA f(teacher step to t', t')."
+    needs_teacher = True
+
+    def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
+        r"""Euler :math:`x_t - h v(x_t,t)` or Heun :math:`x_t - \tfrac h2[v(x_t,t) + v(\tilde x, t')]`, h = t - t'."""
+        g = self.config.guidance
+        h = bcast(t - t_prev, x_t)
+        v = self.velocity_target(x_t, t, batch.cond, g)
+        x_e = x_t - h * v
+        if self.config.solver == "euler":
+            return x_e
+        return x_t - 0.5 * h * (v + self.velocity_target(x_e, t_prev, batch.cond, g))
+
+
+@register
+class ConsistencyTraining(_ConsistencyBase):
+    """Consistency training: x_{t'} = (1-t') x0 + t' x1 with the same (x0, x1); no teacher."""
+
+    name = "ct"
+    description = "Consistency training (discrete CM from data): same (x0, x1) at t and t'."
+    needs_teacher = False
+
+    def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
+        """The same noise/data pair at the earlier time t'."""
+        assert batch.x0 is not None
+        return bcast(1 - t_prev, batch.x0) * batch.x0 + bcast(t_prev, batch.x0) * batch.x1
