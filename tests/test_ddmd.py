@@ -15,42 +15,22 @@ from fewstep.networks import MLP
 from fewstep.samplers import sample_flowmap, solve_adaptive
 from fewstep.teachers import GaussianMixtureTeacher
 
+from _fixtures import TeacherAsFake, ring_teacher
+from _fixtures import class_batch as batch
+from _fixtures import student_net as _student_net
+
 torch.set_num_threads(1)
 
 
-def ring_teacher() -> GaussianMixtureTeacher:
-    """Four components on a circle of radius 2 (std 0.2); class k = components {k, k+2}."""
-    ang = torch.arange(4) * math.pi / 2
-    means = 2 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
-    return GaussianMixtureTeacher([0.25] * 4, means, 0.04 * torch.eye(2).expand(4, 2, 2), classes=[0, 1, 0, 1])
+def student_net() -> FlowMap:
+    """The tiny conditional student with the velocity parameterization."""
+    return _student_net(param="velocity")
 
 
 def pair_teacher() -> GaussianMixtureTeacher:
     """Class 0 at (1, 0.5), class 1 at (-1, -0.5), std 0.4: guidance pushes the classes apart."""
     means = torch.tensor([[1.0, 0.5], [-1.0, -0.5]])
     return GaussianMixtureTeacher([0.5, 0.5], means, 0.16 * torch.eye(2).expand(2, 2, 2), classes=[0, 1])
-
-
-class TeacherAsFake(nn.Module):
-    """A fake score equal to the real teacher's conditional velocity."""
-
-    def __init__(self, teacher: GaussianMixtureTeacher) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.teacher.velocity(x, t, cond=cond) + 0 * self.dummy
-
-
-def student_net() -> FlowMap:
-    return FlowMap(MLP(2, hidden=32, depth=2, num_classes=2, use_s=False), "velocity")
-
-
-def batch(n: int = 64, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(x1=torch.randn(n, 2, generator=g), u=torch.rand(n, 8, generator=g),
-                 cond=torch.randint(0, 2, (n,), generator=g))
 
 
 def grad_sum(m: nn.Module) -> float:

@@ -23,43 +23,10 @@ from fewstep.networks import MLP
 from fewstep.samplers import sample_flowmap
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 
+from _fixtures import TeacherAsFake, ring_teacher, small_teacher, student_net
+from _fixtures import class_batch as batch
+
 torch.set_num_threads(1)
-
-
-def small_teacher() -> GaussianMixtureTeacher:
-    """Two classes, one Gaussian each: class 0 at (1.5, 0.5), class 1 at (-1.5, -0.5), std 0.3."""
-    means = torch.tensor([[1.5, 0.5], [-1.5, -0.5]])
-    return GaussianMixtureTeacher([0.5, 0.5], means, 0.09 * torch.eye(2).expand(2, 2, 2), classes=[0, 1])
-
-
-def ring_teacher() -> GaussianMixtureTeacher:
-    """Four components on a circle of radius 2 (std 0.2); class k = components {k, k+2}."""
-    ang = torch.arange(4) * math.pi / 2
-    means = 2 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
-    return GaussianMixtureTeacher([0.25] * 4, means, 0.04 * torch.eye(2).expand(4, 2, 2), classes=[0, 1, 0, 1])
-
-
-class TeacherAsFake(nn.Module):
-    """A 'fake score' that is exactly the real teacher's conditional velocity (plus optional scale/bias)."""
-
-    def __init__(self, teacher: GaussianMixtureTeacher, guidance: float = 1.0) -> None:
-        super().__init__()
-        self.teacher, self.guidance = teacher, guidance
-        self.scale = nn.Parameter(torch.ones(()))
-        self.bias = nn.Parameter(torch.zeros(2))
-
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.scale * self.teacher.velocity(x, t, cond=cond, guidance=self.guidance) + self.bias
-
-
-def student_net(num_classes: int | None = 2, param: str = "consistency") -> FlowMap:
-    return FlowMap(MLP(2, hidden=32, depth=2, num_classes=num_classes, use_s=False), param)
-
-
-def batch(n: int = 64, seed: int = 0, classes: int = 2) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(x1=torch.randn(n, 2, generator=g), u=torch.rand(n, 8, generator=g),
-                 cond=torch.randint(0, classes, (n,), generator=g))
 
 
 def student_grad_norm(m: nn.Module) -> float:

@@ -15,36 +15,16 @@ from fewstep.networks import MLP
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 from fewstep.teachers.presets import load_preset
 
+from _fixtures import ExactNet
+from _fixtures import make_batch as batch64
+
 torch.set_num_threads(1)
-
-
-class ExactNet(nn.Module):
-    """F(x,t,s) = (x - f_{t->s}(x))/(t-s) from the teacher's exact flow map; F(x,t,t) = teacher velocity."""
-
-    def __init__(self, teacher: nn.Module) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.fm = TeacherFlowMap(teacher, rtol=1e-8, atol=1e-8)
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
-        h = t - s
-        same = h.abs() < 1e-12
-        f = self.fm(x, t, torch.where(same, t, s), cond)
-        v = self.teacher.velocity(x, t, cond)
-        return torch.where(same[:, None], v, (x - f) / torch.where(same, torch.ones_like(h), h)[:, None])
 
 
 @pytest.fixture(scope="module")
 def smooth():
     return GaussianMixtureTeacher([0.6, 0.4], [[-1.0, 0.5], [1.0, -0.5]],
                                   [[[0.3, 0.1], [0.1, 0.2]], [[0.25, 0.0], [0.0, 0.4]]])
-
-
-def batch64(teacher, n: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    x0 = teacher.sample(n, generator=g, dtype=torch.float64)
-    return Batch(x1=torch.randn(x0.shape, generator=g, dtype=torch.float64),
-                 u=torch.rand(n, 8, generator=g, dtype=torch.float64), x0=x0)
 
 
 def test_laplace_mmd_zero_for_identical_sets_positive_otherwise() -> None:
@@ -95,7 +75,7 @@ def test_unbiased_loss_vanishes_in_expectation_at_exact_flowmap(smooth) -> None:
     k = 0 makes r = s, so y_r = x_s are exact samples of p_s and the loss compares f_{t->s}#p_t with p_s directly.
     """
     cls = get_method("imm")
-    exact = cls(FlowMap(ExactNet(smooth), "average_velocity"), None,
+    exact = cls(FlowMap(ExactNet(smooth, tol=1e-8), "average_velocity"), None,
                 cls.make_config(estimator="u", group_size=8, k=0, kernel_scale=0.25, target_ema=0.0))
     vals = torch.tensor([float(exact.loss("student", batch64(smooth, 256, i), 0)[0]) for i in range(6)])
     mean, se = float(vals.mean()), float(vals.std() / math.sqrt(len(vals)))
@@ -115,7 +95,7 @@ def test_v_loss_at_exact_flowmap_vanishes_as_r_to_t(smooth) -> None:
     """With all pairs (V-statistic) the loss at the exact map -> 0 as the gap t - r -> 0 (y_r -> y_t)."""
     cls = get_method("imm")
     b = batch64(smooth, 128, 0)
-    vals = [float(cls(FlowMap(ExactNet(smooth), "average_velocity"), None, cls.make_config(k=k, target_ema=0.0))
+    vals = [float(cls(FlowMap(ExactNet(smooth, tol=1e-8), "average_velocity"), None, cls.make_config(k=k, target_ema=0.0))
                   .loss("student", b, 0)[0]) for k in (2, 5, 8)]
     assert vals[0] > vals[1] > vals[2] and vals[2] < 0.2 * vals[0], vals
 

@@ -22,36 +22,14 @@ from fewstep.teachers.flowmap import TeacherFlowMap
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
 
+from _fixtures import ExactNet, make_batch
+
 torch.set_num_threads(1)
-
-
-class ExactNet(nn.Module):
-    r"""Exact average velocity of a teacher: :math:`F(x,t,s) = (x - \Phi_{t\to s}(x))/(t-s)`, v(x,t) at s = t."""
-
-    def __init__(self, teacher: nn.Module, tol: float = 1e-9, offset: float = 0.0) -> None:
-        super().__init__()
-        self.teacher, self.offset = teacher, offset
-        self.flow = TeacherFlowMap(teacher.velocity, rtol=tol, atol=tol)
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
-        gap = (t - s)[:, None]
-        same = gap.abs() < 1e-12
-        phi = self.flow(x, t, s, cond)
-        avg = (x - phi) / torch.where(same, torch.ones_like(gap), gap)
-        return torch.where(same, self.teacher.velocity(x, t, cond), avg) + self.offset
 
 
 def exact_student(teacher: nn.Module, parameterization: str = "average_velocity", offset: float = 0.0) -> FlowMap:
     """A FlowMap whose backbone is the exact teacher average velocity (plus a constant ``offset``)."""
     return FlowMap(ExactNet(teacher, offset=offset), parameterization)
-
-
-def make_batch(teacher: nn.Module, n: int, seed: int, dtype: torch.dtype = torch.float64) -> Batch:
-    """Exact teacher samples x0, noise x1 and uniforms u from one generator."""
-    g = torch.Generator().manual_seed(seed)
-    x0 = teacher.sample(n, generator=g, dtype=dtype)
-    return Batch(x1=torch.randn(x0.shape, generator=g, dtype=dtype), u=torch.rand(n, 8, generator=g, dtype=dtype),
-                 x0=x0)
 
 
 def gaussian_teacher() -> GaussianMixtureTeacher:

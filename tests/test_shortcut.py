@@ -15,23 +15,10 @@ from fewstep.networks import MLP
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 from fewstep.teachers.presets import load_preset
 
+from _fixtures import ExactNet
+from _fixtures import make_batch as batch64
+
 torch.set_num_threads(1)
-
-
-class ExactNet(nn.Module):
-    """F(x,t,s) = (x - f_{t->s}(x))/(t-s) from the teacher's exact flow map; F(x,t,t) = teacher velocity."""
-
-    def __init__(self, teacher: nn.Module) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.fm = TeacherFlowMap(teacher, rtol=1e-10, atol=1e-10)
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
-        h = t - s
-        same = h.abs() < 1e-12
-        f = self.fm(x, t, torch.where(same, t, s), cond)
-        v = self.teacher.velocity(x, t, cond)
-        return torch.where(same[:, None], v, (x - f) / torch.where(same, torch.ones_like(h), h)[:, None])
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +27,14 @@ def smooth():
                                   [[[0.3, 0.1], [0.1, 0.2]], [[0.25, 0.0], [0.0, 0.4]]])
 
 
-def batch64(teacher, n: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    x0 = teacher.sample(n, generator=g, dtype=torch.float64)
-    return Batch(x1=torch.randn(x0.shape, generator=g, dtype=torch.float64),
-                 u=torch.rand(n, 8, generator=g, dtype=torch.float64), x0=x0)
-
-
 def exact(teacher, **kw):
     cls = get_method("shortcut")
-    return cls(FlowMap(ExactNet(teacher), "average_velocity"), teacher, cls.make_config(**kw))
+    return cls(FlowMap(ExactNet(teacher, tol=1e-10), "average_velocity"), teacher, cls.make_config(**kw))
 
 
 def test_two_half_steps_of_exact_map_equal_the_full_step(smooth) -> None:
     """(t-s)F(x,t,s) = d F(x,t,t-d) + d F(x',t-d,s) for the exact average velocity (s = t - 2d)."""
-    fm = FlowMap(ExactNet(smooth), "average_velocity")
+    fm = FlowMap(ExactNet(smooth, tol=1e-10), "average_velocity")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 2, generator=g, dtype=torch.float64)
     d = torch.tensor([0.5, 0.25, 0.125, 0.0625] * 8, dtype=torch.float64)

@@ -1,0 +1,75 @@
+"""Shared test fixtures: exact-teacher students, small class-conditional teachers and batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.flowmap import FlowMap
+from fewstep.methods import Batch
+from fewstep.networks import MLP
+from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
+
+
+class ExactNet(nn.Module):
+    r"""Exact average velocity of a teacher: :math:`F(x,t,s) = (x - \Phi_{t\to s}(x))/(t-s)`, v(x,t) at s = t."""
+
+    def __init__(self, teacher: nn.Module, tol: float = 1e-9, offset: float = 0.0) -> None:
+        super().__init__()
+        self.teacher, self.offset = teacher, offset
+        self.flow = TeacherFlowMap(teacher.velocity, rtol=tol, atol=tol)
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        gap = (t - s)[:, None]
+        same = gap.abs() < 1e-12
+        phi = self.flow(x, t, s, cond)
+        avg = (x - phi) / torch.where(same, torch.ones_like(gap), gap)
+        return torch.where(same, self.teacher.velocity(x, t, cond), avg) + self.offset
+
+
+def make_batch(teacher: nn.Module, n: int, seed: int, dtype: torch.dtype = torch.float64) -> Batch:
+    """Exact teacher samples x0, noise x1 and uniforms u from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = teacher.sample(n, generator=g, dtype=dtype)
+    return Batch(x1=torch.randn(x0.shape, generator=g, dtype=dtype), u=torch.rand(n, 8, generator=g, dtype=dtype),
+                 x0=x0)
+
+
+def small_teacher() -> GaussianMixtureTeacher:
+    """Two classes, one Gaussian each: class 0 at (1.5, 0.5), class 1 at (-1.5, -0.5), std 0.3."""
+    means = torch.tensor([[1.5, 0.5], [-1.5, -0.5]])
+    return GaussianMixtureTeacher([0.5, 0.5], means, 0.09 * torch.eye(2).expand(2, 2, 2), classes=[0, 1])
+
+
+def ring_teacher() -> GaussianMixtureTeacher:
+    """Four components on a circle of radius 2 (std 0.2); class k = components {k, k+2}."""
+    ang = torch.arange(4) * math.pi / 2
+    means = 2 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    return GaussianMixtureTeacher([0.25] * 4, means, 0.04 * torch.eye(2).expand(4, 2, 2), classes=[0, 1, 0, 1])
+
+
+class TeacherAsFake(nn.Module):
+    """A 'fake score' that is exactly the real teacher's conditional velocity (plus optional scale/bias)."""
+
+    def __init__(self, teacher: GaussianMixtureTeacher, guidance: float = 1.0) -> None:
+        super().__init__()
+        self.teacher, self.guidance = teacher, guidance
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(2))
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.scale * self.teacher.velocity(x, t, cond=cond, guidance=self.guidance) + self.bias
+
+
+def student_net(num_classes: int | None = 2, param: str = "consistency") -> FlowMap:
+    """A tiny conditional MLP student (the network does not see s)."""
+    return FlowMap(MLP(2, hidden=32, depth=2, num_classes=num_classes, use_s=False), param)
+
+
+def class_batch(n: int = 64, seed: int = 0, classes: int = 2) -> Batch:
+    """Noise, uniforms and random class labels (data-free batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return Batch(x1=torch.randn(n, 2, generator=g), u=torch.rand(n, 8, generator=g),
+                 cond=torch.randint(0, classes, (n,), generator=g))
