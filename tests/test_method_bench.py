@@ -39,7 +39,7 @@ def test_tiny_smoke_run_writes_table_and_json(tmp_path: Path) -> None:
 
 def test_overrides_and_yaml_precedence(tmp_path: Path) -> None:
     over = mb.parse_overrides(["method.n_steps=7", "train.lr=3e-4", "method.solver=euler"])
-    assert over == {"method": {"n_steps": 7, "solver": "euler"}, "train": {"lr": 3e-4}}
+    assert over == {"method": {"n_steps": 7, "solver": "euler"}, "train": {"lr": 3e-4}, "student": {}}
     for bad in ("n_steps=7", "model.n_steps=7", "method.n_steps"):
         with pytest.raises(ValueError, match="override|section"):
             mb.parse_overrides([bad])
@@ -51,3 +51,17 @@ def test_overrides_and_yaml_precedence(tmp_path: Path) -> None:
         mb.method_config("cd", {"n_stepz": 1}, config_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown method"):
         mb.main(["--methods", "nope", "--out", str(tmp_path / "x.md")])
+
+
+def test_student_options_reach_the_network(tmp_path: Path) -> None:
+    """``student.*`` overrides (YAML student section < --set) set the MLP embedding; unknown keys are named."""
+    (tmp_path / "meanflow.yaml").write_text("student: {max_freq: 4.0, hidden: 999}\n")
+    opts = mb.student_options("meanflow", {"raw_time": True}, config_dir=tmp_path)
+    assert opts == {"max_freq": 4.0, "raw_time": True}
+    with pytest.raises(ValueError, match="width"):
+        mb.student_options("meanflow", {"width": 3}, config_dir=tmp_path)
+    from fewstep.teachers.presets import load_preset
+
+    method = mb.build_method("meanflow", load_preset("ring8"), mb.method_config("meanflow", {})[0], 16, 2, **opts)
+    assert float(method.student.net.t_emb.freqs.max()) == pytest.approx(4.0)
+    assert method.student.net.net[0].in_features == 2 + 2 * 64 + 2

@@ -87,3 +87,26 @@ def test_mlp_errors_and_gradients() -> None:
     net(x, torch.rand(3), torch.rand(3)).sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_embedding_frequencies_and_raw_time() -> None:
+    """min_freq/max_freq set the log-spaced band; raw_time appends t and t - s; bad bands are refused."""
+    from fewstep.networks import MLP, SinusoidalEmbedding
+
+    emb = SinusoidalEmbedding(8, max_freq=4.0, min_freq=0.25)
+    assert torch.allclose(emb.freqs, torch.tensor([0.25, 0.25 * 16 ** (1 / 3), 0.25 * 16 ** (2 / 3), 4.0]), rtol=1e-5)
+    # with min_freq < 0.5 the lowest feature separates t = 0 from t = 1 (with min_freq = 1 it cannot)
+    e = emb(torch.tensor([0.0, 1.0]))
+    assert (e[0] - e[1]).abs().max() > 0.5
+    with pytest.raises(ValueError, match="min_freq"):
+        SinusoidalEmbedding(8, max_freq=1.0, min_freq=2.0)
+    torch.manual_seed(0)
+    net = MLP(2, hidden=8, depth=1, emb_dim=4, raw_time=True)
+    assert net.net[0].in_features == 2 + 4 + 4 + 2
+    x, t = torch.randn(3, 2), torch.rand(3)
+    y = net(x, t, t * 0.5)
+    assert y.shape == (3, 2) and torch.isfinite(y).all()
+    # the raw inputs enter the first layer: perturbing the weight on h changes the output unless h = 0
+    with torch.no_grad():
+        net.net[0].weight[:, -1] += 1.0
+    assert not torch.allclose(net(x, t, t * 0.5), y)

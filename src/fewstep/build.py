@@ -102,7 +102,7 @@ def build_student(cfg: StudentConfig, method_cls: type[Method], event_shape: tup
     param = cfg.parameterization or method_cls.parameterization
     net = MLP(math.prod(event_shape), hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim,
               num_classes=num_classes, use_s=param == "average_velocity", event_shape=event_shape,
-              activation=cfg.activation)
+              activation=cfg.activation, max_freq=cfg.max_freq, min_freq=cfg.min_freq, raw_time=cfg.raw_time)
     return FlowMap(net, param)
 
 

@@ -78,6 +78,9 @@ class StudentConfig:
         depth: Number of hidden layers.
         emb_dim: Size of each time embedding.
         activation: ``silu`` or ``gelu``.
+        max_freq: Largest frequency of the sinusoidal time embeddings (2-8 for JVP students).
+        min_freq: Smallest frequency of the sinusoidal time embeddings.
+        raw_time: Also feed the raw scalars t and t - s to the network.
         parameterization: ``average_velocity``, ``consistency`` or ``velocity``; empty = the method's default.
         init_from: Optional run folder whose final student weights initialise this student.
     """
@@ -86,6 +89,9 @@ class StudentConfig:
     depth: int = 4
     emb_dim: int = 64
     activation: str = "silu"
+    max_freq: float = 32.0
+    min_freq: float = 1.0
+    raw_time: bool = False
     parameterization: str = ""
     init_from: str = ""
 

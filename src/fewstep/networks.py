@@ -19,19 +19,24 @@ __all__ = ["SinusoidalEmbedding", "MLP"]
 class SinusoidalEmbedding(nn.Module):
     r"""Sinusoidal embedding of a scalar in [0, 1]: :math:`[\sin(2\pi f_k t), \cos(2\pi f_k t)]_k`.
 
-    Frequencies are log-spaced between 1 and ``max_freq``. Small frequencies (not the x1000 scale of
-    diffusion codes) keep d/dt of the embedding O(max_freq), which keeps JVP targets bounded.
+    Frequencies are log-spaced between ``min_freq`` and ``max_freq``. Small frequencies (not the x1000 scale of
+    diffusion codes) keep d/dt of the embedding O(max_freq), which keeps the (t-s)·dF/dt targets of JVP methods
+    bounded. With ``min_freq`` = 1 the lowest feature has period 1, so it cannot tell t = 0 from t = 1; a
+    ``min_freq`` below 0.5 removes that aliasing on [0, 1].
 
     Args:
         dim: Output dimension (even).
         max_freq: Largest frequency.
+        min_freq: Smallest frequency.
     """
 
-    def __init__(self, dim: int = 64, max_freq: float = 32.0) -> None:
+    def __init__(self, dim: int = 64, max_freq: float = 32.0, min_freq: float = 1.0) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"embedding dim must be even, got {dim}")
-        freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2))
+        if not 0 < min_freq <= max_freq:
+            raise ValueError(f"need 0 < min_freq <= max_freq; got min_freq={min_freq}, max_freq={max_freq}")
+        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2))
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
@@ -51,6 +56,10 @@ class MLP(nn.Module):
         use_s: Whether the network sees s (flow maps) or not (velocity networks, consistency models).
         event_shape: Shape of one sample, default (dim,).
         activation: "silu" or "gelu".
+        max_freq: Largest frequency of the sinusoidal time embeddings (JVP students: 2-8).
+        min_freq: Smallest frequency of the sinusoidal time embeddings.
+        raw_time: Also feed the raw scalars t and h = t - s (a smooth, non-periodic input that JVP targets
+            differentiate without amplification).
     """
 
     def __init__(
@@ -63,19 +72,22 @@ class MLP(nn.Module):
         use_s: bool = True,
         event_shape: tuple[int, ...] | None = None,
         activation: str = "silu",
+        max_freq: float = 32.0,
+        min_freq: float = 1.0,
+        raw_time: bool = False,
     ) -> None:
         super().__init__()
-        self.dim, self.use_s, self.num_classes = dim, use_s, num_classes
+        self.dim, self.use_s, self.num_classes, self.raw_time = dim, use_s, num_classes, raw_time
         self.event_shape = tuple(event_shape) if event_shape is not None else (dim,)
         if math.prod(self.event_shape) != dim:
             raise ValueError(f"event_shape {self.event_shape} does not have {dim} elements")
         acts = {"silu": nn.SiLU, "gelu": nn.GELU}
         if activation not in acts:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(acts)}")
-        self.t_emb = SinusoidalEmbedding(emb_dim)
-        self.h_emb = SinusoidalEmbedding(emb_dim) if use_s else None
+        self.t_emb = SinusoidalEmbedding(emb_dim, max_freq, min_freq)
+        self.h_emb = SinusoidalEmbedding(emb_dim, max_freq, min_freq) if use_s else None
         self.c_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        in_dim = dim + emb_dim * (1 + int(use_s) + int(bool(num_classes)))
+        in_dim = dim + emb_dim * (1 + int(use_s) + int(bool(num_classes))) + raw_time * (1 + int(use_s))
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Linear(in_dim if i == 0 else hidden, hidden), acts[activation]()]
@@ -86,8 +98,13 @@ class MLP(nn.Module):
         """Evaluate F(x, t, s, cond); returns a tensor of x's shape."""
         b = x.shape[0]
         feats = [x.reshape(b, -1), self.t_emb(t)]
+        h = t - (t if s is None else s)
         if self.h_emb is not None:
-            feats.append(self.h_emb(t - (t if s is None else s)))
+            feats.append(self.h_emb(h))
+        if self.raw_time:
+            feats.append(t[:, None])
+            if self.h_emb is not None:
+                feats.append(h[:, None])
         if self.c_emb is not None:
             if cond is None:
                 cond = torch.full((b,), -1, dtype=torch.long, device=x.device)

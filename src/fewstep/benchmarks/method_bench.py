@@ -54,14 +54,14 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     Raises:
         ValueError: for an item without ``=``, without a section, or with an unknown section.
     """
-    out: dict[str, dict[str, Any]] = {"method": {}, "train": {}}
+    out: dict[str, dict[str, Any]] = {"method": {}, "train": {}, "student": {}}
     for item in items:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r} must look like method.key=value or train.key=value")
+            raise ValueError(f"override {item!r} must look like method.key=value, train.key=value or student.key=value")
         key, val = item.split("=", 1)
         section, name = key.split(".", 1)
         if section not in out:
-            raise ValueError(f"unknown override section {section!r} in {item!r}; expected 'method' or 'train'")
+            raise ValueError(f"unknown override section {section!r} in {item!r}; expected 'method', 'train' or 'student'")
         value = yaml.safe_load(val)
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
             try:
@@ -80,21 +80,43 @@ def method_config(name: str, overrides: dict[str, Any], config_dir: Path = CONFI
     """
     cls = get_method(name)
     params: dict[str, Any] = {}
-    train: dict[str, Any] = {}
     path = config_dir / f"{name}.yaml"
-    if path.exists():
-        doc = yaml.safe_load(path.read_text()) or {}
-        sec = doc.get("method", {}) or {}
-        params.update({**(sec.get("cfg") or {}), **{k: v for k, v in sec.items() if k not in ("name", "cfg")}})
-        train = dict(doc.get("train", {}) or {})
+    doc = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    sec = doc.get("method", {}) or {}
+    params.update({**(sec.get("cfg") or {}), **{k: v for k, v in sec.items() if k not in ("name", "cfg")}})
     params.update(overrides)
-    return cls.make_config(**params), train
+    return cls.make_config(**params), dict(doc.get("train", {}) or {})
 
 
-def build_method(name: str, teacher: GaussianMixtureTeacher, cfg: Any, hidden: int, depth: int) -> Method:
-    """A fresh method with an MLP student in the method's parameterization (s-embedding only for average velocity)."""
+#: Student-section keys the benchmark takes from ``configs/<name>.yaml`` and ``--set student.key=value``
+#: (width and depth come from ``--hidden`` / ``--depth`` so that every method is compared on one network).
+EMBEDDING_KEYS = ("emb_dim", "activation", "max_freq", "min_freq", "raw_time")
+
+
+def student_options(name: str, overrides: dict[str, Any], config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
+    """The MLP embedding options: ``student`` section of ``configs/<name>.yaml`` < ``--set student.*`` overrides.
+
+    Raises:
+        ValueError: for an override key that is not one of :data:`EMBEDDING_KEYS`.
+    """
+    unknown = set(overrides) - set(EMBEDDING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown student override(s) {sorted(unknown)}; valid: {list(EMBEDDING_KEYS)}")
+    path = config_dir / f"{name}.yaml"
+    doc = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    opts = {k: v for k, v in (doc.get("student", {}) or {}).items() if k in EMBEDDING_KEYS}
+    return {**opts, **overrides}
+
+
+def build_method(name: str, teacher: GaussianMixtureTeacher, cfg: Any, hidden: int, depth: int,
+                 **net_options: Any) -> Method:
+    """A fresh method with an MLP student in the method's parameterization (s-embedding only for average velocity).
+
+    ``net_options`` go to :class:`fewstep.networks.MLP` (e.g. ``max_freq``, ``min_freq``, ``raw_time``).
+    """
     cls = get_method(name)
-    net = MLP(teacher.dim, hidden=hidden, depth=depth, use_s=cls.parameterization == "average_velocity")
+    net = MLP(teacher.dim, hidden=hidden, depth=depth, use_s=cls.parameterization == "average_velocity",
+              **net_options)
     return cls(FlowMap(net, cls.parameterization), teacher, cfg)
 
 
@@ -187,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["fm_step_s"][preset] = time_steps(fm, teacher, {"steps": 1, "batch_size": args.batch_size})
         for name in args.methods:
             cfg, ytrain = method_config(name, over["method"])
+            net_opts = student_options(name, over["student"])
             fields = set(TrainConfig.__dataclass_fields__) - {"log_every", "eval_every", "ckpt_every", "keep_checkpoints"}
             train = {k: v for k, v in {**ytrain, **over["train"]}.items() if k in fields}
             unknown = set(over["train"]) - fields
@@ -197,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cm = get_method(name).parameterization == "consistency"
             for seed in args.seeds:
                 torch.manual_seed(seed)
-                method = build_method(name, teacher, cfg, args.hidden, args.depth)
+                method = build_method(name, teacher, cfg, args.hidden, args.depth, **net_opts)
                 step_s = time_steps(method, teacher, train) if seed == args.seeds[0] else None
                 t0 = time.perf_counter()
                 student, losses = train_method(method, teacher, train, seed)
@@ -208,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rec = {"method": name, "preset": preset, "seed": seed, "mmd2": {k: v["mmd2"] for k, v in metrics.items()},
                        "metrics": metrics, "multistep_sampler": "gamma=1 (fresh noise)" if cm else "deterministic",
                        "train_wall_s": wall, "step_s": step_s, "fm_step_s": results["fm_step_s"][preset],
-                       "train": train,
+                       "train": train, "student": net_opts,
                        "final_loss": statistics.fmean(losses[-5:]) if losses else None,
                        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
                 if cm:  # also the deterministic DDIM-style multi-step jumps, for reference
@@ -256,8 +279,8 @@ def summarize(results: dict[str, Any]) -> str:
              "2-NFE < mean Euler-8. Multi-step: uniform deterministic jumps (consistency students: fresh-noise "
              "γ=1 sampling). ms/step: median over 30 timed iterations; × FM: ratio to flow_matching on the same "
              "network and batch (noisy on a shared CPU).", "",
-             "| method | preset | lr | 1 NFE | 2 NFE | 4 NFE | Euler 4 | Euler 8 | 1<E4 | 2<E8 | ms/step | × FM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | preset | lr | embedding | 1 NFE | 2 NFE | 4 NFE | Euler 4 | Euler 8 | 1<E4 | 2<E8 | ms/step | × FM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["method"], r["preset"]) for r in results["runs"]}, key=lambda k: (k[1], k[0]))
     for name, preset in keys:
         runs = [r for r in results["runs"] if r["method"] == name and r["preset"] == preset]
@@ -269,7 +292,8 @@ def summarize(results: dict[str, Any]) -> str:
         fm = timed.get("fm_step_s", results["fm_step_s"][preset])
         ok1 = "yes" if statistics.fmean(m[1]) < statistics.fmean(b4) else "**no**"
         ok2 = "yes" if statistics.fmean(m[2]) < statistics.fmean(b8) else "**no**"
-        lines.append(f"| {name} | {preset} | {runs[0]['train'].get('lr')} | {_fmt(m[1])} | {_fmt(m[2])} | "
+        emb = ", ".join(f"{k}={v}" for k, v in sorted((runs[0].get("student") or {}).items())) or "default"
+        lines.append(f"| {name} | {preset} | {runs[0]['train'].get('lr')} | {emb} | {_fmt(m[1])} | {_fmt(m[2])} | "
                      f"{_fmt(m[4])} | {_fmt(b4)} | {_fmt(b8)} | {ok1} | {ok2} | {1000 * step:.1f} | {step / fm:.2f} |")
     return "\n".join(lines) + "\n"
 
