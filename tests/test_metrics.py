@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from fewstep.metrics import (coupling_error, digit_feature_net, frechet_digits, frechet_digits_floor,
-                             frechet_distance, kl_tv_importance, mean_loglik, mmd2, mode_coverage, sliced_w2,
-                             straightness, w2)
+from fewstep.metrics import (coupling_error, frechet_distance, kl_tv_importance, mean_loglik, mmd2, mode_coverage,
+                             sliced_w2, straightness, w2)
 from fewstep.teachers.presets import load_preset
 
 torch.set_num_threads(1)
@@ -158,23 +157,6 @@ def test_frechet_distance_closed_form() -> None:
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
 
 
-def test_frechet_digits_floor_and_shift() -> None:
-    from sklearn.datasets import load_digits
-
-    _, acc = digit_feature_net()
-    assert acc > 0.93
-    real = torch.as_tensor(load_digits().data, dtype=torch.float32) / 8 - 1
-    perm = torch.randperm(len(real), generator=_gen(0))
-    a, b = real[perm[:800]], real[perm[800:1600]]
-    floor = frechet_digits(a, b)
-    assert floor == pytest.approx(frechet_digits_floor(800, seed=0), rel=1e-9)  # the floor uses this very split
-    assert frechet_digits_floor(800, seed=1) == pytest.approx(floor, rel=0.5)  # another split: same scale
-    assert floor < 8.0
-    noisy = (b + 0.5 * torch.randn(b.shape, generator=_gen(1))).clamp(-1, 1)
-    assert frechet_digits(a, noisy) > 5 * floor
-    assert frechet_digits(a, b.roll(1, dims=1)) > 3 * floor
-
-
 def test_metric_errors() -> None:
     with pytest.raises(ValueError, match="same event size"):
         mmd2(torch.zeros(5, 2), torch.zeros(5, 3))
@@ -186,5 +168,3 @@ def test_metric_errors() -> None:
         coupling_error(torch.zeros(5, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="states"):
         straightness([torch.zeros(3, 2)] * 3, [1.0, 0.0])
-    with pytest.raises(ValueError, match="64-pixel"):
-        frechet_digits(torch.zeros(5, 2), torch.zeros(5, 2))

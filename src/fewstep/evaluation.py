@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .digit_features import frechet_digits
 from .logdensity import flowmap_logdensity, jump_logdet, ode_logdensity, standard_normal_logprob
-from .metrics import (coupling_error, frechet_digits, kl_tv_importance, mean_loglik, mmd2, mode_coverage, sliced_w2,
-                      w2)
+from .metrics import coupling_error, kl_tv_importance, mean_loglik, mmd2, mode_coverage, sliced_w2, w2
 from .samplers import ODE_METHODS, check_grid, sample_flowmap, solve, solve_adaptive, time_grid
 from .teachers.gmm import GaussianMixtureTeacher
 from .utils import bcast

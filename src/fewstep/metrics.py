@@ -7,9 +7,8 @@ r"""Metrics on sample sets; every function returns a float or a dict of floats.
 * :func:`w2` (exact optimal transport) and :func:`sliced_w2`.
 * :func:`kl_tv_importance` — KL(q‖p) and TV(q, p) from samples of q with known log q and log p.
 * :func:`straightness` — :math:`S(Z) = \int_0^1 E\|(Z_0 - Z_1) - \dot Z_t\|^2 dt` from a discrete trajectory.
-* :func:`frechet_digits` — Fréchet distance between Gaussian fits of the 64-d penultimate features of
-  :class:`DigitFeatureNet` (MLP 64-128-64-10 trained on sklearn's digits); :func:`frechet_digits_floor` is
-  the real-vs-real value at the same sample size.
+* :func:`frechet_distance` — Fréchet distance between Gaussian fits of two feature sets (the digit-feature
+  version is in :mod:`fewstep.digit_features`).
 """
 
 from __future__ import annotations
@@ -20,15 +19,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from functools import lru_cache
-
-from torch import nn
 from .teachers.gmm import GaussianMixtureTeacher
 
 __all__ = [
     "mmd2", "mean_loglik", "mode_coverage", "component_stats", "coupling_error", "w2", "sliced_w2",
-    "kl_tv_importance", "straightness", "DigitFeatureNet", "digit_feature_net", "frechet_digits",
-    "frechet_digits_floor", "frechet_distance",
+    "kl_tv_importance", "straightness", "frechet_distance",
 ]
 
 
@@ -250,59 +245,6 @@ def straightness(trajectory: Sequence[Tensor] | Tensor, times: Sequence[float] |
     return float((per_step * dt.abs()).sum() / (ts[-1] - ts[0]).abs())
 
 
-# ---------------------------------------------------------------------------- digit features
-class DigitFeatureNet(nn.Module):
-    """Classifier MLP 64 → 128 → 64 → 10 (ReLU) on 8×8 digits scaled to [-1, 1]; features = the 64-d
-    penultimate activations."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-
-    def features(self, x: Tensor) -> Tensor:
-        """Penultimate features, shape (n, 64); x has 64 elements per row (any event shape)."""
-        return self.body(x.reshape(x.shape[0], -1).to(self.head.weight.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-def _digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """sklearn digits as x/8 - 1 (the scaling of the digits preset), stratified 75/25 split, random_state 0."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.as_tensor(data.data, dtype=torch.float32) / 8.0 - 1.0
-    y = torch.as_tensor(data.target, dtype=torch.long)
-    itr, ite = train_test_split(range(len(y)), test_size=0.25, random_state=0, stratify=y.numpy())
-    return x[itr], y[itr], x[ite], y[ite]
-
-
-@lru_cache(maxsize=1)
-def digit_feature_net(seed: int = 0, epochs: int = 60) -> tuple[DigitFeatureNet, float]:
-    """Train (once, cached) the digit classifier with Adam on the train split; returns (net, test accuracy)."""
-    xtr, ytr, xte, yte = _digits_split()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = DigitFeatureNet()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        perm = torch.randperm(xtr.shape[0], generator=gen)
-        for i in range(0, xtr.shape[0], 64):
-            idx = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval().requires_grad_(False)
-    with torch.no_grad():
-        acc = float((net(xte).argmax(1) == yte).float().mean())
-    return net, acc
-
-
 def frechet_distance(f1: Tensor, f2: Tensor) -> float:
     r"""Fréchet distance :math:`\|\mu_1-\mu_2\|^2 + \mathrm{tr}(C_1 + C_2 - 2(C_1C_2)^{1/2})` of Gaussian fits.
 
@@ -317,25 +259,3 @@ def frechet_distance(f1: Tensor, f2: Tensor) -> float:
     s1 = (u1 * lam1.clamp_min(0).sqrt()) @ u1.T
     tr_root = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp_min(0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(c1) + torch.trace(c2) - 2 * tr_root)
-
-
-def frechet_digits(x: Tensor, y: Tensor) -> float:
-    """Fréchet distance between the :class:`DigitFeatureNet` features of two sets of 64-pixel digits."""
-    net, _ = digit_feature_net()
-    if x[0].numel() != 64 or y[0].numel() != 64:
-        raise ValueError(f"frechet_digits needs 64-pixel samples; got {x[0].numel()} and {y[0].numel()} elements")
-    with torch.no_grad():
-        return frechet_distance(net.features(x.detach().cpu()), net.features(y.detach().cpu()))
-
-
-def frechet_digits_floor(n: int = 898, seed: int = 0) -> float:
-    """Real-vs-real floor: Fréchet-digits between two disjoint random halves of the 1797 real digits,
-    ``min(n, 898)`` images each (the value a perfect sampler gets at that sample size)."""
-    from sklearn.datasets import load_digits
-
-    x = torch.as_tensor(load_digits().data, dtype=torch.float32) / 8.0 - 1.0
-    m = min(int(n), x.shape[0] // 2)
-    if m < 2:
-        raise ValueError(f"n must be >= 2, got {n}")
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    return frechet_digits(x[perm[:m]], x[perm[m:2 * m]])

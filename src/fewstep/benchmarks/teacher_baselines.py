@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..evaluation import evaluate_samples, evaluate_velocity_solver, noise, reference_samples, teacher_endpoint
-from ..metrics import digit_feature_net, frechet_digits_floor
+from ..digit_features import digit_feature_net, frechet_digits_floor
 from ..teachers.presets import PRESETS, load_preset
 
 COLUMNS = ("nfe", "mmd2", "mean_loglik", "modes_covered", "off_mode", "w2", "sliced_w2", "coupling_l2", "kl", "tv",
