@@ -68,31 +68,25 @@ def test_distill_loss_vanishes_for_exact_teacher_flow_map() -> None:
     assert float(loss.detach()) < 1e-10
 
 
-def test_fm_on_pairs_identity() -> None:
+def test_fm_on_pairs_identity(tmp_path) -> None:
     """FM-on-pairs is minimised by E[x1 - x0 | x_t]: zero for a Gaussian (straight, non-crossing coupling),
     strictly positive for the teacher velocity of a mixture (curved trajectories)."""
     m_, sd = torch.tensor([1.0, -0.5], dtype=torch.float64), torch.tensor([0.7, 0.3], dtype=torch.float64)
     gauss = GaussianMixtureTeacher([1.0], m_[None], torch.diag(sd**2)[None])
     # for N(m, diag(sd^2)) the teacher ODE maps x1 -> m + sd * x1, so E[x1 - x0 | x_t] is known in closed form
     straight = lambda x, t: ((1 - sd) * (x - (1 - t[:, None]) * m_) / ((1 - t[:, None]) * sd + t[:, None]) - m_)
-    pairs = generate_pairs(gauss, _tmp(), 512, PairSolver("rk4", 32), progress=False)
+    pairs = generate_pairs(gauss, tmp_path / "gauss", 512, PairSolver("rk4", 32), progress=False)
     assert torch.allclose(pairs.x0.double(), m_ + sd * pairs.x1.double(), atol=1e-5)
     t = torch.rand(512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x1, x0 = pairs.x1.double(), pairs.x0.double()
     x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
     assert float(((straight(x_t, t) - (x1 - x0)) ** 2).mean()) < 1e-9
     ring8 = load_preset("ring8")
-    rp = generate_pairs(ring8, _tmp(), 512, PairSolver("rk4", 32), progress=False)
+    rp = generate_pairs(ring8, tmp_path / "ring8", 512, PairSolver("rk4", 32), progress=False)
     x1, x0 = rp.x1.double(), rp.x0.double()
     x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
     loss_teacher = float(((ring8.velocity(x_t, t) - (x1 - x0)) ** 2).mean())
     assert loss_teacher > 0.05  # the teacher's curved field is not the rectified (straight) field
-
-
-def _tmp():
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="fewstep_pairs_")
 
 
 def test_reflow_loss_falls_and_ma_is_logged() -> None:
