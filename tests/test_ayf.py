@@ -8,7 +8,7 @@ import torch
 from fewstep.flowmap import FlowMap
 from fewstep.jvp import jvp
 from fewstep.methods.ayf import AYFEulerian, AYFLagrangian
-from fewstep.methods.meanflow import MeanFlow, sample_t_s
+from fewstep.methods.meanflow import MeanFlow
 from fewstep.networks import MLP
 from fewstep.teachers.presets import load_preset
 from test_meanflow import exact_student, make_batch, train_and_measure
@@ -54,10 +54,12 @@ def test_lmd_without_normalisation_matches_lagrangian_target() -> None:
     """c = 0, r = 1: F_tgt = v(x_t - (t-s)F, s) + (t-s) dF/ds (the s-derivative of (t-s)F = int_s^t v)."""
     teacher = load_preset("aniso3").double()
     student = _small_student(1)
-    cfg = AYFLagrangian.make_config(tangent_norm_c=0.0, warmup_steps=0)
+    cfg = AYFLagrangian.make_config(tangent_norm_c=0.0, warmup_steps=0, corner_fraction=0.2)
     batch = make_batch(teacher, 32, seed=15)
-    loss, _ = AYFLagrangian(student, teacher, cfg).loss("student", batch, 0)
-    t, s = sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, cfg.equal_fraction)
+    method = AYFLagrangian(student, teacher, cfg)
+    loss, _ = method.loss("student", batch, 0)
+    t, s = method.sample_times(batch)
+    assert bool(((t == 1) & (s == 0)).any())  # the corner rows are in the loss
     x_t = (1 - t)[:, None] * batch.x0 + t[:, None] * batch.x1
     F, dF_ds = jvp(lambda x, tt, ss: student.net(x, tt, ss), (x_t, t, s),
                    (torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s)))
@@ -73,7 +75,7 @@ def test_warmup_and_normalisation_in_emd() -> None:
     method = AYFEulerian(student, teacher, cfg)
     batch = make_batch(teacher, 32, seed=16)
     loss, logs = method.loss("student", batch, 0)
-    t, s = sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, 0.0)
+    t, s = method.sample_times(batch)
     x_t = (1 - t)[:, None] * batch.x0 + t[:, None] * batch.x1
     gn = (teacher.velocity(x_t, t) - student.F(x_t, t, s)).norm(dim=1)
     assert abs(float(loss) - float((gn / (gn + 0.1)).pow(2).mean())) < 1e-8 and float(loss) < 1.0

@@ -160,6 +160,47 @@ def test_time_sampling_fraction_order_and_logit_normal() -> None:
         sample_t_s(u, "beta", 0.0, 1.0, 0.5)
 
 
+def test_corner_rows_and_backward_compatibility() -> None:
+    """Rows with u4 < corner_fraction sit at (t_max, t_min); s = t on equal_fraction of the others."""
+    u = torch.rand(40000, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t0, s0 = sample_t_s(u, "logit_normal", -0.4, 1.0, 0.3)
+    t, s = sample_t_s(u, "logit_normal", -0.4, 1.0, 0.3, corner_fraction=0.0)
+    assert torch.equal(t, t0) and torch.equal(s, s0)  # corner 0 = the old sampler, bit for bit
+    t, s = sample_t_s(u, "logit_normal", -0.4, 1.0, 0.3, corner_fraction=0.2)
+    corner = (t == 1.0) & (s == 0.0)
+    assert abs(float(corner.double().mean()) - 0.2) < 0.01
+    assert abs(float((t == s).double().mean()) - 0.3 * 0.8) < 0.01
+    assert torch.equal(t[~corner], t0[~corner]) and torch.equal(s[~corner], s0[~corner])
+    tc, sc = sample_t_s(u, "uniform", 0.0, 1.0, 0.0, t_min=0.2, t_max=0.6, corner_fraction=0.5)
+    assert abs(float(((tc == 0.6) & (sc == 0.2)).double().mean()) - 0.5) < 0.01
+    assert 0.2 <= float(sc.min()) and float(tc.max()) <= 0.6
+    with pytest.raises(ValueError, match="shape"):
+        sample_t_s(u[:, :3], "uniform", 0.0, 1.0, 0.0, corner_fraction=0.1)
+    with pytest.raises(ValueError, match="corner_fraction"):
+        sample_t_s(u, "uniform", 0.0, 1.0, 0.0, corner_fraction=1.5)
+
+
+@pytest.mark.parametrize("name", ["meanflow", "splitmeanflow", "ayf_emd", "ayf_lmd"])
+def test_sample_times_and_draw_follow_the_config(name: str) -> None:
+    """Every average-velocity method draws (t, s, x_t, x1 - x0, labels) through one path with its config."""
+    teacher = load_preset("ring8").double()
+    cls = get_method(name)
+    cfg = cls.make_config(time_sampler="uniform", equal_fraction=0.5, corner_fraction=0.25, t_min=0.1,
+                          cond_drop=0.0)
+    method = cls(FlowMap(MLP(2, hidden=16, depth=1), "average_velocity").double(), teacher, cfg)
+    batch = make_batch(teacher, 4000, seed=7)
+    t, s = method.sample_times(batch)
+    want = sample_t_s(batch.u, "uniform", 0.0, 1.0, 0.5, t_min=0.1, corner_fraction=0.25)
+    assert torch.equal(t, want[0]) and torch.equal(s, want[1])
+    assert abs(float(((t == 1.0) & (s == 0.1)).double().mean()) - 0.25) < 0.03
+    t2, s2, x_t, dx, cond = method.draw(batch)
+    assert torch.equal(t2, t) and torch.equal(s2, s) and cond is None
+    assert torch.allclose(x_t, (1 - t)[:, None] * batch.x0 + t[:, None] * batch.x1, atol=1e-12)
+    assert torch.allclose(dx, batch.x1 - batch.x0, atol=1e-12)
+    with pytest.raises(ValueError, match="corner_fraction"):
+        cls.make_config(corner_fraction=-0.1)
+
+
 def test_warmup_and_tangent_normalisation() -> None:
     assert warmup_ratio(0, 100) == 0.0 and warmup_ratio(50, 100) == 0.5 and warmup_ratio(500, 100) == 1.0
     assert warmup_ratio(50, 100, r_max=0.99) == pytest.approx(0.495) and warmup_ratio(3, 0) == 1.0
@@ -174,10 +215,12 @@ def test_from_data_mode_matches_manual_flow_matching(ring8: nn.Module) -> None:
     """Without a teacher v = x1 - x0; with every row at s = t the loss is FM on F(x,t,t)."""
     torch.manual_seed(0)
     student = FlowMap(MLP(2, hidden=32, depth=2), "average_velocity").double()
-    cfg = MeanFlow.make_config(equal_fraction=1.0, norm_p=0.0)
+    cfg = MeanFlow.make_config(equal_fraction=1.0, corner_fraction=0.0, norm_p=0.0)
     batch = make_batch(ring8, 64, seed=2)
-    loss, _ = MeanFlow(student, None, cfg).loss("student", batch, 0)
-    t, _ = sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, 1.0)
+    method = MeanFlow(student, None, cfg)
+    loss, _ = method.loss("student", batch, 0)
+    t, s = method.sample_times(batch)
+    assert torch.equal(t, s)
     x_t = (1 - t)[:, None] * batch.x0 + t[:, None] * batch.x1
     manual = ((student.F(x_t, t, t) - (batch.x1 - batch.x0)) ** 2).sum(1).mean()
     assert abs(float(loss) - float(manual)) < 1e-10

@@ -8,7 +8,6 @@ import torch
 import fewstep.methods.meanflow as meanflow_module
 from fewstep.flowmap import FlowMap
 from fewstep.methods.splitmeanflow import SplitMeanFlow
-from fewstep.methods.meanflow import sample_t_s
 from fewstep.networks import MLP
 from fewstep.teachers.presets import load_preset
 from test_meanflow import exact_student, make_batch, train_and_measure
@@ -45,10 +44,12 @@ def test_boundary_rows_are_flow_matching_on_the_teacher() -> None:
     teacher = load_preset("ring8").double()
     torch.manual_seed(0)
     student = FlowMap(MLP(2, hidden=32, depth=2), "average_velocity").double()
-    cfg = SplitMeanFlow.make_config(equal_fraction=1.0, norm_p=0.0)
+    cfg = SplitMeanFlow.make_config(equal_fraction=1.0, corner_fraction=0.0, norm_p=0.0)
     batch = make_batch(teacher, 64, seed=4)
-    loss, _ = SplitMeanFlow(student, teacher, cfg).loss("student", batch, 0)
-    t, _ = sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, 1.0)
+    method = SplitMeanFlow(student, teacher, cfg)
+    loss, _ = method.loss("student", batch, 0)
+    t, s = method.sample_times(batch)
+    assert torch.equal(t, s)
     x_t = (1 - t)[:, None] * batch.x0 + t[:, None] * batch.x1
     manual = ((student.F(x_t, t, t) - teacher.velocity(x_t, t)) ** 2).sum(1).mean()
     assert abs(float(loss) - float(manual)) < 1e-10

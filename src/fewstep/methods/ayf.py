@@ -37,15 +37,15 @@ from torch import Tensor, nn
 
 from ..utils import bcast
 from .base import Batch, register
-from .meanflow import FlowMapTrainConfig, FlowMapTrainMethod, adaptive_weight, sample_t_s, sq_norm, \
-    tangent_normalize, warmup_ratio
+from .meanflow import AverageVelocityConfig, AverageVelocityMethod, adaptive_weight, sq_norm, tangent_normalize, \
+    warmup_ratio
 
 __all__ = ["AYFConfig", "AYFEulerian", "AYFLagrangian"]
 
 
 @dataclass
-class AYFConfig(FlowMapTrainConfig):
-    """AYF hyper-parameters shared by EMD and LMD (plus those of :class:`FlowMapTrainConfig`).
+class AYFConfig(AverageVelocityConfig):
+    """AYF hyper-parameters shared by EMD and LMD (plus those of :class:`AverageVelocityConfig`).
 
     Attributes:
         equal_fraction: Fraction of rows with s = t (flow-matching rows).
@@ -53,7 +53,6 @@ class AYFConfig(FlowMapTrainConfig):
         warmup_steps: Steps over which the warm-up r rises linearly from 0 to r_max (0: r = r_max).
         r_max: Final warm-up factor (AYF reports 0.99 for images; 1 gives the exact objective).
         norm_p: Power of the optional adaptive weight (0 = plain squared error).
-        norm_eps: Constant of the adaptive weight.
     """
 
     equal_fraction: float = 0.25
@@ -61,25 +60,19 @@ class AYFConfig(FlowMapTrainConfig):
     warmup_steps: int = 1000
     r_max: float = 1.0
     norm_p: float = 0.0
-    norm_eps: float = 1e-2
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.equal_fraction <= 1.0:
-            raise ValueError(f"equal_fraction must lie in [0, 1]; got {self.equal_fraction}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
         if not 0.0 <= self.r_max <= 1.0:
             raise ValueError(f"r_max must lie in [0, 1]; got {self.r_max}")
-        if self.norm_p < 0 or self.norm_eps <= 0:
-            raise ValueError(f"need norm_p >= 0 and norm_eps > 0; got {self.norm_p}, {self.norm_eps}")
 
 
-class _AYFBase(FlowMapTrainMethod):
+class _AYFBase(AverageVelocityMethod):
     """Shared loss skeleton: sample (t, s), build the tangent g, regress F onto sg(F^- + sign * g_normalised)."""
 
     config_class = AYFConfig
-    parameterization = "average_velocity"
     _sign: float = 1.0
 
     def tangent(self, x_t: Tensor, t: Tensor, s: Tensor, v: Tensor, cond: Tensor | None,
@@ -90,10 +83,7 @@ class _AYFBase(FlowMapTrainMethod):
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """AYF loss on one batch (see module docstring)."""
         cfg = self.config
-        t, s = sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, cfg.equal_fraction,
-                          cfg.t_min, cfg.t_max)
-        x_t, dx = self.noisy_input(batch, t)
-        cond = self.drop_labels(batch)
+        t, s, x_t, dx, cond = self.draw(batch)
         v = self.velocity(x_t, t, dx, cond)
         r = warmup_ratio(step, cfg.warmup_steps, cfg.r_max)
         F_m, g = self.tangent(x_t, t, s, v, cond, r)

@@ -11,13 +11,15 @@ MeanFlow identity :math:`v(x_t,t) = F + (t-s)\tfrac{d}{dt}F`, so the loss, on :m
     \Delta = \|F_\theta(x_t,t,s) - F_{tgt}\|^2,\qquad L = E\big[\Delta / \mathrm{sg}((\Delta + c)^p)\big],
 
 with v the teacher velocity :math:`v_\phi(x_t,t)` (distillation) or :math:`x_1 - x_0` (training from data when
-no teacher is given). A fraction of the rows has s = t (plain flow matching on F(x,t,t)). Optional
-training-time guidance from data (MeanFlow §4): :math:`v_g = \omega(x_1-x_0) + (1-\omega-\kappa)F_\theta(x,t,t,\varnothing)
-+ \kappa F_\theta(x,t,t,c)` for t in [guidance_t_min, guidance_t_max]; with a teacher the teacher's CFG weight
-``teacher_guidance`` is used on that t-range instead.
+no teacher is given). A fraction of the rows has s = t (plain flow matching on F(x,t,t)) and a fraction sits
+exactly at the 1-step jump (t, s) = (1, 0) (``corner_fraction``). Optional training-time guidance from data
+(MeanFlow §4): :math:`v_g = \omega(x_1-x_0) + (1-\omega-\kappa)F_\theta(x,t,t,\varnothing) + \kappa F_\theta(x,t,t,c)`
+for t in [guidance_t_min, guidance_t_max]; with a teacher the teacher's CFG weight ``teacher_guidance`` is used
+on that t-range instead.
 
 This module also holds the helpers shared by SplitMeanFlow, sCM, FACM and AYF (time sampling, adaptive
-weight, tangent normalisation, warm-up and the teacher-or-data velocity).
+weight, tangent normalisation, warm-up and the teacher-or-data velocity) and the base of the average-velocity
+methods (:class:`AverageVelocityConfig`, :class:`AverageVelocityMethod`: one ``draw`` of t, s, x_t and labels).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ..timesteps import TIME_SAMPLERS, sample_time
 from ..utils import bcast
 from .base import Batch, Method, MethodConfig, register
 
-__all__ = ["FlowMapTrainConfig", "FlowMapTrainMethod", "MeanFlowConfig", "MeanFlow", "sample_t_s",
-           "adaptive_weight", "tangent_normalize", "warmup_ratio", "sq_norm"]
+__all__ = ["FlowMapTrainConfig", "FlowMapTrainMethod", "AverageVelocityConfig", "AverageVelocityMethod",
+           "MeanFlowConfig", "MeanFlow", "sample_t_s", "adaptive_weight", "tangent_normalize", "warmup_ratio",
+           "sq_norm"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -70,22 +73,37 @@ def warmup_ratio(step: int, warmup_steps: int, r_max: float = 1.0) -> float:
 
 
 def sample_t_s(u: Tensor, kind: str, mean: float, std: float, equal_fraction: float, t_min: float = 0.0,
-               t_max: float = 1.0) -> tuple[Tensor, Tensor]:
-    r"""Draw (t, s) with :math:`t \ge s`: two draws from p(t), ordered; rows with u[:,2] < equal_fraction get s=t.
+               t_max: float = 1.0, corner_fraction: float = 0.0) -> tuple[Tensor, Tensor]:
+    r"""Draw (t, s) with :math:`t \ge s`: two draws from p(t), ordered; then s = t or the corner on some rows.
+
+    Rows with :math:`u_2 <` ``equal_fraction`` get s = t. Rows with :math:`u_4 <` ``corner_fraction`` get the
+    longest jump :math:`(t, s) = (t_{max}, t_{min})` (= (1, 0) by default), the one a 1-step sampler takes; the
+    corner overrides the s = t choice, so a fraction equal_fraction·(1 − corner_fraction) of the rows has s = t.
 
     Args:
-        u: Uniforms of shape (B, >=3); columns 0, 1 give the two times, column 2 the s=t choice.
+        u: Uniforms of shape (B, >=3) (>= 5 when corner_fraction > 0); columns 0, 1 give the two times,
+            column 2 the s = t choice, column 4 the corner choice.
         kind: ``uniform`` or ``logit_normal``.
         mean: Logit-normal location.
         std: Logit-normal scale.
-        equal_fraction: Fraction of rows with s = t.
+        equal_fraction: Fraction of rows with s = t (before the corner rows).
         t_min: Smallest time.
         t_max: Largest time.
+        corner_fraction: Fraction of rows at (t_max, t_min).
     """
+    if not (0.0 <= equal_fraction <= 1.0 and 0.0 <= corner_fraction <= 1.0):
+        raise ValueError(f"equal_fraction and corner_fraction must lie in [0, 1]; got {equal_fraction}, "
+                         f"{corner_fraction}")
     a = sample_time(u[:, 0], kind, t_min, t_max, mean, std)
     b = sample_time(u[:, 1], kind, t_min, t_max, mean, std)
     t, s = torch.maximum(a, b), torch.minimum(a, b)
     s = torch.where(u[:, 2] < equal_fraction, t, s)
+    if corner_fraction > 0:
+        if u.shape[1] < 5:
+            raise ValueError(f"corner_fraction > 0 needs uniforms u of shape (B, >=5); got {tuple(u.shape)}")
+        corner = u[:, 4] < corner_fraction
+        t = torch.where(corner, torch.full_like(t, t_max), t)
+        s = torch.where(corner, torch.full_like(s, t_min), s)
     return t, s
 
 
@@ -187,36 +205,74 @@ class FlowMapTrainMethod(Method):
         return jvp(self.student_fn(cond), (x, t, s), tangents, mode=self.config.jvp_mode, eps=self.config.jvp_eps)
 
 
-# ---------------------------------------------------------------------------------------------- MeanFlow
+# ---------------------------------------------------------------------------------------------- average velocity
 @dataclass
-class MeanFlowConfig(FlowMapTrainConfig):
-    """MeanFlow hyper-parameters (plus those of :class:`FlowMapTrainConfig`).
+class AverageVelocityConfig(FlowMapTrainConfig):
+    """Options shared by the average-velocity methods (MeanFlow, SplitMeanFlow, AYF).
 
     Attributes:
-        equal_fraction: Fraction of rows with s = t (the paper uses 0.75; on ring8 at 2000 steps 0.25, 0.5 and
-            0.75 gave similar 1-NFE MMD², see docs/results/flowmap_a.md).
-        norm_p: Power p of the adaptive weight (0 = plain L2).
+        equal_fraction: Fraction of rows with s = t (flow-matching rows), drawn before the corner rows.
+        corner_fraction: Fraction of rows at the longest jump (t, s) = (t_max, t_min), the 1-step jump
+            (overrides the s = t choice; uses u[:, 4]). Default 0: on ring8 (docs/results/flowmap_a.md) corner
+            rows made the 1-NFE MMD² of the JVP methods (MeanFlow, AYF-EMD, AYF-LMD) worse.
+        norm_p: Power p of the adaptive weight Δ/sg((Δ + c)^p) (0 = plain squared error).
         norm_eps: Constant c of the adaptive weight.
-        omega: Training-time guidance weight on the data velocity (from-data mode, class-conditional).
-        kappa: Weight of the model's own conditional velocity in the training-time guidance.
     """
 
     equal_fraction: float = 0.5
-    norm_p: float = 1.0
+    corner_fraction: float = 0.0
+    norm_p: float = 0.0
     norm_eps: float = 1e-2
-    omega: float = 1.0
-    kappa: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.equal_fraction <= 1.0:
             raise ValueError(f"equal_fraction must lie in [0, 1]; got {self.equal_fraction}")
+        if not 0.0 <= self.corner_fraction <= 1.0:
+            raise ValueError(f"corner_fraction must lie in [0, 1]; got {self.corner_fraction}")
         if self.norm_p < 0 or self.norm_eps <= 0:
             raise ValueError(f"need norm_p >= 0 and norm_eps > 0; got {self.norm_p}, {self.norm_eps}")
 
 
+class AverageVelocityMethod(FlowMapTrainMethod):
+    """Base of the average-velocity methods: one place that draws (t, s), x_t and the (dropped) labels."""
+
+    config_class = AverageVelocityConfig
+    parameterization = "average_velocity"
+
+    def sample_times(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(t, s) of :func:`sample_t_s` with this config's sampler, fractions and time range (u[:, 0:5])."""
+        cfg = self.config
+        return sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, cfg.equal_fraction,
+                          cfg.t_min, cfg.t_max, cfg.corner_fraction)
+
+    def draw(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """(t, s, x_t, x1 - x0, labels) of one batch: :meth:`sample_times`, ``noisy_input``, ``drop_labels``."""
+        t, s = self.sample_times(batch)
+        x_t, dx = self.noisy_input(batch, t)
+        return t, s, x_t, dx, self.drop_labels(batch)
+
+
+# ---------------------------------------------------------------------------------------------- MeanFlow
+@dataclass
+class MeanFlowConfig(AverageVelocityConfig):
+    """MeanFlow hyper-parameters (plus those of :class:`AverageVelocityConfig`).
+
+    Attributes:
+        norm_p: Power p of the adaptive weight. Default 1: with the default 32-frequency time embedding the JVP
+            target diverged for smaller p. With the smooth raw-time student of configs/meanflow.yaml p = 0 (plain
+            L2) measured best on ring8 (docs/results/flowmap_a.md), so that config sets it.
+        omega: Training-time guidance weight on the data velocity (from-data mode, class-conditional).
+        kappa: Weight of the model's own conditional velocity in the training-time guidance.
+    """
+
+    norm_p: float = 1.0
+    omega: float = 1.0
+    kappa: float = 0.0
+
+
 @register
-class MeanFlow(FlowMapTrainMethod):
+class MeanFlow(AverageVelocityMethod):
     """MeanFlow (Geng et al. 2025): average-velocity flow map via the MeanFlow identity and one JVP."""
 
     name = "meanflow"
@@ -240,10 +296,7 @@ class MeanFlow(FlowMapTrainMethod):
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """MeanFlow loss on one batch (see module docstring)."""
         cfg = self.config
-        t, s = sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, cfg.equal_fraction,
-                          cfg.t_min, cfg.t_max)
-        x_t, dx = self.noisy_input(batch, t)
-        cond = self.drop_labels(batch)
+        t, s, x_t, dx, cond = self.draw(batch)
         v = self.guided_velocity(x_t, t, dx, cond)
         _, dF = self.student_jvp(x_t, t, s, (v, torch.ones_like(t), torch.zeros_like(s)), cond)
         target = v - bcast(t - s, v) * dF
