@@ -87,3 +87,23 @@ def test_config_validation() -> None:
         FACM.make_config(t_min=0.0)
     with pytest.raises(ValueError, match="alpha_p"):
         FACM.make_config(alpha_p=0.0)
+
+
+
+def test_t_one_fraction_rows_train_the_one_step_jump() -> None:
+    """FACM draws its times with consistency_time: a share t_one_fraction of the rows sits at t = 1 exactly."""
+    teacher = load_preset("ring8").double()
+    batch = make_batch(teacher, 4000, seed=4)
+    with pytest.raises(ValueError, match="t_one_fraction"):
+        FACM.make_config(t_one_fraction=2.0)
+    seen: list[torch.Tensor] = []
+    for q in (0.0, 0.25):
+        student = FlowMap(MLP(2, hidden=16, depth=1, use_s=False), "consistency").double()
+        method = FACM(student, teacher, FACM.make_config(t_one_fraction=q))
+        inner = method.student_jvp
+        method.student_jvp = lambda x, t, s, tan, c, f=inner: (seen.append(t.detach()), f(x, t, s, tan, c))[1]
+        loss, _ = method.loss("student", batch, 0)
+        assert torch.isfinite(loss)
+    assert float((seen[0] == 1.0).float().mean()) < 1e-3
+    assert abs(float((seen[1] == 1.0).float().mean()) - 0.25) < 0.02
+    assert torch.equal(seen[1] == 1.0, batch.u[:, 3] < 0.25)

@@ -148,3 +148,24 @@ def test_imm_learns_on_small_problem() -> None:
         opt.step()
         m.after_update("student", step)
     assert mmd() < 0.6 * e0, (e0, mmd())
+
+
+def test_corner_fractions_draw_t_one_and_s_zero_groups() -> None:
+    """t_one_fraction / s_zero_fraction: that share of the groups has t = 1 / s = 0; particles share (s, r, t)."""
+    cls = get_method("imm")
+    m = cls(FlowMap(MLP(2, hidden=8, depth=1), "average_velocity"), None,
+            cls.make_config(group_size=4, t_one_fraction=0.3, s_zero_fraction=0.5, k=2))
+    u = torch.rand(4 * 5000, 8, generator=torch.Generator().manual_seed(2))
+    s, r, t = m.group_times(u, 5000)
+    tg, sg, rg = t[::4], s[::4], r[::4]
+    assert torch.equal(t.reshape(-1, 4), tg[:, None].expand(-1, 4)) and torch.equal(s.reshape(-1, 4), sg[:, None].expand(-1, 4))
+    assert abs(float((tg == 1.0).float().mean()) - 0.3) < 0.02
+    assert abs(float((sg == 0.0).float().mean()) - 0.5) < 0.02
+    corner = (tg == 1.0) & (sg == 0.0)
+    assert abs(float(corner.float().mean()) - 0.15) < 0.015  # independent choices
+    assert torch.allclose(rg[corner], torch.full_like(rg[corner], 0.75))  # r = max(s, t - 2^-k)
+    base = cls(FlowMap(MLP(2, hidden=8, depth=1), "average_velocity"), None, cls.make_config(group_size=4))
+    s0, _, t0 = base.group_times(u, 5000)
+    assert float(((t0[::4] > 0.95) & (s0[::4] < 0.05)).float().mean()) < 0.005  # the corner is undersampled
+    with pytest.raises(ValueError, match="t_one_fraction"):
+        cls.make_config(t_one_fraction=-0.1)

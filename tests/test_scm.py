@@ -110,3 +110,21 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown network"):
         teacher = load_preset("ring8")
         SCM(FlowMap(MLP(2, use_s=False), "consistency"), teacher).loss("fake", make_batch(teacher, 4, 0), 0)
+
+
+def test_t_one_fraction_puts_that_share_of_rows_at_t_max() -> None:
+    """consistency_time: rows with u[:,3] < q sit at t_max exactly, the rest follow the base sampler."""
+    from fewstep.methods.scm import consistency_time
+
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(20000, 8, generator=g)
+    cfg = SCM.make_config(time_sampler="logit_normal", logit_mean=-0.4, logit_std=1.0, t_min=1e-3, t_one_fraction=0.2)
+    t = consistency_time(u, cfg, cfg.t_one_fraction)
+    at_one = t == 1.0
+    assert abs(float(at_one.float().mean()) - 0.2) < 0.01
+    assert torch.equal(at_one, u[:, 3] < 0.2)
+    base = sample_time(u[:, 0], "logit_normal", 1e-3, 1.0, -0.4, 1.0)
+    assert torch.equal(t[~at_one], base[~at_one])
+    assert float((base > 0.95).float().mean()) < 2e-3  # why the point mass is needed: the base rarely nears 1
+    with pytest.raises(ValueError, match="t_one_fraction"):
+        SCM.make_config(t_one_fraction=1.5)

@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from ..timesteps import sample_time
 from ..utils import bcast
 from .base import Batch, register
 from .meanflow import FlowMapTrainConfig, FlowMapTrainMethod
+from .scm import consistency_time
 
 __all__ = ["FACMConfig", "FACM", "ANCHORS"]
 
@@ -68,6 +68,8 @@ class FACMConfig(FlowMapTrainConfig):
         fm_weight: Weight of the flow-matching anchor.
         cos_weight: Weight of the 1 - cosine term inside the anchor.
         anchor: How the FM branch is realised: ``auto``, ``negative_time`` or ``h0`` (module docstring).
+        t_one_fraction: Fraction of rows trained at exactly t = t_max (the 1-step jump;
+            :func:`fewstep.methods.scm.consistency_time`).
     """
 
     t_min: float = 1e-3
@@ -81,9 +83,12 @@ class FACMConfig(FlowMapTrainConfig):
     fm_weight: float = 1.0
     cos_weight: float = 1.0
     anchor: str = "auto"
+    t_one_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.t_one_fraction <= 1.0:
+            raise ValueError(f"t_one_fraction must lie in [0, 1]; got {self.t_one_fraction}")
         if self.t_min <= 0.0:
             raise ValueError(f"FACM needs t_min > 0; got t_min={self.t_min}")
         if self.alpha_p <= 0 or self.clip <= 0:
@@ -123,7 +128,7 @@ class FACM(FlowMapTrainMethod):
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """FACM loss on one batch (see module docstring)."""
         cfg = self.config
-        t = sample_time(batch.u[:, 0], cfg.time_sampler, cfg.t_min, cfg.t_max, cfg.logit_mean, cfg.logit_std)
+        t = consistency_time(batch.u, cfg, cfg.t_one_fraction)
         x_t, dx = self.noisy_input(batch, t)
         cond = self.drop_labels(batch)
         v = self.velocity(x_t, t, dx, cond)

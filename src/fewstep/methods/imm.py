@@ -2,7 +2,9 @@ r"""Inductive Moment Matching (IMM; Zhou, Ermon, Song, ICML 2025) on the linear 
 
 The student is our ``average_velocity`` flow map :math:`f_{t\to s}(x) = x - (t-s)F_\theta(x,t,s)` (IMM's Euler-FM
 parameterization with :math:`\sigma_d` folded into F, so :math:`c_{out}(s,t) = -(t-s)`). The batch is split into
-B/M groups of M particles; a group shares (s, r, t), drawn as t ~ U[t_min, 1], s ~ U[0, t], and r by a constant
+B/M groups of M particles; a group shares (s, r, t), drawn as t ~ U[t_min, 1], s ~ U[0, t] (with optional point
+masses: t = 1 on a fraction ``t_one_fraction`` and s = 0 on a fraction ``s_zero_fraction`` of the groups, so that
+the (t, s) = (1, 0) corner that the 1-step sampler queries is trained), and r by a constant
 decrement either in :math:`\eta = t/(1-t)` (``r_schedule="eta"``; IMM: :math:`\eta_r = \eta_t - (\eta_{max} -
 \eta_{min})/2^k`, with :math:`\eta_t` evaluated at :math:`\min(t, t_{\eta})` so that t = 1 is allowed) or in t
 (``r_schedule="t"``: :math:`r = t - 2^{-k}`), or, our own variant, relative to the jump
@@ -61,6 +63,8 @@ class IMMConfig(MethodConfig):
         weighting: ``uniform`` or ``imm``.
         weight_b: The b of the ``imm`` weighting.
         target_ema: EMA decay of θ⁻ (0: θ⁻ = sg(θ)).
+        t_one_fraction: Fraction of groups with t = 1 exactly (the 1-step jump starts there).
+        s_zero_fraction: Fraction of groups with s = 0 exactly (jumps that end at the data).
     """
 
     group_size: int = 4
@@ -74,8 +78,13 @@ class IMMConfig(MethodConfig):
     weighting: str = "uniform"
     weight_b: float = 2.0
     target_ema: float = 0.0
+    t_one_fraction: float = 0.0
+    s_zero_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (0.0 <= self.t_one_fraction <= 1.0 and 0.0 <= self.s_zero_fraction <= 1.0):
+            raise ValueError(f"t_one_fraction and s_zero_fraction must lie in [0, 1]; got {self.t_one_fraction}, "
+                             f"{self.s_zero_fraction}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1; got {self.group_size}")
         if self.r_schedule not in ("eta", "t", "relative"):
@@ -164,12 +173,19 @@ class IMM(Method):
         self.target = copy.deepcopy(student).requires_grad_(False)
 
     def group_times(self, u: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-group (s, r, t) from the first row of each group, repeated to every particle, shape (G*M,)."""
+        r"""Per-group (s, r, t) from the first row of each group, repeated to every particle, shape (G*M,).
+
+        :math:`t \sim U[t_{min}, 1]` (t = 1 on a fraction ``t_one_fraction`` of the groups, column 2),
+        :math:`s \sim U[0, t]` (s = 0 on a fraction ``s_zero_fraction``, column 3), r from :func:`imm_r`.
+        With t ~ U(0,1), s ~ U(0,t) only ~0.3 % of the groups land near the (t, s) = (1, 0) corner that the
+        1-step sampler queries; the point masses put training there.
+        """
         cfg = self.config
         m = cfg.group_size
         ug = u[: groups * m].reshape(groups, m, -1)[:, 0]
         t = cfg.t_min + (1 - cfg.t_min) * ug[:, 0]
-        s = t * ug[:, 1]
+        t = torch.where(ug[:, 2] < cfg.t_one_fraction, torch.ones_like(t), t)
+        s = torch.where(ug[:, 3] < cfg.s_zero_fraction, torch.zeros_like(t), t * ug[:, 1])
         r = imm_r(s, t, cfg)
         return tuple(v.repeat_interleave(m) for v in (s, r, t))  # type: ignore[return-value]
 

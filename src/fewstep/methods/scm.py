@@ -39,9 +39,24 @@ from .base import Batch, register
 from .meanflow import FlowMapTrainConfig, FlowMapTrainMethod, adaptive_weight, sq_norm, tangent_normalize, \
     warmup_ratio
 
-__all__ = ["SCMConfig", "SCM", "TimeWeighting", "WEIGHTINGS"]
+__all__ = ["SCMConfig", "SCM", "TimeWeighting", "WEIGHTINGS", "consistency_time"]
 
 WEIGHTINGS: tuple[str, ...] = ("none", "adaptive", "learned")
+
+
+def consistency_time(u: Tensor, cfg: FlowMapTrainConfig, t_one_fraction: float) -> Tensor:
+    r"""Training times of a consistency student: :math:`t \sim p(t)` on [t_min, t_max] (column 0 of ``u``), and
+    :math:`t = t_{max}` exactly on the rows with ``u[:, 3] < t_one_fraction``.
+
+    The 1-step sampler queries only :math:`F(x, 1, 0)`; a logit-normal p(t) puts almost no mass there
+    (logit-normal(-0.4, 1): P(t > 0.95) = 4e-4), so the point mass at t = 1 trains the jump the sampler uses.
+    """
+    if not 0.0 <= t_one_fraction <= 1.0:
+        raise ValueError(f"t_one_fraction must lie in [0, 1]; got {t_one_fraction}")
+    t = sample_time(u[:, 0], cfg.time_sampler, cfg.t_min, cfg.t_max, cfg.logit_mean, cfg.logit_std)
+    if t_one_fraction > 0:
+        t = torch.where(u[:, 3] < t_one_fraction, torch.full_like(t, cfg.t_max), t)
+    return t
 
 
 class TimeWeighting(nn.Module):
@@ -70,6 +85,8 @@ class SCMConfig(FlowMapTrainConfig):
         weighting: ``none``, ``adaptive`` (MeanFlow-style e/sg((e+eps)^p)) or ``learned`` (sCM's w_phi(t)).
         norm_p: Power of the adaptive weight.
         norm_eps: Constant of the adaptive weight.
+        t_one_fraction: Fraction of rows trained at exactly t = t_max (the 1-step jump; see
+            :func:`consistency_time`).
     """
 
     t_min: float = 1e-3
@@ -78,9 +95,12 @@ class SCMConfig(FlowMapTrainConfig):
     weighting: str = "none"
     norm_p: float = 1.0
     norm_eps: float = 1e-2
+    t_one_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.t_one_fraction <= 1.0:
+            raise ValueError(f"t_one_fraction must lie in [0, 1]; got {self.t_one_fraction}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
         if self.warmup_steps < 0:
@@ -127,7 +147,7 @@ class SCM(FlowMapTrainMethod):
         if name != "student":
             raise ValueError(f"unknown network {name!r} for method 'scm'; expected 'student' or 'weighting'")
         cfg = self.config
-        t = sample_time(batch.u[:, 0], cfg.time_sampler, cfg.t_min, cfg.t_max, cfg.logit_mean, cfg.logit_std)
+        t = consistency_time(batch.u, cfg, cfg.t_one_fraction)
         x_t, dx = self.noisy_input(batch, t)
         cond = self.drop_labels(batch)
         v = self.velocity(x_t, t, dx, cond)
@@ -146,7 +166,7 @@ class SCM(FlowMapTrainMethod):
             self._cache = (t.detach(), err.detach() / count_dims(x_t))
         else:
             loss = err.mean()
-        return loss, {"loss": float(loss.detach()), "mse": float(err.mean()), "tangent_norm": float(sq_norm(g).sqrt().mean()),
+        return loss, {"loss": float(loss.detach()), "mse": float(err.detach().mean()), "tangent_norm": float(sq_norm(g).sqrt().mean()),
                       "warmup_r": r}
 
     def _weighting_loss(self) -> tuple[Tensor, dict[str, float]]:
