@@ -73,3 +73,16 @@ def class_batch(n: int = 64, seed: int = 0, classes: int = 2) -> Batch:
     g = torch.Generator().manual_seed(seed)
     return Batch(x1=torch.randn(n, 2, generator=g), u=torch.rand(n, 8, generator=g),
                  cond=torch.randint(0, classes, (n,), generator=g))
+
+
+def assert_losses_finite(method: nn.Module, uvals: tuple[float, ...] = (0.0, 0.999999), n: int = 32) -> None:
+    """For each constant uniform value u (all batch.u = u, e.g. at the clamped time boundaries), every network the
+    method trains ('fake' and 'student') has a finite loss, finite logs and finite parameter gradients."""
+    for uval in uvals:
+        b = class_batch(n)
+        b.u = torch.full_like(b.u, uval)
+        for net in ("fake", "student"):
+            loss, logs = method.loss(net, b, 0)
+            loss.backward()
+            assert math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in logs.values()), (uval, net)
+            assert all(bool(torch.isfinite(p.grad).all()) for p in method.parameters() if p.grad is not None)

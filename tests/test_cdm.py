@@ -15,7 +15,7 @@ from fewstep.networks import MLP
 from fewstep.samplers import sample_flowmap
 from fewstep.teachers import GaussianMixtureTeacher
 
-from _fixtures import TeacherAsFake, ring_teacher, small_teacher
+from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher, small_teacher
 from _fixtures import class_batch as batch
 from _fixtures import student_net as _student_net
 
@@ -68,10 +68,13 @@ def test_schedule_switch() -> None:
         assert float(s[0]) == 1.0 and float(s[-1]) == 0.0 and bool((s[1:] < s[:-1]).all())
         assert bool(((s[1:-1] >= 0.3) & (s[1:-1] <= 0.6)).all())
     assert lengths == {1, 2, 3, 4, 5}
+    short = {make(n_min=3, n_max=5).student_schedule().numel() - 1 for _ in range(200)}
+    assert short == {3, 4, 5}
 
 
 @pytest.mark.parametrize("bad,match", [(dict(schedule="cosine"), "schedule"), (dict(perturbation="heun"), "perturbation"),
-                                       (dict(inner_min=0.9, inner_max=0.5), "inner_min"), (dict(n_max=0), "n_max")])
+                                       (dict(inner_min=0.9, inner_max=0.5), "inner_min"), (dict(n_max=0), "n_max"),
+                                       (dict(n_min=6, n_max=5), "n_min")])
 def test_config_errors(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make(**bad)
@@ -116,15 +119,8 @@ def test_fake_ema_merge_moves_fake_towards_student() -> None:
 def test_finite_at_clamped_boundaries() -> None:
     torch.manual_seed(6)
     for pert in ("euler", "gaussian"):
-        m = make(t_min=0.0, t_max=1.0, perturbation=pert, guidance=3.0, inner_min=1e-4, inner_max=0.9999)
-        for uval in (0.0, 0.999999):
-            b = batch(32)
-            b.u = torch.full_like(b.u, uval)
-            for net in ("fake", "student"):
-                loss, logs = m.loss(net, b, 0)
-                loss.backward()
-                assert math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in logs.values())
-                assert all(bool(torch.isfinite(p.grad).all()) for p in m.parameters() if p.grad is not None)
+        assert_losses_finite(make(t_min=0.0, t_max=1.0, perturbation=pert, guidance=3.0, inner_min=1e-4,
+                                  inner_max=0.9999))
 
 
 def test_cdm_learns_small_problem() -> None:

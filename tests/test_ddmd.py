@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from fewstep.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
-from fewstep.methods.dmd_common import ca_loss, dm_loss, renoise, teacher_x0
+from fewstep.methods.dmd_common import ca_loss, dm_loss, normaliser, renoise, teacher_x0
 from fewstep.networks import MLP
 from fewstep.samplers import sample_flowmap, solve_adaptive
 from fewstep.teachers import GaussianMixtureTeacher
 
-from _fixtures import TeacherAsFake, ring_teacher
+from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher
 from _fixtures import class_batch as batch
 from _fixtures import student_net as _student_net
 
@@ -107,15 +108,10 @@ def test_ddmd_config_validation_and_logs() -> None:
 def test_ddmd_finite_at_boundaries() -> None:
     torch.manual_seed(3)
     cls = get_method("ddmd")
-    m = cls(student_net(), ring_teacher(), cls.make_config(t_min=0.0, t_max=1.0, norm_floor=1e-3))
-    for uval in (0.0, 0.999999):
-        b = batch(32)
-        b.u = torch.full_like(b.u, uval)
-        for net in ("fake", "student"):
-            loss, logs = m.loss(net, b, 0)
-            loss.backward()
-            assert math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in logs.values())
-            assert all(bool(torch.isfinite(p.grad).all()) for p in m.parameters() if p.grad is not None)
+    for ca_norm in ("separate", "dm", "cfg"):
+        for fake_samples in ("anchor", "final"):
+            assert_losses_finite(cls(student_net(), ring_teacher(), cls.make_config(
+                t_min=0.0, t_max=1.0, norm_floor=1e-3, ca_norm=ca_norm, fake_samples=fake_samples)))
 
 
 def test_ddmd_learns_guided_target() -> None:
@@ -135,10 +131,46 @@ def test_ddmd_learns_guided_target() -> None:
             x = sample_flowmap(student, torch.randn(800, 2, generator=torch.Generator().manual_seed(1)), 2, cond=c).x
         return float(torch.stack([x[c == k].mean(0) for k in range(2)]).sub(ref_means).norm(dim=1).mean())
 
-    tr = train("ddmd", teacher=t, steps=0, method_cfg=dict(guidance=2.0, n_steps=2), student=dict(hidden=64, depth=2),
-               batch_size=128, lr=1e-3, progress=False, tensorboard=False, ema_decays=[])
-    e0 = err(tr.method.student)
-    tr.config.steps = 150
-    tr.fit()
-    e1 = err(tr.method.student)
-    assert e0 > 0.8 and e1 < 0.45 * e0
+    # the CDM-code form (own CA normaliser, fake score on anchor predictions) and our defaults (guided-distance
+    # normaliser, fake score on the final samples), which push the means out more gently (measured 0.26 / 0.49)
+    for kw, bound in ((dict(ca_norm="separate", fake_samples="anchor"), 0.45), ({}, 0.55)):
+        torch.manual_seed(0)
+        tr = train("ddmd", teacher=t, steps=0, method_cfg=dict(guidance=2.0, n_steps=2, **kw),
+                   student=dict(hidden=64, depth=2), batch_size=128, lr=1e-3, progress=False, tensorboard=False,
+                   ema_decays=[])
+        e0 = err(tr.method.student)
+        tr.config.steps = 150
+        tr.fit()
+        e1 = err(tr.method.student)
+        assert e0 > 0.8 and e1 < bound * e0, (kw, e0, e1)
+
+
+def test_ca_normaliser_options() -> None:
+    """ca_loss with an explicit normaliser n has gradient -(alpha-1)(x0c - x0u)/(n D); ca_norm picks n."""
+    torch.manual_seed(7)
+    t, alpha = ring_teacher(), 3.0
+    x0s = torch.randn(16, 2, dtype=torch.float64, requires_grad=True)
+    tau = torch.rand(16, dtype=torch.float64) * 0.9 + 0.05
+    cond = torch.randint(0, 2, (16,))
+    x_tau = renoise(x0s.detach(), tau, torch.randn(16, 2, dtype=torch.float64))
+    xc, xu = teacher_x0(t, x_tau, tau, cond), teacher_x0(t, x_tau, tau, torch.full_like(cond, -1))
+    n = torch.rand(16, dtype=torch.float64) + 0.5
+    (g,) = torch.autograd.grad(ca_loss(x0s, xc, xu, alpha - 1.0, norm=n), x0s)
+    torch.testing.assert_close(g, -(alpha - 1.0) * (xc - xu) / n[:, None] / x0s.numel(), atol=1e-12, rtol=1e-9)
+    (g_sep,) = torch.autograd.grad(ca_loss(x0s, xc, xu, alpha - 1.0, floor=0.1), x0s)
+    n_sep = normaliser(xc, x0s, 0.1)
+    torch.testing.assert_close(g_sep, -(alpha - 1.0) * (xc - xu) / n_sep[:, None] / x0s.numel(), atol=1e-12, rtol=1e-9)
+    with pytest.raises(ValueError, match="normaliser must have shape"):
+        ca_loss(x0s, xc, xu, 1.0, norm=n[:3])
+    cls = get_method("ddmd")
+    with pytest.raises(ValueError, match="ca_norm"):
+        cls(student_net(), t, cls.make_config(ca_norm="rms"))
+    # CA-only students: the 'dm' normaliser is computed even when the DM term is off; losses differ by option
+    vals = {}
+    for opt in ("separate", "dm", "cfg"):
+        torch.manual_seed(8)
+        m = cls(student_net(), t, cls.make_config(guidance=alpha, dm_weight=0.0, ca_norm=opt))
+        loss, logs = m.loss("student", batch(), 0)
+        assert set(logs) == {"ca_loss", "loss"} and math.isfinite(float(loss.detach()))
+        vals[opt] = float(loss.detach())
+    assert len({round(v, 9) for v in vals.values()}) == 3

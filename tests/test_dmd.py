@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from fewstep.networks import MLP
 from fewstep.samplers import sample_flowmap
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 
-from _fixtures import TeacherAsFake, ring_teacher, small_teacher, student_net
+from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher, small_teacher, student_net
 from _fixtures import class_batch as batch
 
 torch.set_num_threads(1)
@@ -205,14 +204,7 @@ def test_losses_finite_at_clamped_time_boundaries(name: str) -> None:
         kw["num_pairs"] = 16
     m = cls(student_net(), t, cls.make_config(**kw))
     m.prepare({"seed": 0})
-    for uval in (0.0, 0.999999):
-        b = batch(32)
-        b.u = torch.full_like(b.u, uval)
-        for net in ("fake", "student"):
-            loss, logs = m.loss(net, b, 0)
-            loss.backward()
-            assert math.isfinite(float(loss.detach())) and all(math.isfinite(v) for v in logs.values())
-            assert all(bool(torch.isfinite(p.grad).all()) for p in m.parameters() if p.grad is not None)
+    assert_losses_finite(m)
 
 
 def test_dmd2_schedule_trainable_and_config_errors() -> None:
@@ -260,3 +252,28 @@ def test_method_learns_small_problem(name: str) -> None:
     assert err0 > 1.0 and err1 < 0.45 * err0
     first = [h for h in tr.history if h["step"] == 50][0]["student/loss"]
     assert tr.history[-1]["student/loss"] < 1.5 * first  # the loss does not blow up
+
+
+def test_fake_samples_final_trains_on_the_sampler_output() -> None:
+    """fake_samples='final': the fake score is fitted to the student's n_steps samples (not a random anchor)."""
+    t = ring_teacher()
+    cls = get_method("dmd2")
+    m = cls(student_net(), t, cls.make_config(n_steps=3, fake_samples="final"))
+    b = batch(48)
+    with torch.no_grad():
+        x_final = sample_flowmap(m.student, b.x1, 3, cond=b.cond).x
+    torch.testing.assert_close(m.anchor(b, grad=False, final=True).x0, x_final, atol=1e-6, rtol=1e-6)
+    torch.manual_seed(3)
+    loss, _ = m.fake_loss(b)
+    torch.manual_seed(3)
+    eps = torch.randn_like(x_final)
+    tau = renoise_time(b.u[:, 6], "uniform")
+    torch.testing.assert_close(loss, fake_score_loss(m.fake, x_final, tau, eps, b.cond), atol=1e-6, rtol=1e-6)
+    anchor_m = cls(student_net(), t, cls.make_config(n_steps=3))
+    anchor_m.student.load_state_dict(m.student.state_dict())
+    anchor_m.fake.load_state_dict(m.fake.state_dict())
+    torch.manual_seed(3)
+    other, _ = anchor_m.fake_loss(b)
+    assert abs(float(other.detach()) - float(loss.detach())) > 1e-4  # anchors differ from final samples
+    with pytest.raises(ValueError, match="fake_samples"):
+        cls(student_net(), t, cls.make_config(fake_samples="last"))

@@ -12,7 +12,8 @@ b. CDM ablations at 1/2/4 NFE: dynamic vs fixed schedule, off-trajectory on/off,
    DM only / full.
 c. Mode coverage of DMD-family students next to other registered distillation students.
 
-Run: ``python -m fewstep.benchmarks.dmd_experiments [--steps 1500 --seeds 0 1 2 --out docs/results]``.
+Each variant has its own run settings (RUN updated by the variant's overrides; ``--steps/--lr/--fake-lr/
+--batch-size`` override all). Run: ``python -m fewstep.benchmarks.dmd_experiments [--seeds 0 1 2 --others]``.
 """
 
 from __future__ import annotations
@@ -36,22 +37,28 @@ from ..samplers import sample_flowmap, solve, solve_adaptive
 from ..teachers.presets import load_preset
 from ..trainer import Trainer
 
-STUDENT = {"hidden": 128, "depth": 3}
+STUDENT: dict[str, Any] = {"hidden": 128, "depth": 3}
 NFES = (1, 2, 4)
+# default run settings; a variant's third entry overrides them (keys of RUN_KEYS), the CLI overrides both
+RUN: dict[str, Any] = {"steps": 1000, "lr": 3e-4, "fake_lr": 1e-3, "batch_size": 256, "lr_schedule": "constant",
+                       "student": {}}
+RUN_KEYS = tuple(RUN)
+DMD2_RUN: dict[str, Any] = {"lr": 1e-3, "fake_lr": 2e-3, "lr_schedule": "cosine", "batch_size": 512,
+                            "student": {"hidden": 256, "depth": 4}}
 
-# name -> (method, method config); "guidance" is filled in with w
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dmd2 (1-step)": ("dmd2", {"n_steps": 1}),
-    "cdm (full, dynamic, euler)": ("cdm", {}),
-    "cdm DM only": ("cdm", {"ca_weight": 0.0, "cdm_weight": 0.0}),
-    "cdm CA only": ("cdm", {"dm_weight": 0.0, "cdm_weight": 0.0}),
-    "cdm fixed schedule": ("cdm", {"schedule": "fixed"}),
-    "cdm no off-trajectory": ("cdm", {"off_trajectory": False}),
-    "cdm gaussian perturbation": ("cdm", {"perturbation": "gaussian"}),
-    "ddmd (4-step, fixed)": ("ddmd", {}),
-    "DM-only 1-step (dmd2, w=1 real)": ("dmd2", {"n_steps": 1, "guidance": 1.0}),
-    "dmd (1-step, +regression)": ("dmd", {"n_steps": 1}),
-    "cdm shared re-noise (CA uniform)": ("cdm", {"ca_renoise": "uniform"}),
+# name -> (method, method config, run overrides); "guidance" is filled in with w
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "dmd2 (1-step)": ("dmd2", {"n_steps": 1}, DMD2_RUN),
+    "cdm (full, dynamic, euler)": ("cdm", {}, {}),
+    "cdm fixed schedule": ("cdm", {"schedule": "fixed"}, {}),
+    "cdm no off-trajectory": ("cdm", {"off_trajectory": False}, {}),
+    "cdm gaussian perturbation": ("cdm", {"perturbation": "gaussian"}, {}),
+    "cdm DM only": ("cdm", {"ca_weight": 0.0, "cdm_weight": 0.0}, {}),
+    "cdm CA only": ("cdm", {"dm_weight": 0.0, "cdm_weight": 0.0}, {}),
+    "cdm paper fake/normaliser (anchor, separate)": ("cdm", {"fake_samples": "anchor", "ca_norm": "separate"}, {}),
+    "DM-only 1-step (dmd2, w=1 real)": ("dmd2", {"n_steps": 1, "guidance": 1.0}, {}),
+    "ddmd (4-step, fixed)": ("ddmd", {}, {}),
+    "dmd (1-step, +regression)": ("dmd", {"n_steps": 1}, {}),
 }
 OTHERS: dict[str, dict[str, Any]] = {"reflow": {"n_pairs": 8192}, "cd": {}}
 
@@ -70,33 +77,42 @@ def references(teacher: Any, w: float, n: int, seed: int) -> dict[str, Tensor]:
 
 
 def score(x: Tensor, refs: dict[str, Tensor], teacher: Any) -> dict[str, float]:
-    """MMD² to the guided and to the w=1 target, and mode coverage (per class)."""
+    """MMD² to the guided and to the w=1 target, mode coverage (per class) and, for 2-D rings, the mean radius and
+    the sd of the offset from the nearest mode along the ring (tangential sd)."""
     x = x.to(torch.float64)
     cov = mode_coverage(x, teacher, cond=refs["cond"])
+    means = teacher.means.to(x)
+    near = means[torch.cdist(x, means).argmin(1)]
+    tangent = torch.stack([-near[:, 1], near[:, 0]], 1) / near.norm(dim=1, keepdim=True)
     return {"mmd2": mmd2(x, refs["ref"]), "mmd2_w1": mmd2(x, refs["ref_w1"]),
-            "modes_covered": float(cov["modes_covered"]), "off_mode": float(cov["off_mode"])}
+            "modes_covered": float(cov["modes_covered"]), "off_mode": float(cov["off_mode"]),
+            "radius": float(x.norm(dim=1).mean()), "tangential_sd": float(((x - near) * tangent).sum(1).std())}
 
 
 def make_trainer(name: str, teacher: Any, cfg: dict[str, Any], init: dict[str, Tensor] | None, seed: int,
-                 steps: int, lr: float, fake_lr: float) -> Trainer:
-    """A Trainer for method ``name`` whose student (and fake score) start from ``init``."""
-    method, data = build_from_objects(name, teacher, None, cfg, dict(STUDENT), seed)
+                 run: dict[str, Any]) -> Trainer:
+    """A Trainer for method ``name`` with run settings ``run`` (RUN keys) whose student and fake score start from ``init``."""
+    method, data = build_from_objects(name, teacher, None, cfg, {**STUDENT, **run["student"]}, seed)
     if init is not None and method.parameterization != "average_velocity":  # same backbone shapes
         method.student.net.load_state_dict(init)
         if hasattr(method, "fake"):
             method.fake.net.load_state_dict(init)
-    over = {"fake": fake_lr} if "fake" in method.trainable() else {}
-    tc = TrainConfig(steps=steps, batch_size=256, lr=lr, lr_overrides=over, ema_decays=[0.99], progress=False,
-                     tensorboard=False, log_every=max(steps // 10, 1))
+    over = {"fake": run["fake_lr"]} if "fake" in method.trainable() else {}
+    tc = TrainConfig(steps=run["steps"], batch_size=run["batch_size"], lr=run["lr"], lr_overrides=over,
+                     lr_schedule=run["lr_schedule"], ema_decays=[0.99], progress=False, tensorboard=False,
+                     log_every=max(run["steps"] // 10, 1))
     return Trainer(method, data, tc, seed=seed)
 
 
-def pretrain(teacher: Any, seed: int, steps: int, cache: Path) -> dict[str, Tensor]:
+def pretrain(teacher: Any, seed: int, steps: int, cache: Path, student: dict[str, Any]) -> dict[str, Tensor]:
     """Teacher init: a conditional velocity MLP trained by flow matching on the teacher's exact samples (cached)."""
-    path = cache / f"fm_init_{STUDENT['hidden']}x{STUDENT['depth']}_{steps}_seed{seed}.pt"
+    arch = {**STUDENT, **student}
+    key = "_".join(f"{k}{v}" for k, v in sorted(arch.items()) if k not in ("hidden", "depth"))
+    path = cache / f"fm_init_{arch['hidden']}x{arch['depth']}{'_' + key if key else ''}_{steps}_seed{seed}.pt"
     if path.is_file():
         return torch.load(path)
-    tr = make_trainer("flow_matching", teacher, {"cond_drop": 0.1}, None, seed, steps, 1e-3, 1e-3)
+    run = {**RUN, "steps": steps, "lr": 1e-3, "student": student}
+    tr = make_trainer("flow_matching", teacher, {"cond_drop": 0.1}, None, seed, run)
     tr.fit()
     state = {k: v.clone() for k, v in tr.student(ema=True).net.state_dict().items()}
     cache.mkdir(parents=True, exist_ok=True)
@@ -126,37 +142,6 @@ def summarise(vals: list[float]) -> str:
     return f"{float(t.mean()):.4f} ± {float(t.std()) if len(vals) > 1 else 0.0:.4f}"
 
 
-def ca_dm_magnitudes(teacher: Any, w: float, init: dict[str, Tensor], n: int = 4000, n_steps: int = 4) -> list[str]:
-    """RMS of the normalised CA update (α−1)Δ_CA (capped / uniform τ) and of the DM update g per anchor σ of the
-    teacher-init student (fake score = the same net), as markdown rows."""
-    from ..methods.dmd_common import (backward_simulate, dm_loss, dm_terms, fixed_schedule, normaliser, renoise,
-                                      renoise_time, teacher_x0)
-
-    method, _ = build_from_objects("cdm", teacher, None, {"guidance": w}, dict(STUDENT), 0)
-    method.student.net.load_state_dict(init)
-    method.fake.net.load_state_dict(init)
-    g = torch.Generator().manual_seed(0)
-    cond, z = teacher.sample_labels(n, generator=g), torch.randn(n, *teacher.event_shape, generator=g)
-    rows = ["| anchor σ | rms (α−1)Δ_CA, τ~U(0,σ) | rms (α−1)Δ_CA, τ~U[.02,.98] | rms DM g | CA normaliser at floor |",
-            "|---|---|---|---|---|"]
-    sched = fixed_schedule(n_steps)
-    for i in range(n_steps):
-        a = backward_simulate(method.student, z, sched, torch.full((n,), i), cond, grad=False)
-        u, vals, at_floor = torch.rand(n, generator=g), [], 0.0
-        for kind in ("uniform_capped", "uniform"):
-            tau = renoise_time(u, kind, a.sigma)
-            xt = renoise(a.x0, tau, torch.randn(a.x0.shape, generator=g))
-            xc, xu = teacher_x0(teacher, xt, tau, cond), teacher_x0(teacher, xt, tau, torch.full_like(cond, -1))
-            nca = normaliser(xc, a.x0, 0.1)
-            vals.append(float(((w - 1) * (xc - xu) / nca[:, None]).pow(2).mean().sqrt()))
-            at_floor = at_floor or float((nca <= 0.1 + 1e-6).float().mean())
-        real, fake = dm_terms(teacher, method.fake, a.x0, renoise_time(u, "uniform"), cond, 1.0)
-        _, gdm = dm_loss(a.x0, real, fake, 0.1)
-        rows.append(f"| {float(sched[i]):.2f} | {vals[0]:.3f} | {vals[1]:.3f} | {float(gdm.pow(2).mean().sqrt()):.3f} | "
-                    f"{at_floor:.2f} |")
-    return rows
-
-
 def _mean(res: dict[str, Any], name: str, nfe: int, key: str = "mmd2") -> float | None:
     if name.startswith("teacher "):
         rows = [res["teacher"][str(s)][name[8:]][key] for s in res["seeds"]]
@@ -184,28 +169,41 @@ def checks(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def run_settings(name: str, overrides: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+    """The run settings of a variant: RUN, then the variant's overrides, then the CLI values that were given."""
+    run = {**RUN, **overrides, **{k: v for k, v in cli.items() if v is not None}}
+    unknown = set(run) - set(RUN_KEYS)
+    if unknown:
+        raise ValueError(f"variant {name!r} has unknown run settings {sorted(unknown)}; valid: {RUN_KEYS}")
+    return run
+
+
 def write_report(res: dict[str, Any], out: Path, cmd: str) -> str:
     seeds = res["seeds"]
     lines = [f"# DMD-family results ({res['preset']} conditional, guidance w={res['w']})", "", f"Command: `{cmd}`", "",
-             f"Seeds {seeds}; {res['steps']} student steps, batch 256, MLP {STUDENT}, teacher init = "
-             f"{res['pretrain_steps']} flow-matching steps; MMD² (bandwidths 0.05/0.2/1 summed), 2000 vs 2000, "
-             "mean ± std over seeds. `mmd2` = to the guided target (adaptive guided ODE); `mmd2_w1` = to the "
-             "exact unguided conditional mixture; wall = seconds per run on a shared 2-core CPU.", "",
-             "## Teacher baselines (guided ODE)", "", "| sampler | MMD² guided | MMD² w=1 | modes covered |",
-             "|---|---|---|---|"]
+             f"Seeds {seeds}; teacher init = {res['pretrain_steps']} flow-matching steps of the student's MLP; "
+             "MMD² (bandwidths 0.05/0.2/1 summed), 2000 vs 2000, mean ± std over seeds. `MMD² guided` = to the "
+             "guided target (adaptive guided ODE); `MMD² w=1` = to the exact unguided conditional mixture; r = mean "
+             "radius, t-sd = sd of the offset from the nearest mode along the ring; wall = seconds per run.", "",
+             "## Teacher baselines (guided ODE)", "", "| sampler | MMD² guided | MMD² w=1 | modes covered | r | t-sd |",
+             "|---|---|---|---|---|---|"]
+    keys = ("mmd2", "mmd2_w1", "modes_covered", "radius", "tangential_sd")
     for k in res["teacher"][str(seeds[0])]:
         v = [res["teacher"][str(s)][k] for s in seeds]
-        lines.append(f"| {k} | {summarise([r['mmd2'] for r in v])} | {summarise([r['mmd2_w1'] for r in v])} | "
-                     f"{summarise([r['modes_covered'] for r in v])} |")
-    lines += ["", "## Students", "", "| student | NFE | MMD² guided | MMD² w=1 | modes covered | off-mode | wall s |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(f"| {k} | " + " | ".join(summarise([r.get(q, float("nan")) for r in v]) for q in keys) + " |")
+    lines += ["", "## Students (MMD² mean ± std; shape columns at the student's own NFE: 1 for 1-step, else 4)", "",
+              "| student | guided 1 NFE | guided 2 NFE | guided 4 NFE | w=1 at 1/2/4 | modes | off-mode | r | t-sd | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, per_seed in res["students"].items():
-        for k in NFES:
-            v = [per_seed[str(s)]["metrics"][str(k)] for s in seeds if str(s) in per_seed]
-            wall = [per_seed[str(s)]["wall_s"] for s in seeds if str(s) in per_seed]
-            lines.append(f"| {name} | {k} | {summarise([r['mmd2'] for r in v])} | "
-                         f"{summarise([r['mmd2_w1'] for r in v])} | {summarise([r['modes_covered'] for r in v])} | "
-                         f"{summarise([r['off_mode'] for r in v])} | {sum(wall) / len(wall):.0f} |")
+        ms = [per_seed[str(s)]["metrics"] for s in seeds if str(s) in per_seed]
+        own = "1" if "1-step" in name else "4"
+        wall = [per_seed[str(s)]["wall_s"] for s in seeds if str(s) in per_seed]
+        w1 = "/".join(f"{sum(m[str(k)]['mmd2_w1'] for m in ms) / len(ms):.4f}" for k in NFES)
+        lines.append(f"| {name} | " + " | ".join(summarise([m[str(k)]["mmd2"] for m in ms]) for k in NFES) + f" | {w1} | "
+                     + " | ".join(summarise([m[own].get(q, float("nan")) for m in ms])
+                                  for q in ("modes_covered", "off_mode", "radius", "tangential_sd"))
+                     + f" | {sum(wall) / len(wall):.0f} |")
+    lines += ["", "## Run settings", ""] + [f"- {n}: {r}" for n, r in res.get("runs", {}).items()]
     lines += ["", "## Checks (computed from the numbers above)", ""] + checks(res)
     if res.get("failures"):
         lines += ["", "## Failed runs", ""] + [f"- {f}" for f in res["failures"]]
@@ -218,34 +216,31 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="ring8")
     p.add_argument("--w", type=float, default=3.0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=None, help="override every variant's student steps")
+    p.add_argument("--lr", type=float, default=None, help="override every variant's student lr")
+    p.add_argument("--fake-lr", type=float, default=None, help="override every variant's fake-score lr")
+    p.add_argument("--batch-size", type=int, default=None, help="override every variant's batch size")
     p.add_argument("--pretrain-steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run")
     p.add_argument("--others", action="store_true", help="also train other registered distillation students")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--fake-lr", type=float, default=1e-3)
     p.add_argument("--out", default="docs/results")
     p.add_argument("--cache", default="/tmp/fewstep_dmd_cache", help="folder for the cached teacher-init nets")
     p.add_argument("--label", default="", help="suffix of the variant names (e.g. for a longer-budget rerun)")
-    p.add_argument("--tag", default="", help="suffix of the JSON file (to run seeds in parallel processes)")
-    p.add_argument("--diagnose", action="store_true", help="print CA vs DM update magnitudes of the seed-0 init")
+    p.add_argument("--tag", default="", help="suffix of the JSON file (to run seeds in separate processes)")
     p.add_argument("--merge", nargs="*", default=None, help="merge these JSON files into dmd.md/dmd.json and exit")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m fewstep.benchmarks.dmd_experiments " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.diagnose:
-        teacher = load_preset(args.preset, conditional=True)
-        print("\n".join(ca_dm_magnitudes(teacher, args.w, pretrain(teacher, 0, args.pretrain_steps, Path(args.cache)))))
-        return
     if args.merge is not None:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         res = {**parts[0], "seeds": sorted({s for r in parts for s in r["seeds"]}), "teacher": {}, "students": {},
-               "commands": [r.get("command", "") for r in parts]}
+               "runs": {}, "commands": [r.get("command", "") for r in parts]}
         for r in parts:
             res["teacher"].update(r["teacher"])
+            res["runs"].update(r.get("runs", {}))
             for name, per_seed in r["students"].items():
                 res["students"].setdefault(name, {}).update(per_seed)
         (out / "dmd.json").write_text(json.dumps(res, indent=1))
@@ -256,24 +251,27 @@ def main(argv: list[str] | None = None) -> None:
     variants = {k + args.label: v for k, v in VARIANTS.items() if args.only is None or any(o in k for o in args.only)}
     if args.others:
         avail = list_methods()
-        variants.update({f"{m} (guided teacher)": (m, cfg) for m, cfg in OTHERS.items() if m in avail})
-    res: dict[str, Any] = {"preset": args.preset, "w": args.w, "steps": args.steps, "seeds": args.seeds,
-                           "pretrain_steps": args.pretrain_steps, "teacher": {}, "students": {}, "command": cmd,
-                           "lr": args.lr, "fake_lr": args.fake_lr}
+        variants.update({f"{m} (guided teacher)": (m, cfg, {}) for m, cfg in OTHERS.items() if m in avail})
+    cli = {"steps": args.steps, "lr": args.lr, "fake_lr": args.fake_lr, "batch_size": args.batch_size}
+    runs = {name: run_settings(name, v[2], cli) for name, v in variants.items()}
+    res: dict[str, Any] = {"preset": args.preset, "w": args.w, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
+                           "teacher": {}, "students": {}, "command": cmd, "runs": runs}
     for seed in args.seeds:
         refs = references(teacher, args.w, 2000, seed)
         res["teacher"][str(seed)] = teacher_rows(teacher, args.w, refs)
-        init = pretrain(teacher, seed, args.pretrain_steps, Path(args.cache))
+        init = pretrain(teacher, seed, args.pretrain_steps, Path(args.cache), {})
         res["students"].setdefault("teacher-init (FM net, Euler)", {})[str(seed)] = {
-            "metrics": eval_student(make_trainer("flow_matching", teacher, {}, init, seed, 0, 1e-3, 1e-3)
+            "metrics": eval_student(make_trainer("flow_matching", teacher, {}, init, seed, {**RUN, "steps": 0})
                                     .method.student, refs, teacher), "wall_s": 0.0}
-        for name, (meth, cfg) in variants.items():
+        for name, (meth, cfg, _) in variants.items():
             t0 = time.time()
             has_w = "guidance" in {f.name for f in dataclasses.fields(get_method(meth).config_class)}
             cfg = {"guidance": args.w, **cfg} if has_w else dict(cfg)
             try:
-                tr = make_trainer(meth, teacher if has_w else guided, cfg, init, seed, args.steps, args.lr,
-                                  args.fake_lr)
+                run = runs[name]
+                vinit = init if not run["student"] else pretrain(teacher, seed, args.pretrain_steps, Path(args.cache),
+                                                                 run["student"])
+                tr = make_trainer(meth, teacher if has_w else guided, cfg, vinit, seed, run)
                 tr.fit()
             except Exception as e:  # record and go on: one failing method must not lose the others
                 print(f"seed {seed} {name}: FAILED {type(e).__name__}: {e}", flush=True)

@@ -18,9 +18,15 @@ off-trajectory term is the DM loss at an extrapolated point
 
 re-noised at an independent :math:`\tau \sim U[0.02, 0.98]`. Because :math:`v_\sigma = (x_\sigma - \hat x_0^S)/\sigma`,
 Euler extrapolation re-uses the trajectory's implied noise :math:`\hat x_1`; the Gaussian variant (our reading
-of the paper's ablation) draws fresh noise. Schedules: ``dynamic`` draws N ~ U{1..N_max} and N−1 inner
+of the paper's ablation) draws fresh noise. Schedules: ``dynamic`` draws N ~ U{N_min..N_max} and N−1 inner
 times U(a, b) sorted descending after 1.0 (``fixed``: the uniform n_steps grid). The fake score is trained
 online (``fake_updates`` per student step) and optionally EMA-merged from the student (``fake_ema``).
+
+Defaults that differ from the CDM code (both measured in docs/results/dmd.md): the fake score is fitted to the
+student's n_steps samples (``fake_samples="final"``; the code fits it to the x0-predictions at the random
+anchors, whose mixture includes the poor early-anchor predictions, so DM then drags the final samples the other
+way), and CA is normalised by the guided distance :math:`\mathrm{mean}|\hat x_0^{cfg} - \hat x_0^S|`
+(``ca_norm="cfg"``; the code uses its own :math:`\mathrm{mean}|\hat x_0^c - \hat x_0^S|`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class CDMConfig(DecoupledDMDConfig):
 
     Attributes:
         schedule: ``dynamic`` (random length, continuous times) or ``fixed`` (uniform n_steps grid).
+        n_min: Smallest schedule length N_min of the dynamic schedule (N ~ U{N_min..N_max}).
         n_max: Largest schedule length N_max of the dynamic schedule.
         inner_min: Lower end a of the inner schedule times U(a, b).
         inner_max: Upper end b of the inner schedule times.
@@ -56,6 +63,7 @@ class CDMConfig(DecoupledDMDConfig):
     """
 
     schedule: str = "dynamic"
+    n_min: int = 1
     n_max: int = 8
     inner_min: float = 0.25
     inner_max: float = 0.95
@@ -80,8 +88,8 @@ class CDM(DecoupledDMD):
             raise ValueError(f"unknown CDM schedule {cfg.schedule!r}; expected one of {SCHEDULES}")
         if cfg.perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown CDM perturbation {cfg.perturbation!r}; expected one of {PERTURBATIONS}")
-        if cfg.n_max < 1:
-            raise ValueError(f"n_max must be >= 1; got {cfg.n_max}")
+        if not 1 <= cfg.n_min <= cfg.n_max:
+            raise ValueError(f"need 1 <= n_min <= n_max; got n_min={cfg.n_min}, n_max={cfg.n_max}")
         if not 0.0 < cfg.inner_min <= cfg.inner_max < 1.0:
             raise ValueError(f"need 0 < inner_min <= inner_max < 1; got ({cfg.inner_min}, {cfg.inner_max})")
 
@@ -90,7 +98,7 @@ class CDM(DecoupledDMD):
         cfg = self.config
         if cfg.schedule == "fixed":
             return fixed_schedule(cfg.n_steps)
-        return dynamic_schedule(cfg.n_max, cfg.inner_min, cfg.inner_max)
+        return dynamic_schedule(cfg.n_max, cfg.inner_min, cfg.inner_max, n_min=cfg.n_min)
 
     def off_trajectory_point(self, x: Tensor, sigma: Tensor, velocity: Tensor, x0: Tensor,
                              sigma_s: Tensor) -> Tensor:
@@ -108,7 +116,7 @@ class CDM(DecoupledDMD):
             sigma_s = renoise_time(batch.u[:, 3], "uniform", t_min=cfg.t_min, t_max=cfg.t_max)
             x_s = self.off_trajectory_point(a.x, a.sigma, a.velocity, a.x0, sigma_s)
             x0_s = self.student(x_s, sigma_s, torch.zeros_like(sigma_s), cond=batch.cond)
-            cdm, _ = self.dm_term(x0_s, sigma_s, batch.u[:, 4], batch.cond)
+            cdm, _, _ = self.dm_term(x0_s, sigma_s, batch.u[:, 4], batch.cond)
             loss = loss + cfg.cdm_weight * cdm
             logs["cdm_loss"] = float(cdm.detach())
         logs["loss"] = float(loss.detach())

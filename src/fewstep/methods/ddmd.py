@@ -12,7 +12,10 @@ anchor with :math:`\hat x_0^S = f_{\sigma\to0}(x_\sigma)` and re-noised points
     \tau_{CA}\sim U(0, \sigma)\ \text{clamped to}\ [0.02, 0.98],
 
 with :math:`n = \max(\mathrm{mean}|\hat x_0^c - sg(\hat x_0^S)|, \text{floor})` per sample, and the total
-:math:`L = w_{DM} L_{DM} + w_{CA} L_{CA}`. DM uses the *conditional* real teacher (no guidance): alone, it
+:math:`L = w_{DM} L_{DM} + w_{CA} L_{CA}`. ``ca_norm`` picks :math:`n_{CA}`: ``separate`` (the CDM code: its own
+:math:`\mathrm{mean}|\hat x_0^c - \hat x_0^S|` at :math:`\tau_{CA}`), ``dm`` (the DM term's :math:`n_{DM}`, so CA and DM
+share one scale) or ``cfg`` (:math:`\max(\mathrm{mean}|\hat x_0^{cfg} - \hat x_0^S|, \text{floor})` at :math:`\tau_{CA}` with
+:math:`\hat x_0^{cfg} = \hat x_0^u + \alpha(\hat x_0^c - \hat x_0^u)`, the coupled DMD2 normaliser). DM uses the *conditional* real teacher (no guidance): alone, it
 drives the student to the teacher's CFG-free conditional distribution; CA adds the guidance direction.
 """
 
@@ -25,9 +28,11 @@ from torch import Tensor
 
 from .base import Batch, register
 from .dmd import DistributionMatchingMethod, DMConfig
-from .dmd_common import Anchor, ca_loss, dm_loss, dm_terms, renoise, renoise_time, teacher_x0
+from .dmd_common import Anchor, ca_loss, dm_loss, dm_terms, normaliser, renoise, renoise_time, teacher_x0
 
-__all__ = ["DecoupledDMD", "DecoupledDMDConfig"]
+__all__ = ["CA_NORMS", "DecoupledDMD", "DecoupledDMDConfig"]
+
+CA_NORMS: tuple[str, ...] = ("separate", "dm", "cfg")
 
 
 @dataclass
@@ -40,6 +45,10 @@ class DecoupledDMDConfig(DMConfig):
         dm_weight: Weight w_DM of the DM term.
         ca_renoise: Re-noise schedule of the CA term: ``uniform_capped`` (U(0, σ)) or ``uniform``.
         dm_renoise: Re-noise schedule of the DM term: ``uniform`` or ``uniform_capped``.
+        ca_norm: Normaliser of the CA term: ``separate`` (CDM code), ``dm`` or ``cfg`` (module docstring; default
+            ``cfg``, measured in docs/results/dmd.md).
+        fake_samples: ``final`` (default here, measured: the fake score models the student's n_steps samples) or
+            ``anchor`` (DMD2/CDM code: the x0-predictions at the random anchors).
         n_steps: Steps of the student's fixed schedule (backward simulation).
         fake_updates: Fake-score steps per student step.
     """
@@ -49,8 +58,10 @@ class DecoupledDMDConfig(DMConfig):
     dm_weight: float = 1.0
     ca_renoise: str = "uniform_capped"
     dm_renoise: str = "uniform"
+    ca_norm: str = "cfg"
     n_steps: int = 4
     fake_updates: int = 2
+    fake_samples: str = "final"
 
 
 @register
@@ -71,16 +82,22 @@ class DecoupledDMD(DistributionMatchingMethod):
             if kind not in ("uniform", "uniform_capped"):
                 raise ValueError(f"config key {key}={kind!r} is not a re-noise schedule; "
                                  "expected 'uniform' or 'uniform_capped'")
+        if self.config.ca_norm not in CA_NORMS:
+            raise ValueError(f"config key ca_norm={self.config.ca_norm!r} is not a CA normaliser; "
+                             f"expected one of {CA_NORMS}")
 
-    def dm_term(self, x0_student: Tensor, sigma: Tensor, u: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
-        """L_DM of the student's x0-prediction with the conditional real teacher; returns (loss, g)."""
+    def dm_term(self, x0_student: Tensor, sigma: Tensor, u: Tensor, cond: Tensor | None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """L_DM of the student's x0-prediction with the conditional real teacher; returns (loss, g, n_DM)."""
         cfg = self.config
         tau = renoise_time(u, cfg.dm_renoise, sigma, cfg.t_min, cfg.t_max)
         x0_real, x0_fake = dm_terms(self.teacher, self.fake, x0_student, tau, cond, 1.0)
-        return dm_loss(x0_student, x0_real, x0_fake, cfg.norm_floor, "dmd2")
+        loss, g = dm_loss(x0_student, x0_real, x0_fake, cfg.norm_floor, "dmd2")
+        return loss, g, normaliser(x0_real, x0_student, cfg.norm_floor)
 
-    def ca_term(self, x0_student: Tensor, sigma: Tensor, u: Tensor, cond: Tensor | None) -> Tensor:
-        """L_CA with scale (α − 1); zero without labels (conditional = unconditional)."""
+    def ca_term(self, x0_student: Tensor, sigma: Tensor, u: Tensor, cond: Tensor | None,
+                n_dm: Tensor | None = None) -> Tensor:
+        """L_CA with scale (α − 1) and the ``ca_norm`` normaliser; zero without labels or at α = 1."""
         cfg = self.config
         if cond is None or cfg.guidance == 1.0:
             return x0_student.sum() * 0.0
@@ -88,19 +105,28 @@ class DecoupledDMD(DistributionMatchingMethod):
         x_tau = renoise(x0_student.detach(), tau, torch.randn_like(x0_student))
         x0_c = teacher_x0(self.teacher, x_tau, tau, cond)
         x0_u = teacher_x0(self.teacher, x_tau, tau, torch.full_like(cond, -1))
-        return ca_loss(x0_student, x0_c, x0_u, cfg.guidance - 1.0, cfg.norm_floor)
+        norm = None
+        if cfg.ca_norm == "dm":
+            if n_dm is None:
+                raise ValueError("ca_norm='dm' needs the DM normaliser n_dm")
+            norm = n_dm
+        elif cfg.ca_norm == "cfg":
+            norm = normaliser(x0_u + cfg.guidance * (x0_c - x0_u), x0_student, cfg.norm_floor)
+        return ca_loss(x0_student, x0_c, x0_u, cfg.guidance - 1.0, cfg.norm_floor, norm)
 
     def ca_dm_loss(self, a: Anchor, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """w_CA·L_CA + w_DM·L_DM at anchor ``a`` (terms with weight 0 are skipped)."""
         cfg = self.config
         total = a.x0.sum() * 0.0
         logs: dict[str, float] = {}
-        if cfg.dm_weight != 0:
-            dm, g = self.dm_term(a.x0, a.sigma, batch.u[:, 1], batch.cond)
-            total = total + cfg.dm_weight * dm
-            logs.update(dm_loss=float(dm.detach()), dm_grad_rms=float(g.pow(2).mean().sqrt()))
+        n_dm = None
+        if cfg.dm_weight != 0 or cfg.ca_norm == "dm":
+            dm, g, n_dm = self.dm_term(a.x0, a.sigma, batch.u[:, 1], batch.cond)
+            if cfg.dm_weight != 0:
+                total = total + cfg.dm_weight * dm
+                logs.update(dm_loss=float(dm.detach()), dm_grad_rms=float(g.pow(2).mean().sqrt()))
         if cfg.ca_weight != 0:
-            ca = self.ca_term(a.x0, a.sigma, batch.u[:, 2], batch.cond)
+            ca = self.ca_term(a.x0, a.sigma, batch.u[:, 2], batch.cond, n_dm)
             total = total + cfg.ca_weight * ca
             logs["ca_loss"] = float(ca.detach())
         return total, logs

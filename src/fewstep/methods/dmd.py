@@ -51,6 +51,9 @@ class DMConfig(MethodConfig):
         t_min: Smallest re-noise level.
         t_max: Largest re-noise level.
         fake_ema: If > 0, merge the student into the fake score after each fake step with this decay.
+        fake_samples: What the fake score is trained on: ``anchor`` (the x0-prediction at the same random
+            backward-simulation anchor as the student loss, as in DMD2/CDM) or ``final`` (the student's output
+            after the fixed ``n_steps`` inference schedule, i.e. its sampling distribution).
     """
 
     guidance: float = 1.0
@@ -60,6 +63,10 @@ class DMConfig(MethodConfig):
     t_min: float = 0.02
     t_max: float = 0.98
     fake_ema: float = 0.0
+    fake_samples: str = "anchor"
+
+
+FAKE_SAMPLES: tuple[str, ...] = ("anchor", "final")
 
 
 class DistributionMatchingMethod(Method):
@@ -85,6 +92,8 @@ class DistributionMatchingMethod(Method):
             raise ValueError(f"need 0 <= t_min <= t_max <= 1; got t_min={cfg.t_min}, t_max={cfg.t_max}")
         if not 0.0 <= cfg.fake_ema < 1.0:
             raise ValueError(f"fake_ema must lie in [0, 1); got {cfg.fake_ema}")
+        if cfg.fake_samples not in FAKE_SAMPLES:
+            raise ValueError(f"config key fake_samples={cfg.fake_samples!r} is not valid; expected one of {FAKE_SAMPLES}")
         self.fake = fake if fake is not None else make_fake_score(student)
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -102,15 +111,22 @@ class DistributionMatchingMethod(Method):
         """The schedule used for backward simulation (fixed uniform by default)."""
         return fixed_schedule(self.config.n_steps)
 
-    def anchor(self, batch: Batch, grad: bool = True) -> Anchor:
-        """Backward-simulate the student from ``batch.x1`` to an anchor drawn from ``batch.u[:, 0]``."""
-        sched = self.student_schedule()
-        idx = anchor_index(batch.u[:, 0], sched.numel() - 1)
+    def anchor(self, batch: Batch, grad: bool = True, final: bool = False) -> Anchor:
+        """Backward-simulate the student from ``batch.x1`` to an anchor drawn from ``batch.u[:, 0]``.
+
+        With ``final`` the anchor is the last step of the fixed ``n_steps`` inference schedule, so its
+        x0-prediction is the student's n_steps sample."""
+        if final:
+            sched = fixed_schedule(self.config.n_steps)
+            idx = torch.full((batch.x1.shape[0],), self.config.n_steps - 1, dtype=torch.long, device=batch.x1.device)
+        else:
+            sched = self.student_schedule()
+            idx = anchor_index(batch.u[:, 0], sched.numel() - 1)
         return backward_simulate(self.student, batch.x1, sched, idx, batch.cond, grad=grad)
 
     def fake_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Flow matching of the fake score on the student's anchor x0-predictions, τ ~ U[t_min, t_max]."""
-        a = self.anchor(batch, grad=False)
+        """Flow matching of the fake score on the student's x0-predictions (``fake_samples``), τ ~ U[t_min, t_max]."""
+        a = self.anchor(batch, grad=False, final=self.config.fake_samples == "final")
         tau = renoise_time(batch.u[:, 6], "uniform", t_min=self.config.t_min, t_max=self.config.t_max)
         loss = fake_score_loss(self.fake, a.x0, tau, torch.randn_like(a.x0), batch.cond)
         return loss, {"fake_loss": float(loss.detach())}

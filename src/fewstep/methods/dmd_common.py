@@ -132,17 +132,24 @@ def dm_loss(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, floor: float =
     raise ValueError(f"unknown DM loss convention {convention!r}; expected 'dmd2' or 'cdm'")
 
 
-def ca_loss(x0_student: Tensor, x0_cond: Tensor, x0_uncond: Tensor, scale: float, floor: float = 0.1) -> Tensor:
+def ca_loss(x0_student: Tensor, x0_cond: Tensor, x0_uncond: Tensor, scale: float, floor: float = 0.1,
+            norm: Tensor | None = None) -> Tensor:
     r"""CFG-augmentation loss :math:`\mathrm{mean}(\hat x_0^S - sg(\hat x_0^S + s\,\Delta_{CA}))^2 / 2`.
 
-    :math:`\Delta_{CA} = (\hat x_0^c - \hat x_0^u)/\max(\mathrm{mean}|\hat x_0^c - sg(\hat x_0^S)|, \text{floor})`; the
-    scale is :math:`s = \alpha - 1`, so the term vanishes at guidance α = 1. The factor 1/2 makes
-    (α−1)·CA + DM equal the DMD2 loss with the guided real score when both share τ and normaliser.
+    :math:`\Delta_{CA} = (\hat x_0^c - \hat x_0^u)/n_{CA}` with, by default (the CDM code),
+    :math:`n_{CA} = \max(\mathrm{mean}|\hat x_0^c - sg(\hat x_0^S)|, \text{floor})`; ``norm`` (shape (B,)) replaces
+    it, e.g. by the DM term's normaliser. The scale is :math:`s = \alpha - 1`, so the term vanishes at guidance
+    α = 1. The factor 1/2 makes (α−1)·CA + DM equal the DMD2 loss with the guided real score when both share τ
+    and normaliser.
     """
     if not (x0_student.shape == x0_cond.shape == x0_uncond.shape):
         raise ValueError(f"x0 predictions must share a shape; got {tuple(x0_student.shape)}, "
                          f"{tuple(x0_cond.shape)}, {tuple(x0_uncond.shape)}")
-    delta = torch.nan_to_num(scale * (x0_cond - x0_uncond) / bcast(normaliser(x0_cond, x0_student, floor), x0_cond))
+    if norm is None:
+        norm = normaliser(x0_cond, x0_student, floor)
+    elif norm.shape != x0_student.shape[:1]:
+        raise ValueError(f"the CA normaliser must have shape ({x0_student.shape[0]},); got {tuple(norm.shape)}")
+    delta = torch.nan_to_num(scale * (x0_cond - x0_uncond) / bcast(norm, x0_cond))
     return 0.5 * ((x0_student - (x0_student + delta).detach()) ** 2).mean()
 
 
@@ -194,17 +201,17 @@ def fixed_schedule(n_steps: int) -> Tensor:
 
 
 def dynamic_schedule(n_max: int, low: float = 0.25, high: float = 0.95,
-                     generator: torch.Generator | None = None) -> Tensor:
-    r"""CDM's dynamic continuous schedule: N ~ U{1..n_max}, N−1 inner times U(low, high) sorted descending.
+                     generator: torch.Generator | None = None, n_min: int = 1) -> Tensor:
+    r"""CDM's dynamic continuous schedule: N ~ U{n_min..n_max}, N−1 inner times U(low, high) sorted descending.
 
     Returns [1.0, inner..., 0.0] (N+1 points, float64). Ties among inner times (probability zero) are nudged
     apart so the schedule stays strictly decreasing.
     """
-    if n_max < 1:
-        raise ValueError(f"n_max must be >= 1; got {n_max}")
+    if not 1 <= n_min <= n_max:
+        raise ValueError(f"need 1 <= n_min <= n_max; got n_min={n_min}, n_max={n_max}")
     if not 0.0 < low <= high < 1.0:
         raise ValueError(f"inner schedule range must satisfy 0 < low <= high < 1; got ({low}, {high})")
-    n = int(torch.randint(1, n_max + 1, (1,), generator=generator))
+    n = int(torch.randint(n_min, n_max + 1, (1,), generator=generator))
     inner = low + (high - low) * torch.rand(n - 1, generator=generator, dtype=torch.float64)
     inner = inner.sort(descending=True).values
     for i in range(1, inner.numel()):  # keep strictly decreasing
