@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -38,6 +37,15 @@ def grad_sum(m: nn.Module) -> float:
     return float(sum(p.grad.abs().sum() for p in m.parameters() if p.grad is not None))
 
 
+def renoised_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student samples x0s (requires grad), levels tau in [0.05, 0.95], labels in {0, 1} and the re-noised x_tau."""
+    torch.manual_seed(seed)
+    x0s = torch.randn(n, 2, dtype=torch.float64, requires_grad=True)
+    tau = torch.rand(n, dtype=torch.float64) * 0.9 + 0.05
+    cond = torch.randint(0, 2, (n,))
+    return x0s, tau, cond, renoise(x0s.detach(), tau, torch.randn(n, 2, dtype=torch.float64))
+
+
 def test_ca_term_vanishes_at_guidance_one() -> None:
     torch.manual_seed(0)
     t = ring_teacher()
@@ -61,12 +69,8 @@ def test_ca_term_vanishes_at_guidance_one() -> None:
 def test_dm_plus_ca_equals_guided_dmd_gradient() -> None:
     """With a shared x_tau and a common normaliser (floor dominating), grad L_DM + (alpha-1) grad L_CA equals
     the DMD gradient with the CFG-guided real teacher (decoupled-DMD identity)."""
-    torch.manual_seed(1)
     t, alpha = ring_teacher(), 2.5
-    x0s = torch.randn(40, 2, dtype=torch.float64, requires_grad=True)
-    tau = torch.rand(40, dtype=torch.float64) * 0.9 + 0.05
-    cond = torch.randint(0, 2, (40,))
-    x_tau = renoise(x0s.detach(), tau, torch.randn(40, 2, dtype=torch.float64))
+    x0s, tau, cond, x_tau = renoised_batch(40, seed=1)
     fake = x_tau - tau[:, None] * 0.7 * t.velocity(x_tau, tau, cond=cond)  # any fake prediction
     xc = teacher_x0(t, x_tau, tau, cond)
     xu = teacher_x0(t, x_tau, tau, torch.full_like(cond, -1))
@@ -147,12 +151,8 @@ def test_ddmd_learns_guided_target() -> None:
 
 def test_ca_normaliser_options() -> None:
     """ca_loss with an explicit normaliser n has gradient -(alpha-1)(x0c - x0u)/(n D); ca_norm picks n."""
-    torch.manual_seed(7)
     t, alpha = ring_teacher(), 3.0
-    x0s = torch.randn(16, 2, dtype=torch.float64, requires_grad=True)
-    tau = torch.rand(16, dtype=torch.float64) * 0.9 + 0.05
-    cond = torch.randint(0, 2, (16,))
-    x_tau = renoise(x0s.detach(), tau, torch.randn(16, 2, dtype=torch.float64))
+    x0s, tau, cond, x_tau = renoised_batch(16, seed=7)
     xc, xu = teacher_x0(t, x_tau, tau, cond), teacher_x0(t, x_tau, tau, torch.full_like(cond, -1))
     n = torch.rand(16, dtype=torch.float64) + 0.5
     (g,) = torch.autograd.grad(ca_loss(x0s, xc, xu, alpha - 1.0, norm=n), x0s)
