@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .optim import lr_factor
+
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
            "verify_checkpoint", "atomic_write_bytes", "sha256_file", "CheckpointError", "flatten_tensors",
            "unflatten_tensors", "trainer_state", "restore_trainer_state"]
@@ -229,8 +231,6 @@ def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     ``optim/<net>/state/<idx>/<name>``. JSON: step, seed, optimiser skeletons (param groups, scalar state),
     scheduler state (base LR and step), EMA update count, AMP scaler state, RNG states as lists, run config.
     """
-    from .trainer import lr_factor
-
     tensors: dict[str, Tensor] = {f"method/{k}": v for k, v in trainer.method.state_dict().items()}
     if trainer.ema is not None:
         for d, m in trainer.ema.copies.items():
