@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w", type=float, default=3.0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--box", type=float, default=3.5, help="half-width of the sampling grid")
+    p.add_argument("--cell", type=float, default=0.005, help="grid spacing")
     p.add_argument("--out", default="docs/results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,10 +123,10 @@ def main(argv: list[str] | None = None) -> None:
                                     "exact w=1 conditional mixture": teacher.sample(args.n, cond=refs["cond"],
                                                                                     generator=g,
                                                                                     dtype=torch.float64)}
-        found[f"tilted q_(w={args.w:g}, tau=0)"] = sample_tilted(teacher, refs["cond"], args.w, 0.0, generator=g,
-                                                                 cache=cache)
-        found["tilted q_(w=1, tau=0) (grid check)"] = sample_tilted(teacher, refs["cond"], 1.0, 0.0, generator=g,
-                                                                           cache=cache)
+        found[f"tilted q_(w={args.w:g}, tau=0)"] = sample_tilted(teacher, refs["cond"], args.w, 0.0, args.box,
+                                                                 args.cell, generator=g, cache=cache)
+        found["tilted q_(w=1, tau=0) (grid check)"] = sample_tilted(teacher, refs["cond"], 1.0, 0.0, args.box,
+                                                                           args.cell, generator=g, cache=cache)
         for name, x in found.items():
             rows.setdefault(name, []).append(score(x, refs, teacher))
             print(f"seed {seed} {name:44s} guided {rows[name][-1]['mmd2']:.4f} w=1 {rows[name][-1]['mmd2_w1']:.4f}",
