@@ -17,7 +17,8 @@ exact w = 1 conditional mixture, with the same labels, references, metric and sh
 along-ring sd t-sd) as ``fewstep.benchmarks.dmd_experiments``. If :math:`q_{w,0}` sits on the w = 1 side, a
 DM-family student that matches the guided score at small τ cannot reach the guided-ODE target.
 
-Run: ``python -m fewstep.benchmarks.guided_targets --preset ring8 --w 3 --seeds 0 1 2 --out docs/results``.
+Run: ``python -m fewstep.benchmarks.guided_targets --preset ring8 --w 3 --seeds 0 1 2 --out docs/results`` (writes
+guided_targets_<preset>.md/json).
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "guided_targets.md").write_text(text)
-    (out / "guided_targets.json").write_text(json.dumps({"command": cmd, "w": args.w, "rows": rows}, indent=1))
+    (out / f"guided_targets_{args.preset}.md").write_text(text)
+    (out / f"guided_targets_{args.preset}.json").write_text(json.dumps({"command": cmd, "w": args.w, "rows": rows},
+                                                                     indent=1))
 
 
 if __name__ == "__main__":
