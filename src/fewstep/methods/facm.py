@@ -147,5 +147,5 @@ class FACM(FlowMapTrainMethod):
         cos = nnf.cosine_similarity(fm_pred, v, dim=1).reshape(t.shape[0], -1).mean(1)
         fm = fm_mse + cfg.cos_weight * (1 - cos)
         loss = cm.mean() + cfg.fm_weight * fm.mean()
-        return loss, {"loss": float(loss.detach()), "cm": float(cm.mean()), "fm": float(fm.mean()),
-                      "cm_mse": float(e.mean()), "fm_mse": float(fm_mse.mean())}
+        return loss, {"loss": float(loss.detach()), "cm": float(cm.detach().mean()), "fm": float(fm.detach().mean()),
+                      "cm_mse": float(e.detach().mean()), "fm_mse": float(fm_mse.detach().mean())}
