@@ -19,8 +19,10 @@ torch.set_num_threads(1)
 def test_tiny_smoke_run_writes_table_and_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
     res = mb.main(["--methods", "cd", "--presets", "aniso3", "--seeds", "0", "--steps", "3", "--batch-size", "16",
-                   "--n", "200", "--hidden", "16", "--depth", "1", "--out", str(out), "--set", "method.n_steps=4"])
+                   "--n", "200", "--hidden", "16", "--depth", "1", "--out", str(out), "--set", "method.n_steps=4",
+                   "--mid-times", "0.25"])
     text = out.read_text()
+    assert "| cd | aniso3 | 0.25 |" in text
     assert "| cd | aniso3 |" in text and "--steps 3" in text
     doc = json.loads(out.with_suffix(".json").read_text())
     (run,) = doc["runs"]
@@ -31,10 +33,26 @@ def test_tiny_smoke_run_writes_table_and_json(tmp_path: Path) -> None:
     ref = evaluate_velocity_solver(load_preset("aniso3"), load_preset("aniso3"), "euler", 4, n=200, seed=0)["mmd2"]
     assert abs(doc["bars"]["aniso3"]["4"][0] - ref) < 1e-12
     assert res["fm_step_s"]["aniso3"] > 0 and run["step_s"] > 0
-    # merging a result with itself doubles the runs and keeps one row in the table
+    # merging a result with itself doubles the runs and keeps one row per table
     merged = mb.main(["--merge", str(out.with_suffix(".json")), str(out.with_suffix(".json")),
                       "--out", str(tmp_path / "m.md")])
-    assert len(merged["runs"]) == 2 and (tmp_path / "m.md").read_text().count("| cd | aniso3 |") == 1
+    mtext = (tmp_path / "m.md").read_text()  # one main row and one t_mid row
+    assert len(merged["runs"]) == 2 and mtext.count("| cd | aniso3 |") == 2
+    assert mtext.count("| cd | aniso3 | 0.25 |") == 1
+
+
+@pytest.mark.parametrize("kind", ["flowmap", "gamma1"])
+def test_mid_time_one_half_is_the_uniform_two_step_sample(kind: str) -> None:
+    """evaluate_mid(t_mid=0.5) draws the same 2-NFE sample as evaluate(nfe=2): same noise, grid and sampler."""
+    teacher = load_preset("aniso3")
+    torch.manual_seed(0)
+    param = "consistency" if kind == "gamma1" else "average_velocity"
+    student = mb.FlowMap(mb.MLP(2, hidden=16, depth=1, use_s=param == "average_velocity"), param).eval()
+    a = mb.evaluate(student, teacher, 2, 300, 3, kind)["mmd2"]
+    b = mb.evaluate_mid(student, teacher, 0.5, 300, 3, kind)["mmd2"]
+    assert abs(a - b) < 1e-9
+    with pytest.raises(ValueError, match="intermediate time"):
+        mb.evaluate_mid(student, teacher, 1.0, 300, 3, kind)
 
 
 def test_overrides_and_yaml_precedence(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ from ..networks import MLP
 from ..samplers import gamma_sample
 from ..teachers.gmm import GaussianMixtureTeacher
 
-__all__ = ["parse_overrides", "method_config", "train_method", "time_steps", "evaluate", "run", "merge", "main"]
+__all__ = ["parse_overrides", "method_config", "train_method", "time_steps", "evaluate", "evaluate_mid", "run", "merge",
+           "main"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
@@ -183,6 +184,27 @@ def evaluate(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, nfe:
     return evaluate_flowmap(model, teacher, nfe=(nfe,), n=n, seed=seed)[nfe]
 
 
+def evaluate_mid(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, t_mid: float, n: int, seed: int,
+                 kind: str = "flowmap") -> dict[str, float]:
+    """Metrics of the 2-NFE sample on the grid (1, t_mid, 0) instead of the uniform (1, 0.5, 0).
+
+    ``kind``: ``flowmap`` (two deterministic jumps) or ``gamma1`` (jump to 0, re-noise to t_mid with fresh noise,
+    jump to 0), on the same noise as :func:`evaluate`.
+    """
+    from ..evaluation import evaluate_samples, noise
+    from ..samplers import sample_flowmap
+
+    if not 0.0 < t_mid < 1.0:
+        raise ValueError(f"the intermediate time must lie in (0, 1); got {t_mid}")
+    x1 = noise(n, teacher, seed).float()
+    with torch.no_grad():
+        if kind == "gamma1":
+            x = gamma_sample(model, x1, [1.0, t_mid, 0.0], gamma=1.0, generator=torch.Generator().manual_seed(seed)).x
+        else:
+            x = sample_flowmap(model, x1, [1.0, t_mid, 0.0]).x
+    return evaluate_samples(x, teacher, seed=seed)
+
+
 def _fmt(vals: list[float]) -> str:
     mean = statistics.fmean(vals)
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -234,6 +256,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "train": train, "student": net_opts,
                        "final_loss": statistics.fmean(losses[-5:]) if losses else None,
                        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+                if args.mid_times:  # 2-NFE on (1, t_mid, 0) grids, same sampler kind
+                    rec["mmd2_mid"] = {str(tm): evaluate_mid(student, teacher, tm, args.n, seed,
+                                                             "gamma1" if cm else "flowmap")["mmd2"]
+                                       for tm in args.mid_times}
                 if cm:  # also the deterministic DDIM-style multi-step jumps, for reference
                     rec["mmd2_deterministic"] = {k: evaluate(student, teacher, k, args.n, seed)["mmd2"] for k in (2, 4)}
                 results["runs"].append(rec)
@@ -295,6 +321,18 @@ def summarize(results: dict[str, Any]) -> str:
         emb = ", ".join(f"{k}={v}" for k, v in sorted((runs[0].get("student") or {}).items())) or "default"
         lines.append(f"| {name} | {preset} | {runs[0]['train'].get('lr')} | {emb} | {_fmt(m[1])} | {_fmt(m[2])} | "
                      f"{_fmt(m[4])} | {_fmt(b4)} | {_fmt(b8)} | {ok1} | {ok2} | {1000 * step:.1f} | {step / fm:.2f} |")
+    mids = sorted({tm for r in results["runs"] for tm in r.get("mmd2_mid", {})}, key=float)
+    if mids:
+        lines += ["", "2 NFE on the grid (1, t_mid, 0) (same sampler kind and noise; the Euler-8 bar as above):", "",
+                  "| method | preset | t_mid | 2 NFE | 2<E8 |", "|---|---|---|---|---|"]
+        for name, preset in keys:
+            runs = [r for r in results["runs"] if r["method"] == name and r["preset"] == preset]
+            b8 = statistics.fmean(_get(results["bars"][preset], 8))
+            for tm in mids:
+                v = [r["mmd2_mid"][tm] for r in runs if tm in r.get("mmd2_mid", {})]
+                if v:
+                    ok = "yes" if statistics.fmean(v) < b8 else "**no**"
+                    lines.append(f"| {name} | {preset} | {tm} | {_fmt(v)} | {ok} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=2000, help="evaluation samples")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="overrides: method.key=value train.lr=...")
+    p.add_argument("--mid-times", nargs="*", type=float, default=[],
+                   help="also evaluate 2 NFE on the grid (1, t_mid, 0) for each of these t_mid")
     p.add_argument("--out", default="docs/results/method_bench.md")
     p.add_argument("--merge", nargs="+", default=None, help="combine these result JSONs into --out and exit")
     args = p.parse_args(argv)
@@ -335,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         get_method(name)  # fail early on unknown names
     if args.steps < 1 or args.batch_size < 2 or args.n < 2:
         raise ValueError("--steps must be >= 1, --batch-size and --n >= 2")
+    if any(not 0.0 < tm < 1.0 for tm in args.mid_times):
+        raise ValueError(f"--mid-times must lie in (0, 1); got {args.mid_times}")
     if any(not math.isfinite(v) or v <= 0 for v in (args.lr,)):
         raise ValueError(f"--lr must be a positive number; got {args.lr}")
     return run(args)
