@@ -180,6 +180,31 @@ def test_corner_rows_and_backward_compatibility() -> None:
         sample_t_s(u, "uniform", 0.0, 1.0, 0.0, corner_fraction=1.5)
 
 
+def test_zero_rows() -> None:
+    """Rows with u5 < zero_fraction get s = t_min with their drawn t; the corner overrides them; 0 = old sampler."""
+    u = torch.rand(40000, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    t0, s0 = sample_t_s(u, "logit_normal", -0.4, 1.0, 0.5)
+    t, s = sample_t_s(u, "logit_normal", -0.4, 1.0, 0.5, zero_fraction=0.0)
+    assert torch.equal(t, t0) and torch.equal(s, s0)
+    t, s = sample_t_s(u, "logit_normal", -0.4, 1.0, 0.5, zero_fraction=0.25)
+    zero = u[:, 5] < 0.25
+    assert torch.equal(t, t0) and bool((s[zero] == 0).all()) and torch.equal(s[~zero], s0[~zero])
+    assert abs(float((s == 0).double().mean()) - 0.25) < 0.01
+    assert abs(float((t == s).double().mean()) - 0.5 * 0.75) < 0.01
+    t, s = sample_t_s(u, "uniform", 0.0, 1.0, 0.0, t_min=0.2, zero_fraction=0.5, corner_fraction=0.2)
+    corner = u[:, 4] < 0.2
+    assert bool(((t[corner] == 1.0) & (s[corner] == 0.2)).all())
+    assert bool((s[zero & ~corner] == 0.2).all()) and bool((t >= s).all())
+    with pytest.raises(ValueError, match="shape"):
+        sample_t_s(u[:, :5], "uniform", 0.0, 1.0, 0.0, zero_fraction=0.1)
+    with pytest.raises(ValueError, match="zero_fraction"):
+        sample_t_s(u, "uniform", 0.0, 1.0, 0.0, zero_fraction=-0.1)
+    with pytest.raises(ValueError, match="zero_fraction"):
+        get_method("meanflow").make_config(zero_fraction=1.5)
+    cfg = get_method("ayf_emd").make_config(zero_fraction=0.3)
+    assert cfg.zero_fraction == 0.3
+
+
 @pytest.mark.parametrize("name", ["meanflow", "splitmeanflow", "ayf_emd", "ayf_lmd"])
 def test_sample_times_and_draw_follow_the_config(name: str) -> None:
     """Every average-velocity method draws (t, s, x_t, x1 - x0, labels) through one path with its config."""

@@ -91,7 +91,7 @@ class _AYFBase(AverageVelocityMethod):
         pred = self.student.F(x_t, t, s, cond)
         err = sq_norm(pred - target)
         loss = adaptive_weight(err, cfg.norm_p, cfg.norm_eps).mean()
-        return loss, {"loss": float(loss.detach()), "mse": float(err.mean()),
+        return loss, {"loss": float(loss.detach()), "mse": float(err.detach().mean()),
                       "tangent_norm": float(sq_norm(g).sqrt().mean()), "warmup_r": r}
 
 

@@ -11,8 +11,9 @@ MeanFlow identity :math:`v(x_t,t) = F + (t-s)\tfrac{d}{dt}F`, so the loss, on :m
     \Delta = \|F_\theta(x_t,t,s) - F_{tgt}\|^2,\qquad L = E\big[\Delta / \mathrm{sg}((\Delta + c)^p)\big],
 
 with v the teacher velocity :math:`v_\phi(x_t,t)` (distillation) or :math:`x_1 - x_0` (training from data when
-no teacher is given). A fraction of the rows has s = t (plain flow matching on F(x,t,t)) and a fraction sits
-exactly at the 1-step jump (t, s) = (1, 0) (``corner_fraction``). Optional training-time guidance from data
+no teacher is given). A fraction of the rows has s = t (plain flow matching on F(x,t,t)), a fraction has s = 0
+with t from the sampler (``zero_fraction``, jumps to data) and a fraction sits exactly at the 1-step jump
+(t, s) = (1, 0) (``corner_fraction``). Optional training-time guidance from data
 (MeanFlow §4): :math:`v_g = \omega(x_1-x_0) + (1-\omega-\kappa)F_\theta(x,t,t,\varnothing) + \kappa F_\theta(x,t,t,c)`
 for t in [guidance_t_min, guidance_t_max]; with a teacher the teacher's CFG weight ``teacher_guidance`` is used
 on that t-range instead.
@@ -73,16 +74,19 @@ def warmup_ratio(step: int, warmup_steps: int, r_max: float = 1.0) -> float:
 
 
 def sample_t_s(u: Tensor, kind: str, mean: float, std: float, equal_fraction: float, t_min: float = 0.0,
-               t_max: float = 1.0, corner_fraction: float = 0.0) -> tuple[Tensor, Tensor]:
-    r"""Draw (t, s) with :math:`t \ge s`: two draws from p(t), ordered; then s = t or the corner on some rows.
+               t_max: float = 1.0, corner_fraction: float = 0.0,
+               zero_fraction: float = 0.0) -> tuple[Tensor, Tensor]:
+    r"""Draw (t, s) with :math:`t \ge s`: two draws from p(t), ordered; then s = t, s = t_min or the corner.
 
-    Rows with :math:`u_2 <` ``equal_fraction`` get s = t. Rows with :math:`u_4 <` ``corner_fraction`` get the
-    longest jump :math:`(t, s) = (t_{max}, t_{min})` (= (1, 0) by default), the one a 1-step sampler takes; the
-    corner overrides the s = t choice, so a fraction equal_fraction·(1 − corner_fraction) of the rows has s = t.
+    Rows with :math:`u_2 <` ``equal_fraction`` get s = t. Rows with :math:`u_5 <` ``zero_fraction`` get
+    s = t_min with their drawn t (a jump to data, the last jump of every sampler; overrides s = t). Rows with
+    :math:`u_4 <` ``corner_fraction`` get the longest jump :math:`(t, s) = (t_{max}, t_{min})` (= (1, 0) by
+    default), the one a 1-step sampler takes; the corner overrides both.
 
     Args:
-        u: Uniforms of shape (B, >=3) (>= 5 when corner_fraction > 0); columns 0, 1 give the two times,
-            column 2 the s = t choice, column 4 the corner choice.
+        u: Uniforms of shape (B, >=3) (>= 5 when corner_fraction > 0, >= 6 when zero_fraction > 0); columns
+            0, 1 give the two times, column 2 the s = t choice, column 4 the corner choice, column 5 the s = t_min
+            choice.
         kind: ``uniform`` or ``logit_normal``.
         mean: Logit-normal location.
         std: Logit-normal scale.
@@ -90,14 +94,19 @@ def sample_t_s(u: Tensor, kind: str, mean: float, std: float, equal_fraction: fl
         t_min: Smallest time.
         t_max: Largest time.
         corner_fraction: Fraction of rows at (t_max, t_min).
+        zero_fraction: Fraction of rows with s = t_min and t from p(t).
     """
-    if not (0.0 <= equal_fraction <= 1.0 and 0.0 <= corner_fraction <= 1.0):
-        raise ValueError(f"equal_fraction and corner_fraction must lie in [0, 1]; got {equal_fraction}, "
-                         f"{corner_fraction}")
+    if not all(0.0 <= f <= 1.0 for f in (equal_fraction, corner_fraction, zero_fraction)):
+        raise ValueError(f"equal_fraction, corner_fraction and zero_fraction must lie in [0, 1]; got "
+                         f"{equal_fraction}, {corner_fraction}, {zero_fraction}")
     a = sample_time(u[:, 0], kind, t_min, t_max, mean, std)
     b = sample_time(u[:, 1], kind, t_min, t_max, mean, std)
     t, s = torch.maximum(a, b), torch.minimum(a, b)
     s = torch.where(u[:, 2] < equal_fraction, t, s)
+    if zero_fraction > 0:
+        if u.shape[1] < 6:
+            raise ValueError(f"zero_fraction > 0 needs uniforms u of shape (B, >=6); got {tuple(u.shape)}")
+        s = torch.where(u[:, 5] < zero_fraction, torch.full_like(s, t_min), s)
     if corner_fraction > 0:
         if u.shape[1] < 5:
             raise ValueError(f"corner_fraction > 0 needs uniforms u of shape (B, >=5); got {tuple(u.shape)}")
@@ -215,12 +224,18 @@ class AverageVelocityConfig(FlowMapTrainConfig):
         corner_fraction: Fraction of rows at the longest jump (t, s) = (t_max, t_min), the 1-step jump
             (overrides the s = t choice; uses u[:, 4]). Default 0: on ring8 (docs/results/flowmap_a.md) corner
             rows made the 1-NFE MMD² of the JVP methods (MeanFlow, AYF-EMD, AYF-LMD) worse.
+        zero_fraction: Fraction of rows with s = t_min (= 0) and t from the time sampler, i.e. jumps to data
+            (uses u[:, 5]; overrides the s = t choice, the corner overrides it). Default 0 (the old sampler).
+            With logit-normal(-0.4, 1) times, s = min of two draws lies below 0.05 on only 0.6 % of the rows,
+            although every sampler's last jump ends at s = 0. configs/meanflow.yaml and configs/ayf_emd.yaml use
+            0.4 (ring8 MMD² several times lower); SplitMeanFlow collapsed with 0.25 (docs/results/flowmap_a.md).
         norm_p: Power p of the adaptive weight Δ/sg((Δ + c)^p) (0 = plain squared error).
         norm_eps: Constant c of the adaptive weight.
     """
 
     equal_fraction: float = 0.5
     corner_fraction: float = 0.0
+    zero_fraction: float = 0.0
     norm_p: float = 0.0
     norm_eps: float = 1e-2
 
@@ -230,6 +245,8 @@ class AverageVelocityConfig(FlowMapTrainConfig):
             raise ValueError(f"equal_fraction must lie in [0, 1]; got {self.equal_fraction}")
         if not 0.0 <= self.corner_fraction <= 1.0:
             raise ValueError(f"corner_fraction must lie in [0, 1]; got {self.corner_fraction}")
+        if not 0.0 <= self.zero_fraction <= 1.0:
+            raise ValueError(f"zero_fraction must lie in [0, 1]; got {self.zero_fraction}")
         if self.norm_p < 0 or self.norm_eps <= 0:
             raise ValueError(f"need norm_p >= 0 and norm_eps > 0; got {self.norm_p}, {self.norm_eps}")
 
@@ -241,10 +258,10 @@ class AverageVelocityMethod(FlowMapTrainMethod):
     parameterization = "average_velocity"
 
     def sample_times(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(t, s) of :func:`sample_t_s` with this config's sampler, fractions and time range (u[:, 0:5])."""
+        """(t, s) of :func:`sample_t_s` with this config's sampler, fractions and time range (u[:, 0:6])."""
         cfg = self.config
         return sample_t_s(batch.u, cfg.time_sampler, cfg.logit_mean, cfg.logit_std, cfg.equal_fraction,
-                          cfg.t_min, cfg.t_max, cfg.corner_fraction)
+                          cfg.t_min, cfg.t_max, cfg.corner_fraction, cfg.zero_fraction)
 
     def draw(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """(t, s, x_t, x1 - x0, labels) of one batch: :meth:`sample_times`, ``noisy_input``, ``drop_labels``."""
@@ -299,8 +316,10 @@ class MeanFlow(AverageVelocityMethod):
         t, s, x_t, dx, cond = self.draw(batch)
         v = self.guided_velocity(x_t, t, dx, cond)
         _, dF = self.student_jvp(x_t, t, s, (v, torch.ones_like(t), torch.zeros_like(s)), cond)
-        target = v - bcast(t - s, v) * dF
+        jvp_term = bcast(t - s, v) * dF
+        target = v - jvp_term
         pred = self.student.F(x_t, t, s, cond)
         delta = sq_norm(pred - target)
         loss = adaptive_weight(delta, cfg.norm_p, cfg.norm_eps).mean()
-        return loss, {"loss": float(loss.detach()), "mse": float(delta.detach().mean())}
+        return loss, {"loss": float(loss.detach()), "mse": float(delta.detach().mean()),
+                      "tangent_norm": float(sq_norm(jvp_term).sqrt().mean())}
