@@ -26,6 +26,21 @@ def test_exact_student_loss_vanishes(preset: str) -> None:
     assert float(bad) > 1e-3
 
 
+def test_exact_student_loss_vanishes_with_rows_at_s_zero() -> None:
+    """Rows at s = t_min = 0 (zero_fraction) and corner rows: the split target (r = lambda t) is exact there too."""
+    teacher = load_preset("ring8").double()
+    cfg = SplitMeanFlow.make_config(time_sampler="uniform", norm_p=0.0, equal_fraction=0.25, zero_fraction=0.5,
+                                    corner_fraction=0.1)
+    batch = make_batch(teacher, 16, seed=3)
+    method = SplitMeanFlow(exact_student(teacher), teacher, cfg)
+    t, s = method.sample_times(batch)
+    assert int(((s == 0) & (t > 0)).sum()) >= 4 and bool((t == s).any())
+    loss, logs = method.loss("student", batch, 0)
+    assert float(loss) < 1e-10 and logs["mse_boundary"] < 1e-20
+    bad, _ = SplitMeanFlow(exact_student(teacher, offset=0.05), teacher, cfg).loss("student", batch, 0)
+    assert float(bad) > 1e-3
+
+
 def test_split_target_is_exact_for_a_linear_in_time_average_velocity() -> None:
     """For F(x,t,s) = a + b (t + s) the split target equals F(t,s) exactly (additivity of the integral)."""
 

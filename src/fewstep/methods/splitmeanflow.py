@@ -83,8 +83,9 @@ class SplitMeanFlow(AverageVelocityMethod):
         delta = sq_norm(pred - target)
         loss = adaptive_weight(delta, cfg.norm_p, cfg.norm_eps).mean()
         logs = {"loss": float(loss.detach()), "mse": float(delta.detach().mean())}
+        d = delta.detach()
         if bool(boundary.any()):
-            logs["mse_boundary"] = float(delta[boundary].mean())
+            logs["mse_boundary"] = float(d[boundary].mean())
         if bool((~boundary).any()):
-            logs["mse_split"] = float(delta[~boundary].mean())
+            logs["mse_split"] = float(d[~boundary].mean())
         return loss, logs
