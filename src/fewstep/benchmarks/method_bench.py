@@ -172,16 +172,27 @@ def evaluate(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, nfe:
     ``kind``: ``flowmap`` (nfe uniform deterministic jumps), ``euler`` (the teacher's Euler solver with nfe steps) or
     ``gamma1`` (multi-step consistency sampling: jump to 0, re-noise with fresh noise; MMD² etc. without KL).
     """
-    from ..evaluation import evaluate_flowmap, evaluate_samples, evaluate_velocity_solver, noise
+    from ..evaluation import evaluate_flowmap, evaluate_samples, evaluate_velocity_solver
 
     if kind == "euler":
         return evaluate_velocity_solver(model, teacher, "euler", nfe, n=n, seed=seed)
     if kind == "gamma1" and nfe > 1:
-        with torch.no_grad():
-            x = gamma_sample(model, noise(n, teacher, seed).float(), nfe, gamma=1.0,
-                             generator=torch.Generator().manual_seed(seed)).x
-        return evaluate_samples(x, teacher, seed=seed)
+        return evaluate_samples(_multistep_samples(model, teacher, nfe, n, seed, kind), teacher, seed=seed)
     return evaluate_flowmap(model, teacher, nfe=(nfe,), n=n, seed=seed)[nfe]
+
+
+def _multistep_samples(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, grid: int | list[float], n: int,
+                       seed: int, kind: str) -> Tensor:
+    """Samples of ``model`` on ``grid`` from the evaluation noise of ``seed``: deterministic jumps (``flowmap``) or
+    γ = 1 consistency sampling with a generator seeded by ``seed`` (``gamma1``)."""
+    from ..evaluation import noise
+    from ..samplers import sample_flowmap
+
+    x1 = noise(n, teacher, seed).float()
+    with torch.no_grad():
+        if kind == "gamma1":
+            return gamma_sample(model, x1, grid, gamma=1.0, generator=torch.Generator().manual_seed(seed)).x
+        return sample_flowmap(model, x1, grid).x
 
 
 def evaluate_mid(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, t_mid: float, n: int, seed: int,
@@ -191,18 +202,11 @@ def evaluate_mid(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, 
     ``kind``: ``flowmap`` (two deterministic jumps) or ``gamma1`` (jump to 0, re-noise to t_mid with fresh noise,
     jump to 0), on the same noise as :func:`evaluate`.
     """
-    from ..evaluation import evaluate_samples, noise
-    from ..samplers import sample_flowmap
+    from ..evaluation import evaluate_samples
 
     if not 0.0 < t_mid < 1.0:
         raise ValueError(f"the intermediate time must lie in (0, 1); got {t_mid}")
-    x1 = noise(n, teacher, seed).float()
-    with torch.no_grad():
-        if kind == "gamma1":
-            x = gamma_sample(model, x1, [1.0, t_mid, 0.0], gamma=1.0, generator=torch.Generator().manual_seed(seed)).x
-        else:
-            x = sample_flowmap(model, x1, [1.0, t_mid, 0.0]).x
-    return evaluate_samples(x, teacher, seed=seed)
+    return evaluate_samples(_multistep_samples(model, teacher, [1.0, t_mid, 0.0], n, seed, kind), teacher, seed=seed)
 
 
 def _fmt(vals: list[float]) -> str:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .base import Batch, register
 from .dmd import DistributionMatchingMethod, DMConfig
+from ..paths import cfg_combine
 from .dmd_common import Anchor, ca_loss, dm_loss, dm_terms, normaliser, renoise, renoise_time, teacher_x0
 
 __all__ = ["CA_NORMS", "DecoupledDMD", "DecoupledDMDConfig"]
@@ -111,7 +112,7 @@ class DecoupledDMD(DistributionMatchingMethod):
                 raise ValueError("ca_norm='dm' needs the DM normaliser n_dm")
             norm = n_dm
         elif cfg.ca_norm == "cfg":
-            norm = normaliser(x0_u + cfg.guidance * (x0_c - x0_u), x0_student, cfg.norm_floor)
+            norm = normaliser(cfg_combine(x0_u, x0_c, cfg.guidance), x0_student, cfg.norm_floor)
         return ca_loss(x0_student, x0_c, x0_u, cfg.guidance - 1.0, cfg.norm_floor, norm)
 
     def ca_dm_loss(self, a: Anchor, batch: Batch) -> tuple[Tensor, dict[str, float]]:
