@@ -227,8 +227,9 @@ class AverageVelocityConfig(FlowMapTrainConfig):
         zero_fraction: Fraction of rows with s = t_min (= 0) and t from the time sampler, i.e. jumps to data
             (uses u[:, 5]; overrides the s = t choice, the corner overrides it). Default 0 (the old sampler).
             With logit-normal(-0.4, 1) times, s = min of two draws lies below 0.05 on only 0.6 % of the rows,
-            although every sampler's last jump ends at s = 0. configs/meanflow.yaml and configs/ayf_emd.yaml use
-            0.4 (ring8 MMD² several times lower); SplitMeanFlow collapsed with 0.25 (docs/results/flowmap_a.md).
+            although every sampler's last jump ends at s = 0. Shipped: meanflow 0.4, ayf_emd 0.5, splitmeanflow
+            0.25 with equal_fraction 0.5 (with fewer s = t rows SplitMeanFlow's self-referencing s = 0 targets
+            diverge; docs/results/flowmap_a.md).
         norm_p: Power p of the adaptive weight Δ/sg((Δ + c)^p) (0 = plain squared error).
         norm_eps: Constant c of the adaptive weight.
     """
