@@ -22,9 +22,9 @@ def _mmd2_local(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.05, 0.2
 
 
 def mmd2(x: Tensor, y: Tensor) -> float:
-    """The library's ``fewstep.metrics.mmd2`` when it exists, else the local definition above."""
+    """The library's ``fewstep.evaluation.metrics.mmd2`` when it exists, else the local definition above."""
     try:
-        from fewstep.metrics import mmd2 as lib_mmd2
+        from fewstep.evaluation.metrics import mmd2 as lib_mmd2
     except ImportError:
         return _mmd2_local(x, y)
     return float(lib_mmd2(x, y, bandwidths=(0.05, 0.2, 1.0)))

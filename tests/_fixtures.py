@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fewstep.flowmap import FlowMap
+from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch
-from fewstep.networks import MLP
+from fewstep.networks.mlp import MLP
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 
 

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.flowmap import FlowMap
-from fewstep.methods.base import Batch, Method, MethodConfig, get_method
-from fewstep.networks import MLP
-from fewstep.trainer import TrainConfig, Trainer
+from fewstep.core.flowmap import FlowMap
+from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.registry import get_method
+from fewstep.networks.mlp import MLP
+from fewstep.training.trainer import TrainConfig, Trainer
 
 
 class ShiftedGaussian:

@@ -93,7 +93,7 @@ def test_diagnose_hook() -> None:
 
 
 def test_diagnose_tv_reaches_fewstep_diagnose(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("fewstep.diagnose")
+    pytest.importorskip("fewstep.evaluation.diagnose")
     with pytest.raises(SystemExit) as exc:
         main(["diagnose", "tv", "--help"])
     assert exc.value.code == 0
@@ -101,8 +101,8 @@ def test_diagnose_tv_reaches_fewstep_diagnose(capsys: pytest.CaptureFixture[str]
 
 
 def test_train_teacher_then_distill_config_uses_it(tmp_path: Path) -> None:
-    from fewstep.build import build_method, load_run_student
-    from fewstep.config import load_config
+    from fewstep.config.build import build_method, load_run_student
+    from fewstep.config.schema import load_config
 
     run = tmp_path / "teacher"
     assert main(["train-teacher", "--data", "ring8", "--run-dir", str(run), "train.steps=4", *SMALL]) == 0

@@ -8,7 +8,7 @@ Commands::
     fewstep sample RUN_DIR [--nfe 4 | --grid 1,0.5,0] [--n 1000] [--out samples]   -> .npy + .png
     fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000]     metrics table + eval.json (analytic teachers)
     fewstep demo                                      ring8: reflow vs reflow+MA vs the teacher's Euler
-    fewstep diagnose tv [args ...]                    diagnostics: fewstep.diagnose.main_tv(["tv", args ...])
+    fewstep diagnose tv [args ...]                    diagnostics: fewstep.evaluation.diagnose.main_tv(["tv", args ...])
 
 Multi-process: ``python -m torch.distributed.run --nproc_per_node 2 -m fewstep.cli distill ...``.
 Run folders default to ``runs/<method>-<UTC timestamp>``; every run folder holds the resolved
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["main", "build_parser", "DIAGNOSTICS"]
 
 #: Diagnostics reachable as ``fewstep diagnose NAME``; each maps to a function ``main_<name>(argv)`` of
-#: :mod:`fewstep.diagnose`, imported only when the command runs.
+#: :mod:`fewstep.evaluation.diagnose`, imported only when the command runs.
 DIAGNOSTICS: dict[str, str] = {"tv": "main_tv"}
 
 
@@ -51,9 +51,9 @@ def _latest_run_dir(method: str | None) -> Path:
 def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
     import torch
 
-    from . import distributed as D
-    from .build import build_run
-    from .config import load_config, normalize_method_section, save_config
+    import fewstep.training.distributed as D
+    from fewstep.config.build import build_run
+    from fewstep.config.schema import load_config, normalize_method_section, save_config
 
     torch.set_num_threads(args.threads)
     resume_dir = None
@@ -95,7 +95,7 @@ def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import list_methods
+    from fewstep.methods import list_methods
 
     items = list_methods()
     width = max(map(len, items), default=0)
@@ -117,8 +117,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .build import load_run_student
-    from .samplers import sample_flowmap
+    from fewstep.config.build import load_run_student
+    from fewstep.sampling.samplers import sample_flowmap
 
     torch.set_num_threads(args.threads)
     student = load_run_student(args.run_dir, ema=not args.raw)
@@ -179,17 +179,17 @@ def _save_png(x: "torch.Tensor", path: Path, title: str) -> Path | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .build import load_run
+    from fewstep.config.build import load_run
 
     torch.set_num_threads(args.threads)
     try:
-        from .evaluation import evaluate_flowmap
+        from fewstep.evaluation.evaluate import evaluate_flowmap
     except ImportError as e:
-        raise SystemExit(f"fewstep eval needs fewstep.evaluation, which could not be imported: {e}") from None
+        raise SystemExit(f"fewstep eval needs fewstep.evaluation.evaluate, which could not be imported: {e}") from None
     cfg, method, teacher = load_run(args.run_dir)
     ref = teacher if teacher is not None else None
     if ref is None:
-        from .teachers.presets import PRESETS, load_preset
+        from fewstep.teachers.presets import PRESETS, load_preset
 
         if cfg.data.name not in PRESETS:
             raise SystemExit(f"fewstep eval needs an analytic reference; run {args.run_dir} has data "
@@ -209,7 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from fewstep.demo import run_demo
 
     run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, threads=args.threads)
     return 0
@@ -219,13 +219,13 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.name not in DIAGNOSTICS:
         raise SystemExit(f"unknown diagnostic {args.name!r}; available: {', '.join(sorted(DIAGNOSTICS))}")
     try:
-        from . import diagnose
+        import fewstep.evaluation.diagnose as diagnose
     except ImportError as e:
-        raise SystemExit(f"`fewstep diagnose` needs the module fewstep.diagnose, which is not available: {e}") from None
+        raise SystemExit(f"`fewstep diagnose` needs the module fewstep.evaluation.diagnose, which is not available: {e}") from None
     fn = getattr(diagnose, DIAGNOSTICS[args.name], None)
     if fn is None:
-        raise SystemExit(f"fewstep.diagnose has no function {DIAGNOSTICS[args.name]}(argv)")
-    rc = fn([args.name, *args.args])  # fewstep.diagnose.main_<name> parses "<name> ..." (argv after `diagnose`)
+        raise SystemExit(f"fewstep.evaluation.diagnose has no function {DIAGNOSTICS[args.name]}(argv)")
+    rc = fn([args.name, *args.args])  # fewstep.evaluation.diagnose.main_<name> parses "<name> ..." (argv after `diagnose`)
     return int(rc or 0)
 
 
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=None)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=cmd_demo)
-    g = sub.add_parser("diagnose", help=f"diagnostics ({', '.join(DIAGNOSTICS)}) from fewstep.diagnose")
+    g = sub.add_parser("diagnose", help=f"diagnostics ({', '.join(DIAGNOSTICS)}) from fewstep.evaluation.diagnose")
     g.add_argument("name", help=f"one of {sorted(DIAGNOSTICS)}")
     g.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the diagnostic")
     g.set_defaults(fn=cmd_diagnose)

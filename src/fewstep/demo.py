@@ -1,6 +1,6 @@
 r"""``fewstep demo``: distill the analytic ring8 teacher with reflow and with reflow + marginal alignment.
 
-Each student is trained with the library's :class:`~fewstep.trainer.Trainer` (reflow: flow matching on cached
+Each student is trained with the library's :class:`~fewstep.training.trainer.Trainer` (reflow: flow matching on cached
 teacher ODE pairs, :math:`L = E\|v_\theta(x_t,t) - (x_1 - x_0)\|^2`, plus :math:`\lambda L_{MA}` for the MA
 variant), then sampled with 1, 2 and 4 steps and compared with the exact teacher integrated by Euler at the same
 NFE and by an adaptive solver (the reference). Quality is MMD² (unbiased RBF, bandwidths {0.05, 0.2, 1}, 2000 vs
@@ -37,7 +37,7 @@ NFES = (1, 2, 4)
 
 
 def _methods() -> tuple[list[tuple[str, str, dict[str, Any]]], str]:
-    from .methods import list_methods
+    from fewstep.methods import list_methods
 
     names = list_methods()
     chosen = [m for m in DEMO_METHODS if m[1] in names]
@@ -61,12 +61,12 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
     Returns:
         ``{"rows": {label: {nfe: {metric: value}}}, "files": {...}, "seconds": ...}``.
     """
-    from .build import build_run
-    from .callbacks import save_sample_figure
-    from .config import load_config, save_config
-    from .evaluation import noise, reference_samples
-    from .samplers import sample_flowmap, solve, solve_adaptive
-    from .teachers.presets import load_preset
+    from fewstep.config.build import build_run
+    from fewstep.training.callbacks import save_sample_figure
+    from fewstep.config.schema import load_config, save_config
+    from fewstep.evaluation.evaluate import noise, reference_samples
+    from fewstep.sampling.samplers import sample_flowmap, solve, solve_adaptive
+    from fewstep.teachers.presets import load_preset
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -76,7 +76,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
     methods, note = _methods()
     say = print if verbose else (lambda *a, **k: None)
     teacher = load_preset("ring8")
-    x1 = noise(n_eval, teacher, seed)  # the same noise and reference as fewstep.evaluation.evaluate_flowmap
+    x1 = noise(n_eval, teacher, seed)  # the same noise and reference as fewstep.evaluation.evaluate.evaluate_flowmap
     ref = reference_samples(teacher, n_eval, seed)
     rows: dict[str, dict[int, dict[str, float]]] = {}
     students = {}
@@ -127,7 +127,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
 @torch.no_grad()
 def _quality(x: torch.Tensor, teacher: Any, ref: torch.Tensor) -> dict[str, float]:
     """MMD² of samples vs exact reference samples, and their exact mean log p_0."""
-    from .metrics import mean_loglik, mmd2
+    from fewstep.evaluation.metrics import mean_loglik, mmd2
 
     x = x.detach().to(torch.float64)
     return {"mmd2": float(mmd2(x, ref)), "mean_loglik": float(mean_loglik(x, teacher))}
@@ -153,7 +153,7 @@ def _comparison_figure(students: dict[str, Any], target: torch.Tensor, path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .samplers import sample_flowmap
+    from fewstep.sampling.samplers import sample_flowmap
 
     x1 = torch.randn(1000, 2, generator=torch.Generator().manual_seed(seed))
     fig, axes = plt.subplots(len(students), len(NFES) + 1, figsize=(3 * (len(NFES) + 1), 3 * len(students)),

@@ -2,7 +2,7 @@ r"""DMD-family experiments on a class-conditional analytic teacher with guidance
 
 Target: the CFG-guided teacher :math:`v_u + w(v_c - v_u)`; its reference samples come from the adaptive
 (dopri5) ODE solve of the guided field from independent noise; the w=1 target is the exact conditional mixture.
-Metric: unbiased RBF MMD² (bandwidths 0.05/0.2/1 summed, ``fewstep.metrics.mmd2``), 2000 vs 2000 samples,
+Metric: unbiased RBF MMD² (bandwidths 0.05/0.2/1 summed, ``fewstep.evaluation.metrics.mmd2``), 2000 vs 2000 samples,
 labels drawn from the class weights. Students start from a flow-matching velocity net trained on the
 teacher's samples ("teacher init", as DMD initialises generator and fake score from the teacher); the fake
 score starts from the same net. Experiments:
@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..build import GuidedTeacher, build_from_objects
-from ..config import TrainConfig
-from ..metrics import mmd2, mode_coverage
-from ..methods import get_method, list_methods
-from ..samplers import sample_flowmap, solve, solve_adaptive
-from ..teachers.presets import load_preset
-from ..trainer import Trainer
+from fewstep.config.build import GuidedTeacher, build_from_objects
+from fewstep.config.schema import TrainConfig
+from fewstep.evaluation.metrics import mmd2, mode_coverage
+from fewstep.methods import get_method, list_methods
+from fewstep.sampling.samplers import sample_flowmap, solve, solve_adaptive
+from fewstep.teachers.presets import load_preset
+from fewstep.training.trainer import Trainer
 
 STUDENT: dict[str, Any] = {"hidden": 128, "depth": 3}
 NFES = (1, 2, 4)

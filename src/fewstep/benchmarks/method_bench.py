@@ -2,9 +2,9 @@ r"""Generic method benchmark: train any registered method on analytic-teacher pr
 
 For every (method, preset, seed) the script builds the analytic teacher (:func:`fewstep.teachers.presets.load_preset`),
 an MLP student (hidden 256, depth 4 by default) in the method's parameterization, trains it for ``--steps`` steps
-with :class:`fewstep.trainer.Trainer` on exact mixture samples (hyper-parameters: method defaults <
+with :class:`fewstep.training.trainer.Trainer` on exact mixture samples (hyper-parameters: method defaults <
 ``configs/<method>.yaml`` < ``--set method.key=value train.key=value``), and evaluates the EMA student at 1, 2 and
-4 NFE with :mod:`fewstep.evaluation`; the headline metric is the summed-bandwidth unbiased RBF MMD²
+4 NFE with :mod:`fewstep.evaluation.evaluate`; the headline metric is the summed-bandwidth unbiased RBF MMD²
 
 .. math::
     \mathrm{MMD}^2 = \sum_{h\in\{0.05,0.2,1\}} \big[\bar k_h(X,X) + \bar k_h(Y,Y) - 2\bar k_h(X,Y)\big],
@@ -37,11 +37,12 @@ import torch
 import yaml
 from torch import Tensor
 
-from ..flowmap import FlowMap
-from ..methods.base import Method, get_method
-from ..networks import MLP
-from ..samplers import gamma_sample
-from ..teachers.gmm import GaussianMixtureTeacher
+from fewstep.core.flowmap import FlowMap
+from fewstep.methods.base import Method
+from fewstep.methods.registry import get_method
+from fewstep.networks.mlp import MLP
+from fewstep.sampling.samplers import gamma_sample
+from fewstep.teachers.gmm import GaussianMixtureTeacher
 
 __all__ = ["parse_overrides", "method_config", "train_method", "time_steps", "evaluate", "evaluate_mid", "run", "merge",
            "main"]
@@ -113,7 +114,7 @@ def build_method(name: str, teacher: GaussianMixtureTeacher, cfg: Any, hidden: i
                  **net_options: Any) -> Method:
     """A fresh method with an MLP student in the method's parameterization (s-embedding only for average velocity).
 
-    ``net_options`` go to :class:`fewstep.networks.MLP` (e.g. ``max_freq``, ``min_freq``, ``raw_time``).
+    ``net_options`` go to :class:`fewstep.networks.mlp.MLP` (e.g. ``max_freq``, ``min_freq``, ``raw_time``).
     """
     cls = get_method(name)
     net = MLP(teacher.dim, hidden=hidden, depth=depth, use_s=cls.parameterization == "average_velocity",
@@ -123,9 +124,9 @@ def build_method(name: str, teacher: GaussianMixtureTeacher, cfg: Any, hidden: i
 
 def _trainer(method: Method, teacher: GaussianMixtureTeacher, train: dict[str, Any], seed: int,
              callbacks: tuple[Any, ...] = ()) -> Any:
-    """A :class:`fewstep.trainer.Trainer` on exact mixture samples, quiet (no files, no progress bar)."""
-    from ..data import MixtureDataset
-    from ..trainer import TrainConfig, Trainer
+    """A :class:`fewstep.training.trainer.Trainer` on exact mixture samples, quiet (no files, no progress bar)."""
+    from fewstep.data.datasets import MixtureDataset
+    from fewstep.training.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(**{**train, "progress": False, "tensorboard": False, "eval_every": 0, "ckpt_every": 0,
                          "log_every": max(int(train["steps"]) // 20, 1)})
@@ -138,7 +139,7 @@ def time_steps(method: Method, teacher: GaussianMixtureTeacher, train: dict[str,
 
     ``method.prepare`` (e.g. reflow's pair generation) runs before the timed loop and is not counted.
     """
-    from ..callbacks import Callback
+    from fewstep.training.callbacks import Callback
 
     class Stamps(Callback):
         def __init__(self) -> None:
@@ -167,12 +168,12 @@ def train_method(method: Method, teacher: GaussianMixtureTeacher, train: dict[st
 
 def evaluate(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, nfe: int, n: int, seed: int,
              kind: str = "flowmap") -> dict[str, float]:
-    """All :mod:`fewstep.evaluation` metrics (MMD², log-lik, KL/TV, W2, coupling, ...) at ``nfe`` evaluations.
+    """All :mod:`fewstep.evaluation.evaluate` metrics (MMD², log-lik, KL/TV, W2, coupling, ...) at ``nfe`` evaluations.
 
     ``kind``: ``flowmap`` (nfe uniform deterministic jumps), ``euler`` (the teacher's Euler solver with nfe steps) or
     ``gamma1`` (multi-step consistency sampling: jump to 0, re-noise with fresh noise; MMD² etc. without KL).
     """
-    from ..evaluation import evaluate_flowmap, evaluate_samples, evaluate_velocity_solver
+    from fewstep.evaluation.evaluate import evaluate_flowmap, evaluate_samples, evaluate_velocity_solver
 
     if kind == "euler":
         return evaluate_velocity_solver(model, teacher, "euler", nfe, n=n, seed=seed)
@@ -185,8 +186,8 @@ def _multistep_samples(model: Callable[..., Tensor], teacher: GaussianMixtureTea
                        seed: int, kind: str) -> Tensor:
     """Samples of ``model`` on ``grid`` from the evaluation noise of ``seed``: deterministic jumps (``flowmap``) or
     γ = 1 consistency sampling with a generator seeded by ``seed`` (``gamma1``)."""
-    from ..evaluation import noise
-    from ..samplers import sample_flowmap
+    from fewstep.evaluation.evaluate import noise
+    from fewstep.sampling.samplers import sample_flowmap
 
     x1 = noise(n, teacher, seed).float()
     with torch.no_grad():
@@ -202,7 +203,7 @@ def evaluate_mid(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, 
     ``kind``: ``flowmap`` (two deterministic jumps) or ``gamma1`` (jump to 0, re-noise to t_mid with fresh noise,
     jump to 0), on the same noise as :func:`evaluate`.
     """
-    from ..evaluation import evaluate_samples
+    from fewstep.evaluation.evaluate import evaluate_samples
 
     if not 0.0 < t_mid < 1.0:
         raise ValueError(f"the intermediate time must lie in (0, 1); got {t_mid}")
@@ -217,8 +218,8 @@ def _fmt(vals: list[float]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark grid; returns the JSON-able results dict and writes markdown + JSON to ``args.out``."""
-    from ..config import TrainConfig
-    from ..teachers.presets import load_preset
+    from fewstep.config.schema import TrainConfig
+    from fewstep.teachers.presets import load_preset
 
     torch.set_num_threads(args.threads)
     over = parse_overrides(args.set or [])
@@ -302,7 +303,7 @@ def summarize(results: dict[str, Any]) -> str:
     cmds = "\n".join(f"    {c}" for c in results["commands"])
     lines = ["Commands:", "", cmds, "",
              f"Seeds {results['seeds']}; budget {results['steps']} steps × batch {results['batch_size']} (Adam, "
-             "lr per row, EMA student, fewstep.trainer.Trainer on exact mixture samples); MLP hidden "
+             "lr per row, EMA student, fewstep.training.trainer.Trainer on exact mixture samples); MLP hidden "
              f"{results['hidden']} depth {results['depth']}. MMD² (unbiased RBF, bandwidths 0.05/0.2/1.0 summed) of "
              f"{results['n_eval']} samples vs as many exact mixture samples; mean ± std over seeds. Bars: the exact "
              "teacher's Euler sampler at 4 and 8 NFE on the same noise. Pass: mean 1-NFE < mean Euler-4 and mean "

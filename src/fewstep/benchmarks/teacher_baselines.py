@@ -2,7 +2,7 @@ r"""Teacher baselines: the exact analytic teacher sampled by Euler, Heun and an 
 
 For each preset and seed, noise :math:`x_1\sim N(0,I)` (``evaluation.noise(n, teacher, seed)``) is pushed to
 t=0 by Euler (1, 2, 4, 8, 16 steps), Heun (1, 2, 4, 8 steps, 2 NFE each) and dopri5 (rtol = atol = 1e-5), and
-every metric of :func:`fewstep.evaluation.evaluate_samples` is measured against independent exact mixture
+every metric of :func:`fewstep.evaluation.evaluate.evaluate_samples` is measured against independent exact mixture
 samples; ``exact samples`` is the floor (a second independent set of exact samples). Coupling errors are
 relative to the adaptive endpoint from the same noise; KL/TV use the exact log-density of each sampler (2-D).
 Results are mean ± std over seeds.
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..evaluation import evaluate_samples, evaluate_velocity_solver, noise, reference_samples, teacher_endpoint
-from ..digit_features import digit_feature_net, frechet_digits_floor
-from ..teachers.presets import PRESETS, load_preset
+from fewstep.evaluation.evaluate import evaluate_samples, evaluate_velocity_solver, noise, reference_samples, teacher_endpoint
+from fewstep.evaluation.digit_features import digit_feature_net, frechet_digits_floor
+from fewstep.teachers.presets import PRESETS, load_preset
 
 COLUMNS = ("nfe", "mmd2", "mean_loglik", "modes_covered", "off_mode", "w2", "sliced_w2", "coupling_l2", "kl", "tv",
            "fd_digits", "fd_digits_real")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = [f"# Teacher baselines\n\nCommand: `{command}`\n",
           f"Seeds {args.seeds}, n = {args.n} samples per seed, mean ± std over seeds, torch {torch.__version__}, "
           f"1 CPU thread, total wall {time.time() - t_start:.0f} s.\n",
-          "Metrics (see `fewstep.metrics`): `mmd2` unbiased RBF MMD² summed over bandwidths {0.05, 0.2, 1.0}×√(d/2) "
+          "Metrics (see `fewstep.evaluation.metrics`): `mmd2` unbiased RBF MMD² summed over bandwidths {0.05, 0.2, 1.0}×√(d/2) "
           "vs independent exact samples; `mean_loglik` exact mean log p₀; `modes_covered` / `off_mode` (Mahalanobis "
           "beyond the 3-std χ² quantile); `w2` exact OT (POT); `sliced_w2` (d > 2); `coupling_l2` mean ‖x − x_ref‖ "
           "to the dopri5 endpoint from the same noise; `kl`, `tv` = KL(q‖p₀), TV of the sampler's exact pushforward "

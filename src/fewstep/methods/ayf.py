@@ -35,9 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..utils import bcast
-from .base import Batch, register
-from .meanflow import AverageVelocityConfig, AverageVelocityMethod, adaptive_weight, sq_norm, tangent_normalize, \
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch
+from fewstep.methods.registry import register
+from fewstep.methods.meanflow import AverageVelocityConfig, AverageVelocityMethod, adaptive_weight, sq_norm, tangent_normalize, \
     warmup_ratio
 
 __all__ = ["AYFConfig", "AYFEulerian", "AYFLagrangian"]

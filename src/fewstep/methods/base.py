@@ -1,6 +1,6 @@
 r"""The Method interface: how a student is trained. One file per method, one registry line each.
 
-A method owns its student (a :class:`~fewstep.flowmap.FlowMap`), the frozen teacher and any auxiliary
+A method owns its student (a :class:`~fewstep.core.flowmap.FlowMap`), the frozen teacher and any auxiliary
 networks (e.g. a fake-score network). The trainer owns optimisation mechanics (optimisers, LR schedules,
 clipping, accumulation, mixed precision, EMA, gradient all-reduce across ranks) and, at every iteration,
 
@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..flowmap import FlowMap
+from fewstep.core.flowmap import FlowMap
 
-__all__ = ["Batch", "Method", "MethodConfig", "register", "get_method", "list_methods", "METHODS"]
+__all__ = ["Batch", "Method", "MethodConfig"]
 
 
 @dataclass
@@ -130,32 +130,3 @@ class Method(nn.Module):
             raise ValueError(f"unknown config key(s) for method {cls.name!r}: {sorted(unknown)}; "
                              f"valid keys: {sorted(fields)}")
         return cls.config_class(**overrides)
-
-
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ValueError(f"a method named {cls.name!r} is already registered")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[Method]:
-    """Look up a registered method by name."""
-    from . import _load_all  # noqa: F401  (imports every method module so that all are registered)
-
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def list_methods() -> dict[str, str]:
-    """Registered method names and their one-line descriptions."""
-    from . import _load_all  # noqa: F401
-
-    return {k: METHODS[k].description for k in sorted(METHODS)}

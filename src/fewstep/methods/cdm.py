@@ -36,10 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..utils import bcast
-from .base import Batch, register
-from .ddmd import DecoupledDMD, DecoupledDMDConfig
-from .dmd_common import dynamic_schedule, fixed_schedule, renoise_time
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch
+from fewstep.methods.registry import register
+from fewstep.methods.ddmd import DecoupledDMD, DecoupledDMDConfig
+from fewstep.methods._shared.dm import dynamic_schedule, fixed_schedule, renoise_time
 
 __all__ = ["CDM", "CDMConfig"]
 

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..flowmap import FlowMap
-from ..samplers import time_grid
-from ..utils import bcast
-from .base import Batch, Method, MethodConfig, register
+from fewstep.core.flowmap import FlowMap
+from fewstep.sampling.samplers import time_grid
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.registry import register
 
 __all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber", "ema_update",
            "discretization_steps", "consistency_grid"]

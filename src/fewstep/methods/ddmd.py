@@ -26,10 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Batch, register
-from .dmd import DistributionMatchingMethod, DMConfig
-from ..paths import cfg_combine
-from .dmd_common import Anchor, ca_loss, dm_loss, dm_terms, normaliser, renoise, renoise_time, teacher_x0
+from fewstep.methods.base import Batch
+
+from fewstep.methods.registry import register
+from fewstep.methods.dmd import DistributionMatchingMethod, DMConfig
+from fewstep.core.paths import cfg_combine
+from fewstep.methods._shared.dm import Anchor, ca_loss, dm_loss, dm_terms, normaliser, renoise, renoise_time, teacher_x0
 
 __all__ = ["CA_NORMS", "DecoupledDMD", "DecoupledDMDConfig"]
 

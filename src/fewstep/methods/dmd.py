@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..flowmap import FlowMap
-from ..samplers import sample_flowmap, solve_adaptive
-from .base import Batch, Method, MethodConfig, register
-from .dmd_common import (Anchor, anchor_index, backward_simulate, dm_loss, dm_terms, ema_merge, fake_score_loss,
+from fewstep.core.flowmap import FlowMap
+from fewstep.sampling.samplers import sample_flowmap, solve_adaptive
+from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.registry import register
+from fewstep.methods._shared.dm import (Anchor, anchor_index, backward_simulate, dm_loss, dm_terms, ema_merge, fake_score_loss,
                          fixed_schedule, make_fake_score, renoise_time)
 
 __all__ = ["DMConfig", "DistributionMatchingMethod", "DMD", "DMD2", "DMDConfig", "DMD2Config"]

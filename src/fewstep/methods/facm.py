@@ -42,10 +42,11 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from ..utils import bcast
-from .base import Batch, register
-from .meanflow import FlowMapTrainConfig, FlowMapTrainMethod
-from .scm import consistency_time
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch
+from fewstep.methods.registry import register
+from fewstep.methods.meanflow import FlowMapTrainConfig, FlowMapTrainMethod
+from fewstep.methods.scm import consistency_time
 
 __all__ = ["FACMConfig", "FACM", "ANCHORS"]
 

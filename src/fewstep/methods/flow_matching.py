@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..paths import LinearPath
-from ..timesteps import sample_time
-from .base import Batch, Method, MethodConfig, register
+from fewstep.core.paths import LinearPath
+from fewstep.core.timesteps import sample_time
+from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.registry import register
 
 
 @dataclass

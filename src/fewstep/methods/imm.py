@@ -38,10 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..flowmap import FlowMap
-from ..utils import bcast
-from .base import Batch, Method, MethodConfig, register
-from .consistency import ema_update
+from fewstep.core.flowmap import FlowMap
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.registry import register
+from fewstep.methods.consistency import ema_update
 
 __all__ = ["IMMConfig", "IMM", "laplace_mmd2", "imm_r", "imm_weight"]
 

@@ -31,11 +31,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..jvp import JVP_MODES, jvp
-from ..paths import LinearPath
-from ..timesteps import TIME_SAMPLERS, sample_time
-from ..utils import bcast
-from .base import Batch, Method, MethodConfig, register
+from fewstep.core.jvp import JVP_MODES, jvp
+from fewstep.core.paths import LinearPath
+from fewstep.core.timesteps import TIME_SAMPLERS, sample_time
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.registry import register
 
 __all__ = ["FlowMapTrainConfig", "FlowMapTrainMethod", "AverageVelocityConfig", "AverageVelocityMethod",
            "MeanFlowConfig", "MeanFlow", "sample_t_s", "adaptive_weight", "tangent_normalize", "warmup_ratio",
@@ -127,7 +128,7 @@ class FlowMapTrainConfig(MethodConfig):
         logit_std: Logit-normal scale.
         t_min: Smallest training time.
         t_max: Largest training time.
-        jvp_mode: ``func``, ``fd`` or ``autograd`` (see :mod:`fewstep.jvp`).
+        jvp_mode: ``func``, ``fd`` or ``autograd`` (see :mod:`fewstep.core.jvp`).
         jvp_eps: Finite-difference step for ``jvp_mode="fd"``.
         use_teacher: Use the teacher's velocity when a teacher is given (False: x1 - x0 from data).
         teacher_guidance: Teacher CFG weight applied for t in [guidance_t_min, guidance_t_max].

@@ -12,7 +12,7 @@ regresses the constant window velocity at linearly interpolated points:
         + \lambda L_{MA}([t_{k+1}, t_k]),\qquad
     x_t = x_{t_k} + \frac{t - t_k}{t_{k+1} - t_k}(x_{t_{k+1}} - x_{t_k}),\ t \sim U(t_{k+1}, t_k).
 
-:math:`L_{MA}` (:mod:`fewstep.alignment`) has the gradient of :math:`KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}})` for
+:math:`L_{MA}` (:mod:`fewstep.methods._shared.alignment`) has the gradient of :math:`KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}})` for
 the student's window map; summed over windows these are the local terms of the telescoping bound
 TV(q_0, p_0) <= sum_k eps_k (methods.md §1.3).
 
@@ -38,12 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..pairs import teacher_velocity_fn
-from ..samplers import ODE_METHODS, check_grid
-from ..teachers.flowmap import TeacherFlowMap
-from ..utils import bcast
-from .base import Batch, Method, register
-from .reflow import MAOptions
+from fewstep.methods._shared.pairs import teacher_velocity_fn
+from fewstep.sampling.samplers import ODE_METHODS, check_grid
+from fewstep.teachers.flowmap import TeacherFlowMap
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch, Method
+from fewstep.methods.registry import register
+from fewstep.methods.reflow import MAOptions
 
 __all__ = ["PerflowConfig", "Perflow", "window_grid", "window_targets"]
 
@@ -157,7 +158,7 @@ class Perflow(Method):
         logs = {"loss_window": float(loss.detach())}
         cfg = self.config
         if cfg.ma_weight > 0 and step >= cfg.ma_warmup and step % cfg.ma_every == 0:
-            from ..alignment import ma_loss
+            from fewstep.methods._shared.alignment import ma_loss
 
             n = cfg.ma_batch or x_s.shape[0]
             keep = t_s[:n] > cfg.ma_t_min  # windows entirely below t_min have no MA term

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..networks import SinusoidalEmbedding
-from ..timesteps import sample_time
-from ..utils import bcast, count_dims
-from .base import Batch, register
-from .meanflow import FlowMapTrainConfig, FlowMapTrainMethod, adaptive_weight, sq_norm, tangent_normalize, \
+from fewstep.networks.mlp import SinusoidalEmbedding
+from fewstep.core.timesteps import sample_time
+from fewstep.core.utils import bcast, count_dims
+from fewstep.methods.base import Batch
+from fewstep.methods.registry import register
+from fewstep.methods.meanflow import FlowMapTrainConfig, FlowMapTrainMethod, adaptive_weight, sq_norm, tangent_normalize, \
     warmup_ratio
 
 __all__ = ["SCMConfig", "SCM", "TimeWeighting", "WEIGHTINGS", "consistency_time"]

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..timesteps import sample_time
-from ..utils import bcast
-from .base import Batch, register
-from .meanflow import AverageVelocityConfig, AverageVelocityMethod, adaptive_weight, sq_norm
+from fewstep.core.timesteps import sample_time
+from fewstep.core.utils import bcast
+from fewstep.methods.base import Batch
+from fewstep.methods.registry import register
+from fewstep.methods.meanflow import AverageVelocityConfig, AverageVelocityMethod, adaptive_weight, sq_norm
 
 __all__ = ["SplitMeanFlowConfig", "SplitMeanFlow"]
 

@@ -13,8 +13,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from ..paths import AffinePath, cfg_combine
-from ..utils import TimeLike, as_time, check_batch
+from fewstep.core.paths import AffinePath, cfg_combine
+from fewstep.core.utils import TimeLike, as_time, check_batch
 
 __all__ = ["Teacher"]
 

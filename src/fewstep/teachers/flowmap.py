@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..samplers import ODE_METHODS, _step
-from ..utils import TimeLike, as_time, bcast
+from fewstep.sampling.samplers import ODE_METHODS, _step
+from fewstep.core.utils import TimeLike, as_time, bcast
 
 __all__ = ["TeacherFlowMap"]
 

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..paths import AffinePath, get_path
-from ..utils import TimeLike, bcast
-from .base import Teacher
+from fewstep.core.paths import AffinePath, get_path
+from fewstep.core.utils import TimeLike, bcast
+from fewstep.teachers.base import Teacher
 
 __all__ = ["GaussianMixtureTeacher"]
 

@@ -3,7 +3,7 @@ r"""Wrap any trained network as a teacher: prediction (velocity / x0 / noise / s
 The network is called as ``net(x, t, cond)`` or, with ``takes_s``, ``net(x, t, s, cond)`` with s = t (a
 velocity network evaluated on the diagonal). Its output p of type ``prediction`` on the path
 :math:`x_t = \alpha x_0 + \sigma x_1` is turned into a velocity by the exact affine conversions of
-:mod:`fewstep.paths` (:math:`\Delta = \alpha\dot\sigma - \dot\alpha\sigma`):
+:mod:`fewstep.core.paths` (:math:`\Delta = \alpha\dot\sigma - \dot\alpha\sigma`):
 
 .. math::
     v = \dot\alpha\hat x_0 + \dot\sigma\frac{x - \alpha\hat x_0}{\sigma},\qquad
@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..paths import PREDICTION_TYPES, AffinePath, get_path
-from .base import Teacher
+from fewstep.core.paths import PREDICTION_TYPES, AffinePath, get_path
+from fewstep.teachers.base import Teacher
 
 __all__ = ["ModuleTeacher"]
 
@@ -49,7 +49,7 @@ class ModuleTeacher(Teacher):
         event_shape: Shape of one sample (default: ``net.event_shape`` if the network has one).
         num_classes: Number of classes of a conditional network (default: ``net.num_classes`` or None).
         takes_s: Whether the network takes a second time s (called with s = t). Default: detected from a
-            parameter named ``s`` in ``net.forward`` (True for :class:`fewstep.networks.MLP`).
+            parameter named ``s`` in ``net.forward`` (True for :class:`fewstep.networks.mlp.MLP`).
         t_eps: Clamp margin for the singular x0 / noise / score conversions, in (0, 0.5).
 
     Raises:

@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..paths import AffinePath
-from .gmm import GaussianMixtureTeacher
+from fewstep.core.paths import AffinePath
+from fewstep.teachers.gmm import GaussianMixtureTeacher
 
 __all__ = ["PRESETS", "load_preset", "digits_mixture"]
 

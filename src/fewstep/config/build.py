@@ -1,0 +1,225 @@
+r"""Build teacher, dataset, student and method from a :class:`~fewstep.config.schema.RunConfig`, and reload runs.
+
+* teacher: ``preset`` -> ``load_preset(name, conditional)``; ``json`` -> ``load_preset(path)``; ``run`` -> the
+  EMA student of a flow-matching run folder wrapped as a velocity teacher (``ModuleTeacher.from_flowmap``).
+  A guidance weight w != 1 goes to the method's ``guidance`` field when it has one, else the teacher is
+  wrapped so that its default velocity is the guided one, v_u + w (v_c - v_u).
+* data: ``teacher`` -> exact samples x0 ~ p_0 of the analytic teacher; anything else ->
+  ``fewstep.data.datasets.get_dataset(name, **kwargs)``.
+* student: ``FlowMap(MLP(dim, hidden, depth, emb_dim, num_classes, use_s), parameterization)`` with the
+  method's parameterization unless the config names one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.config.schema import RunConfig, StudentConfig, TeacherConfig, check_value, from_dict, normalize_method_section
+from fewstep.core.flowmap import FlowMap
+from fewstep.methods.base import Method
+from fewstep.methods.registry import get_method
+from fewstep.networks.mlp import MLP
+
+from fewstep.training.callbacks import EvalCallback, SampleFigureCallback
+from fewstep.training.trainer import Trainer
+
+__all__ = ["build_teacher", "build_dataset", "build_student", "build_method", "build_run", "load_run",
+           "load_run_student", "build_from_objects", "GuidedTeacher"]
+
+
+class GuidedTeacher(nn.Module):
+    """A teacher whose default guidance weight is ``w``: velocity(x, t, cond) = v_u + w (v_c - v_u)."""
+
+    def __init__(self, teacher: nn.Module, guidance: float) -> None:
+        super().__init__()
+        self.inner, self.guidance = teacher, float(guidance)
+        for attr in ("path", "event_shape", "num_classes"):
+            if hasattr(teacher, attr):
+                setattr(self, attr, getattr(teacher, attr))
+
+    def velocity(self, x: Tensor, t: Any, cond: Tensor | None = None, guidance: float | None = None) -> Tensor:
+        """Guided velocity with weight ``guidance`` if given and != 1, else the configured w."""
+        w = self.guidance if guidance is None or guidance == 1.0 else guidance
+        return self.inner.velocity(x, t, cond=cond, guidance=w)
+
+    def forward(self, x: Tensor, t: Any, cond: Tensor | None = None, guidance: float | None = None) -> Tensor:
+        return self.velocity(x, t, cond, guidance)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+
+def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """The frozen teacher named by the ``teacher`` section (see module docstring)."""
+    if cfg.kind == "preset":
+        from fewstep.teachers.presets import load_preset
+
+        teacher: nn.Module = load_preset(cfg.name, conditional=cfg.conditional)
+    elif cfg.kind == "json":
+        from fewstep.teachers.presets import load_preset
+
+        if not cfg.path:
+            raise ValueError("teacher.kind='json' needs teacher.path (a mixture JSON file)")
+        teacher = load_preset(cfg.path, conditional=cfg.conditional)
+    elif cfg.kind == "run":
+        from fewstep.teachers.module import ModuleTeacher
+
+        if not cfg.path:
+            raise ValueError("teacher.kind='run' needs teacher.path (a run folder of `fewstep train-teacher`)")
+        teacher = ModuleTeacher.from_flowmap(load_run_student(cfg.path, ema=True))
+    else:
+        raise ValueError(f"unknown teacher.kind {cfg.kind!r}; expected preset, json or run")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return teacher
+
+
+def build_dataset(name: str, kwargs: dict[str, Any], teacher: nn.Module | None) -> Any:
+    """``teacher`` -> exact samples of an analytic teacher; otherwise ``fewstep.data.datasets.get_dataset``."""
+    from fewstep.data.datasets import MixtureDataset, get_dataset
+    from fewstep.teachers.gmm import GaussianMixtureTeacher
+
+    if name == "teacher":
+        inner = getattr(teacher, "inner", teacher)
+        if not isinstance(inner, GaussianMixtureTeacher):
+            raise ValueError("data.name='teacher' (exact teacher samples) needs an analytic mixture teacher; "
+                             "set data.name to a dataset (e.g. ring8, digits)")
+        return MixtureDataset(inner, **kwargs)
+    return get_dataset(name, **kwargs)
+
+
+def build_student(cfg: StudentConfig, method_cls: type[Method], event_shape: tuple[int, ...],
+                  num_classes: int | None) -> FlowMap:
+    """``FlowMap(MLP(...), parameterization)``; the network sees s only for ``average_velocity``."""
+    param = cfg.parameterization or method_cls.parameterization
+    net = MLP(math.prod(event_shape), hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim,
+              num_classes=num_classes, use_s=param == "average_velocity", event_shape=event_shape,
+              activation=cfg.activation, max_freq=cfg.max_freq, min_freq=cfg.min_freq, raw_time=cfg.raw_time)
+    return FlowMap(net, param)
+
+
+def _method_config(method_cls: type[Method], raw: dict[str, Any], guidance: float) -> tuple[Any, bool]:
+    """Typed method config from ``method.cfg`` (key errors name ``method.cfg.<key>``); returns (cfg, used_w)."""
+    fields = {f.name: f for f in dataclasses.fields(method_cls.config_class)}
+    import typing
+
+    hints = typing.get_type_hints(method_cls.config_class)
+    for k in raw:
+        if k not in fields:
+            raise ValueError(f"unknown config key 'method.cfg.{k}' for method {method_cls.name!r}; "
+                             f"valid keys: {sorted(fields)}")
+    kw = {k: check_value(f"method.cfg.{k}", v, hints[k]) for k, v in raw.items()}
+    used = False
+    key = next((k for k in ("guidance", "teacher_guidance") if k in fields), None)
+    if guidance != 1.0 and key is not None:
+        if key in kw and float(kw[key]) != guidance:
+            raise ValueError(f"teacher.guidance={guidance} conflicts with method.cfg.{key}={kw[key]}")
+        kw[key], used = guidance, True
+    return method_cls.make_config(**kw), used
+
+
+def build_method(cfg: RunConfig, device: str | torch.device | None = None) -> tuple[Method, Any, nn.Module | None]:
+    """Build (method, dataset, teacher) for a run config, everything on ``device`` (default cfg.device)."""
+    name = str(device or cfg.device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    torch.manual_seed(cfg.seed)
+    method_cls = get_method(cfg.method.name)
+    mcfg, used_w = _method_config(method_cls, dict(cfg.method.cfg), cfg.teacher.guidance)
+    wants = method_cls.needs_teacher or cfg.data.name == "teacher" or bool(getattr(mcfg, "use_teacher", False))
+    teacher = build_teacher(cfg.teacher, dev) if wants else None
+    dataset = build_dataset(cfg.data.name, dict(cfg.data.kwargs), teacher)
+    if teacher is not None and cfg.teacher.guidance != 1.0 and not used_w:
+        teacher = GuidedTeacher(teacher, cfg.teacher.guidance)
+    num_classes = getattr(dataset, "num_classes", None)
+    student = build_student(cfg.student, method_cls, tuple(dataset.event_shape), num_classes)
+    if cfg.student.init_from:
+        src = load_run_student(cfg.student.init_from, ema=True)
+        student.load_state_dict(src.state_dict())
+    method = method_cls(student.to(dev), teacher, mcfg).to(dev)
+    return method, dataset, teacher
+
+
+def build_run(cfg: RunConfig, device: str | torch.device | None = None, run_dir: str | Path | None = None,
+              resume: bool = False, with_eval: bool = True) -> Any:
+    """A ready :class:`~fewstep.training.trainer.Trainer` for ``cfg`` (eval + figure callbacks for mixture teachers)."""
+    from fewstep.config.schema import to_dict
+    from fewstep.teachers.gmm import GaussianMixtureTeacher
+
+    method, dataset, teacher = build_method(cfg, device)
+    callbacks = []
+    inner = getattr(teacher, "inner", teacher) if teacher is not None else getattr(dataset, "teacher", None)
+    if with_eval and cfg.eval.nfe and isinstance(inner, GaussianMixtureTeacher):
+        callbacks.append(EvalCallback(inner, nfe=cfg.eval.nfe, n=cfg.eval.n_samples, seed=cfg.seed))
+        if inner.dim == 2 and dataset.num_classes is None:
+            callbacks.append(SampleFigureCallback(lambda n: inner.sample(n, generator=torch.Generator()
+                                                                         .manual_seed(1)), nfe=cfg.eval.nfe))
+    return Trainer(method, dataset, cfg.train, run_dir=run_dir, callbacks=callbacks, seed=cfg.seed,
+                   resume=resume, run_config=to_dict(cfg))
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, Method, nn.Module | None]:
+    """Rebuild a run's method from ``config.yaml`` and load its newest valid checkpoint (EMA copies included).
+
+    Returns (config, method, teacher); the EMA student is ``method.ema_students[decay]`` (dict, may be empty).
+    """
+    import yaml
+
+    from fewstep.training.checkpoint import load_latest
+
+    root = Path(run_dir)
+    if not (root / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(root)!r} is not a fewstep run folder (no config.yaml)")
+    cfg = from_dict(RunConfig, normalize_method_section(yaml.safe_load((root / "config.yaml").read_text())))
+    method, _, teacher = build_method(cfg, device)
+    found = load_latest(root, device=device)
+    if found is None:
+        raise FileNotFoundError(f"run folder {str(root)!r} has no complete checkpoint")
+    _, tensors, state = found
+    method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
+    emas: dict[float, FlowMap] = {}
+    for d in (state.get("ema") or {}).get("decays", []):
+        import copy
+
+        m = copy.deepcopy(method.student)
+        pre = f"ema/{float(d)!r}/"
+        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        emas[float(d)] = m.eval()
+    method.__dict__["ema_students"] = emas
+    return cfg, method, teacher
+
+
+def load_run_student(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> FlowMap:
+    """The student of a run folder (the first EMA copy when ``ema`` and one exists), in eval mode."""
+    _, method, _ = load_run(run_dir, device)
+    emas = method.__dict__["ema_students"]
+    if ema and emas:
+        return next(iter(emas.values()))
+    return method.student.eval()
+
+
+def build_from_objects(method: str | Method, teacher: Any, dataset: Any, method_cfg: dict[str, Any],
+                       student: dict[str, Any], seed: int) -> tuple[Method, Any]:
+    """Objects for :func:`fewstep.api.train`: names or ready objects for method, teacher, dataset."""
+    if isinstance(method, Method):
+        return method, dataset
+    torch.manual_seed(seed)
+    method_cls = get_method(method)
+    if isinstance(teacher, str):
+        teacher = build_teacher(TeacherConfig(kind="preset", name=teacher))
+    if dataset is None or isinstance(dataset, str):
+        dataset = build_dataset(dataset or "teacher", {}, teacher)
+    mcfg, _ = _method_config(method_cls, method_cfg, 1.0)
+    scfg = from_dict(StudentConfig, student, prefix="student")
+    event = tuple(getattr(dataset, "event_shape", None) or teacher.event_shape)
+    net = build_student(scfg, method_cls, event, getattr(dataset, "num_classes", None))
+    return method_cls(net, teacher, mcfg), dataset

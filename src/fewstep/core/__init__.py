@@ -1,0 +1,1 @@
+"""Core concepts: probability paths, the flow-map student wrapper, time samplers, JVPs and tensor helpers."""

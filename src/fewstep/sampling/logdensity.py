@@ -1,0 +1,378 @@
+r"""Log-densities of samples produced by a velocity field (ODE) or by a flow-map student (jumps).
+
+Velocity fields, instantaneous change of variables. Along a trajectory :math:`dx/dt = v(x, t)` the
+density of the pushed-forward distribution obeys :math:`\frac{d}{dt}\log q_t(x_t) = -\nabla\!\cdot v(x_t, t)`,
+so the augmented state :math:`(x, \ell)` with :math:`d\ell/dt = -\nabla\!\cdot v` is integrated in one pass:
+
+.. math::
+    \log q_{t_{end}}(x_{t_{end}}) = \log q_{t_{start}}(x_{t_{start}}) - \int_{t_{start}}^{t_{end}} \nabla\!\cdot v\,dt .
+
+Sampling (t from 1 to 0, :math:`\log q_1 = \log\mathcal N(0, I)`) gives
+:math:`\log q_0(x_0) = \log\mathcal N(x_1) + \int_0^1 \nabla\!\cdot v\,dt`; the likelihood direction (data to
+noise, t from 0 to 1) gives the same formula read backwards. The divergence is exact (one autograd pass per
+dimension) or Hutchinson's :math:`\frac1K\sum_k z_k^\top (\partial v/\partial x) z_k` with probes held fixed
+along the path. With ``create_graph=True`` every quantity keeps its graph, so :math:`\partial \log q/\partial\theta`
+and :math:`\partial x_{end}/\partial\theta` reach the network's parameters (both terms of the
+marginal-alignment regularizer, methods.md §1).
+
+Flow maps, discrete change of variables:
+:math:`\log q_s(f_{t\to s}(x)) = \log q_t(x) - \log|\det \partial f/\partial x|`.
+
+NFE convention: one forward evaluation of the velocity field (with its divergence) counts as one NFE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fewstep.sampling.samplers import time_grid
+
+__all__ = [
+    "LogDensityResult",
+    "make_probes",
+    "divergence",
+    "ode_logdensity",
+    "sample_with_logdensity",
+    "likelihood",
+    "standard_normal_logprob",
+    "jump_logdet",
+    "flowmap_logdensity",
+    "FIXED_METHODS",
+    "DIVERGENCE_METHODS",
+]
+
+FIXED_METHODS: tuple[str, ...] = ("euler", "heun", "rk4")
+DIVERGENCE_METHODS: tuple[str, ...] = ("exact", "hutchinson")
+_TABLEAUS: dict[str, tuple[list[float], list[list[float]], list[float]]] = {
+    # (c, a, b) of the explicit Runge-Kutta methods
+    "euler": ([0.0], [[]], [1.0]),
+    "heun": ([0.0, 1.0], [[], [1.0]], [0.5, 0.5]),
+    "rk4": ([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+}
+
+
+@dataclass
+class LogDensityResult:
+    """Output of an ODE log-density solve.
+
+    Attributes:
+        x: State at the last time of the grid.
+        log_q: :math:`\\log q` at ``x`` (for :func:`likelihood`: :math:`\\log q_0` of the input data), shape (batch,).
+        nfe: Forward evaluations of the velocity field.
+        times: The grid used (for adaptive solves: the two end points).
+        trajectory: States at every grid point (first = input) when requested, else None.
+        log_q_trajectory: :math:`\\log q` at every grid point when requested, else None.
+    """
+
+    x: Tensor
+    log_q: Tensor
+    nfe: int
+    times: Tensor
+    trajectory: list[Tensor] | None = field(default=None, repr=False)
+    log_q_trajectory: list[Tensor] | None = field(default=None, repr=False)
+
+
+def standard_normal_logprob(x: Tensor) -> Tensor:
+    r""":math:`\log\mathcal N(x; 0, I) = -\tfrac12\|x\|^2 - \tfrac d2\log 2\pi` per row, shape (batch,)."""
+    flat = x.reshape(x.shape[0], -1)
+    return -0.5 * (flat**2).sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+
+
+def make_probes(x: Tensor, k: int, generator: torch.Generator | None = None, kind: str = "rademacher") -> Tensor:
+    r"""K Hutchinson probes z with :math:`E[zz^\top] = I`, shape (k, *x.shape), x's dtype and device.
+
+    Args:
+        x: A batch whose shape the probes copy.
+        k: Number of probes (>= 1).
+        generator: Optional CPU generator.
+        kind: ``rademacher`` (entries ±1, lowest variance) or ``gaussian`` (N(0, 1)).
+    """
+    if k < 1:
+        raise ValueError(f"number of probes k must be >= 1, got {k}")
+    shape = (k, *x.shape)
+    if kind == "rademacher":
+        z = torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
+    elif kind == "gaussian":
+        z = torch.randn(shape, generator=generator, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown probe kind {kind!r}; expected 'rademacher' or 'gaussian'")
+    return z.to(device=x.device, dtype=x.dtype)
+
+
+def _check_probes(probes: Tensor | None, x: Tensor) -> Tensor:
+    if probes is None:
+        raise ValueError("method='hutchinson' needs probes of shape (K, *x.shape); build them with make_probes")
+    if probes.dim() != x.dim() + 1 or tuple(probes.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"probes must have shape (K, {', '.join(map(str, x.shape))}); got {tuple(probes.shape)}")
+    return probes
+
+
+def _vel_div(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, method: str, probes: Tensor | None,
+             create_graph: bool) -> tuple[Tensor, Tensor]:
+    """Velocity v = fn(x, t) and its divergence (B,), with one forward pass."""
+    if method not in DIVERGENCE_METHODS:
+        raise ValueError(f"unknown divergence method {method!r}; expected one of {DIVERGENCE_METHODS}")
+    if method == "hutchinson":
+        probes = _check_probes(probes, x)
+    with torch.enable_grad():
+        xin = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+        v = fn(xin, t)
+        if v.shape != xin.shape:
+            raise ValueError(f"velocity must have the shape of x {tuple(xin.shape)}; got {tuple(v.shape)}")
+        vf = v.reshape(v.shape[0], -1)
+        b, d = vf.shape
+        if method == "exact":
+            div = torch.zeros(b, dtype=v.dtype, device=v.device)
+            for i in range(d):
+                g = torch.autograd.grad(vf[:, i].sum(), xin, create_graph=create_graph, retain_graph=True,
+                                        allow_unused=True)[0]
+                if g is not None:
+                    div = div + g.reshape(b, -1)[:, i]
+        else:
+            assert probes is not None
+            est = []
+            for z in probes:
+                g = torch.autograd.grad(v, xin, grad_outputs=z, create_graph=create_graph, retain_graph=True,
+                                        allow_unused=True)[0]
+                est.append(torch.zeros(b, dtype=v.dtype, device=v.device) if g is None
+                           else (g * z).reshape(b, -1).sum(1))
+            div = torch.stack(est).mean(0)
+    if not create_graph:
+        v, div = v.detach(), div.detach()
+    return v, div
+
+
+def divergence(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor | float, method: str = "exact",
+               probes: Tensor | None = None, create_graph: bool = False) -> Tensor:
+    r"""Divergence :math:`\nabla\!\cdot v(x, t) = \mathrm{tr}\,\partial v/\partial x` per row, shape (batch,).
+
+    ``exact`` takes one autograd gradient per dimension (use in low dimension); ``hutchinson`` returns
+    :math:`\frac1K\sum_k z_k^\top(\partial v/\partial x)z_k`, each term one vector-Jacobian product, unbiased
+    with variance O(1/K).
+
+    Args:
+        fn: Velocity field ``fn(x, t) -> v`` with t of shape (batch,).
+        x: Points, shape (batch, ...).
+        t: Time, scalar or shape (batch,).
+        method: ``exact`` or ``hutchinson``.
+        probes: Hutchinson probes, shape (K, *x.shape) (see :func:`make_probes`).
+        create_graph: Keep the graph so the result is differentiable (w.r.t. x and parameters).
+    """
+    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    tt = tt.expand(x.shape[0]) if tt.dim() == 0 else tt
+    return _vel_div(fn, x, tt, method, probes, create_graph)[1]
+
+
+def _check_monotone_grid(grid: Tensor | list[float]) -> Tensor:
+    g = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if g.numel() < 2:
+        raise ValueError(f"a time grid needs at least two points; got {g.tolist()}")
+    if float(g.min()) < 0 or float(g.max()) > 1:
+        raise ValueError(f"grid times must lie in [0, 1]; got [{float(g.min())}, {float(g.max())}]")
+    dg = g[1:] - g[:-1]
+    if not (bool((dg < 0).all()) or bool((dg > 0).all())):
+        raise ValueError(f"a time grid must be strictly monotone; got {g.tolist()}")
+    return g
+
+
+def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor | list[float], log_p_start: Tensor,
+                   method: str = "rk4", divergence: str = "exact", probes: Tensor | None = None,
+                   num_probes: int = 1, generator: torch.Generator | None = None, create_graph: bool = False,
+                   return_trajectory: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
+                   **kwargs: Any) -> LogDensityResult:
+    r"""Integrate the augmented ODE :math:`dx/dt = v,\ d\log q/dt = -\nabla\!\cdot v` along ``grid``.
+
+    Args:
+        velocity_fn: Velocity field ``fn(x, t, **kwargs)``, t of shape (batch,).
+        x: State at grid[0], shape (batch, ...).
+        grid: Strictly monotone times in [0, 1] (decreasing: noise to data; increasing: data to noise).
+            For an adaptive ``method`` only the first and last entries are used.
+        log_p_start: :math:`\log q` at grid[0] of each row, shape (batch,).
+        method: ``euler``, ``heun``, ``rk4`` (fixed steps on the grid) or a torchdiffeq adaptive method
+            (``dopri5``, ``dopri8``, ``bosh3``, ...) with tolerances ``rtol``/``atol``.
+        divergence: ``exact`` or ``hutchinson``.
+        probes: Hutchinson probes (K, *x.shape); drawn once with :func:`make_probes` when None.
+        num_probes: K when probes are drawn here.
+        generator: Generator for the probes.
+        create_graph: Keep the graph for gradients w.r.t. parameters (and x).
+        return_trajectory: Keep x and log q at every grid point (fixed-step methods).
+        rtol: Relative tolerance (adaptive methods).
+        atol: Absolute tolerance (adaptive methods).
+        **kwargs: Passed to the velocity field (cond, guidance, ...).
+    """
+    g = _check_monotone_grid(grid)
+    lp = torch.as_tensor(log_p_start, dtype=x.dtype, device=x.device)
+    if lp.shape != (x.shape[0],):
+        raise ValueError(f"log_p_start must have shape ({x.shape[0]},); got {tuple(lp.shape)}")
+    if divergence not in DIVERGENCE_METHODS:
+        raise ValueError(f"unknown divergence method {divergence!r}; expected one of {DIVERGENCE_METHODS}")
+    if divergence == "hutchinson" and probes is None:
+        probes = make_probes(x, num_probes, generator)
+    if divergence == "hutchinson":
+        _check_probes(probes, x)
+    nfe = 0
+
+    def fvd(y: Tensor, t: float) -> tuple[Tensor, Tensor]:
+        nonlocal nfe
+        nfe += 1
+        tv = torch.full((y.shape[0],), t, dtype=y.dtype, device=y.device)
+        return _vel_div(lambda z, s: velocity_fn(z, s, **kwargs), y, tv, divergence, probes, create_graph)
+
+    if method in FIXED_METHODS:
+        c, a, b = _TABLEAUS[method]
+        traj = [x] if return_trajectory else None
+        ltraj = [lp] if return_trajectory else None
+        lq = lp
+        for i in range(len(g) - 1):
+            t0, h = float(g[i]), float(g[i + 1] - g[i])
+            ks: list[tuple[Tensor, Tensor]] = []
+            for j in range(len(c)):
+                y = x
+                for aj, (kv, _) in zip(a[j], ks):
+                    if aj != 0.0:
+                        y = y + h * aj * kv
+                ks.append(fvd(y, t0 + c[j] * h))
+            x = x + h * sum(bj * kv for bj, (kv, _) in zip(b, ks))
+            lq = lq - h * sum(bj * kd for bj, (_, kd) in zip(b, ks))
+            if traj is not None and ltraj is not None:
+                traj.append(x)
+                ltraj.append(lq)
+        return LogDensityResult(x=x, log_q=lq, nfe=nfe, times=g, trajectory=traj, log_q_trajectory=ltraj)
+
+    from torchdiffeq import odeint
+
+    t0, t1 = float(g[0]), float(g[-1])
+    lo, hi, n = min(t0, t1), max(t0, t1), x[0].numel()
+
+    def rhs(t: Tensor, state: Tensor) -> Tensor:
+        y = state[:, :n].reshape(x.shape)
+        v, dv = fvd(y, min(max(float(t), lo), hi))  # adaptive solvers may probe slightly past the ends
+        return torch.cat([v.reshape(x.shape[0], n), -dv[:, None]], dim=1)
+
+    state = torch.cat([x.reshape(x.shape[0], n), lp[:, None]], dim=1)
+    span = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+    try:
+        out = odeint(rhs, state, span, rtol=rtol, atol=atol, method=method)[-1]
+    except (ValueError, AssertionError, KeyError) as e:
+        if "method" in str(e).lower() or isinstance(e, KeyError):
+            raise ValueError(f"unknown ODE method {method!r}; expected one of {FIXED_METHODS} or a torchdiffeq "
+                             f"adaptive method such as 'dopri5'") from e
+        raise
+    return LogDensityResult(x=out[:, :n].reshape(x.shape), log_q=out[:, n], nfe=nfe,
+                            times=torch.tensor([t0, t1], dtype=torch.float64))
+
+
+def sample_with_logdensity(velocity_fn: Callable[..., Tensor], x1: Tensor, grid: Tensor | list[float] | int = 32,
+                           **kw: Any) -> LogDensityResult:
+    r"""Sample from noise and track :math:`\log q_0(x_0) = \log\mathcal N(x_1) + \int_0^1 \nabla\!\cdot v\,dt`.
+
+    Args:
+        velocity_fn: Velocity field ``fn(x, t, **kwargs)``.
+        x1: Noise at grid[0] (normally t=1), shape (batch, ...).
+        grid: Decreasing times, or an int n for the uniform n-step grid from 1 to 0.
+        **kw: Passed to :func:`ode_logdensity` (method, divergence, probes, create_graph, cond, ...).
+    """
+    g = time_grid(grid) if isinstance(grid, int) else _check_monotone_grid(grid)
+    if float(g[0]) != 1.0 or not bool((g[1:] < g[:-1]).all()):
+        raise ValueError(f"sampling needs a decreasing grid starting at t=1 (noise); got {g.tolist()}")
+    return ode_logdensity(velocity_fn, x1, g, standard_normal_logprob(x1), **kw)
+
+
+def likelihood(velocity_fn: Callable[..., Tensor], x0: Tensor, grid: Tensor | list[float] | int | None = None,
+               method: str = "dopri5", **kw: Any) -> LogDensityResult:
+    r"""Exact log-likelihood of data under the model's ODE, integrating data to noise (t increasing to 1).
+
+    :math:`\log q_{t_0}(x_{t_0}) = \log\mathcal N(x_1) + \int_{t_0}^1 \nabla\!\cdot v(x_t, t)\,dt`. The returned
+    ``log_q`` is that of the input points; ``x`` is their noise image at t=1.
+
+    Args:
+        velocity_fn: Velocity field ``fn(x, t, **kwargs)``.
+        x0: Data points at grid[0] (normally t=0).
+        grid: Increasing times ending at 1, an int n for the uniform n-step grid 0 -> 1, or None for [0, 1]
+            (use with an adaptive ``method``).
+        method: ``dopri5`` (adaptive, default) or euler/heun/rk4 on the grid.
+        **kw: Passed to :func:`ode_logdensity` (divergence, probes, rtol, atol, create_graph, cond, ...).
+    """
+    if grid is None:
+        if method in FIXED_METHODS:
+            raise ValueError(f"method {method!r} needs a grid (or an int number of steps)")
+        grid = [0.0, 1.0]
+    g = torch.linspace(0, 1, grid + 1, dtype=torch.float64) if isinstance(grid, int) else _check_monotone_grid(grid)
+    if float(g[-1]) != 1.0 or not bool((g[1:] > g[:-1]).all()):
+        raise ValueError(f"likelihood needs an increasing grid ending at t=1 (noise); got {g.tolist()}")
+    zero = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    res = ode_logdensity(velocity_fn, x0, g, zero, method=method, **kw)
+    # res.log_q = -int div dt, so log q_0(x0) = log N(x1) + int div dt
+    res.log_q = standard_normal_logprob(res.x) - res.log_q
+    if res.log_q_trajectory is not None:
+        res.log_q_trajectory = [res.log_q + lq for lq in res.log_q_trajectory]
+    return res
+
+
+def jump_logdet(flowmap: Callable[..., Tensor], x: Tensor, t: Tensor | float, s: Tensor | float,
+                cond: Tensor | None = None, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    r"""One jump :math:`y = f_{t\to s}(x)` and :math:`\log|\det \partial f_{t\to s}/\partial x|` per row (exact).
+
+    The per-row Jacobians come from ``torch.func.jacrev`` (vmapped vector-Jacobian products) of
+    :math:`X \mapsto \sum_b f(X)_b`, valid because rows do not interact; then ``slogdet``. Costs d backward
+    passes: use in low dimension.
+
+    Args:
+        flowmap: ``f(x, t, s, cond=None)``.
+        x: Points, shape (batch, ...).
+        t: Start time, scalar or (batch,).
+        s: End time, scalar or (batch,).
+        cond: Optional labels.
+        create_graph: Keep the graph (results differentiable w.r.t. parameters).
+
+    Returns:
+        (y, logabsdet) with logabsdet of shape (batch,).
+    """
+    b, d = x.shape[0], x[0].numel()
+    # pass times as tensors of x's dtype: a Python float would be rounded through float32 by utils.as_time
+    t = t if torch.is_tensor(t) else torch.full((b,), float(t), dtype=x.dtype, device=x.device)
+    s = s if torch.is_tensor(s) else torch.full((b,), float(s), dtype=x.dtype, device=x.device)
+
+    def summed(xx: Tensor) -> tuple[Tensor, Tensor]:
+        y = flowmap(xx, t, s, cond=cond)
+        if y.shape != xx.shape:
+            raise ValueError(f"flow map output must have the shape of x {tuple(xx.shape)}; got {tuple(y.shape)}")
+        return y.sum(0), y
+
+    xin = x if create_graph else x.detach()
+    with torch.enable_grad():
+        jac, y = torch.func.jacrev(summed, has_aux=True)(xin)
+    jac = jac.reshape(d, b, d).permute(1, 0, 2)  # (B, d_out, d_in)
+    _, logabsdet = torch.linalg.slogdet(jac)
+    if not create_graph:
+        y, logabsdet = y.detach(), logabsdet.detach()
+    return y, logabsdet
+
+
+def flowmap_logdensity(flowmap: Callable[..., Tensor], x1: Tensor, grid: Tensor | list[float] | int = 1,
+                       cond: Tensor | None = None, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    r"""Chain jumps from noise: :math:`\log q_{t_{i+1}}(f(x)) = \log q_{t_i}(x) - \log|\det \partial f/\partial x|`.
+
+    Args:
+        flowmap: ``f(x, t, s, cond=None)``.
+        x1: Noise at grid[0] = 1, shape (batch, ...), with :math:`\log q_1 = \log\mathcal N(0, I)`.
+        grid: Decreasing times from 1, or an int n for the uniform n-jump grid to 0.
+        cond: Optional labels.
+        create_graph: Keep the graph.
+
+    Returns:
+        (x, log_q): the samples at grid[-1] and their log-density, shape (batch,).
+    """
+    g = time_grid(grid) if isinstance(grid, int) else _check_monotone_grid(grid)
+    if float(g[0]) != 1.0 or not bool((g[1:] < g[:-1]).all()):
+        raise ValueError(f"flow-map sampling needs a decreasing grid starting at t=1; got {g.tolist()}")
+    x, log_q = x1, standard_normal_logprob(x1)
+    for i in range(len(g) - 1):
+        x, ld = jump_logdet(flowmap, x, float(g[i]), float(g[i + 1]), cond=cond, create_graph=create_graph)
+        log_q = log_q - ld
+    return x, log_q

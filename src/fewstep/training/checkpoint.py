@@ -1,0 +1,276 @@
+r"""Atomic, pickle-free checkpoints: a folder of safetensors weights + JSON state, sealed by checksums.
+
+Layout of one checkpoint (``run_dir/ckpt-<step>/``)::
+
+    tensors.safetensors   every tensor by name (student, EMA copies, auxiliary nets, optimiser moments)
+    state.json            everything else (step, RNG states as lists, scheduler state, scalar optimiser state)
+    COMPLETE              {"files": {name: sha256}}, written last
+
+Every file is written to a temporary file in the same folder, flushed, ``fsync``-ed and moved into place with
+``os.replace``. A checkpoint counts only if ``COMPLETE`` exists and every checksum matches, so a run killed at
+any moment (SIGKILL included) leaves either a valid checkpoint or one that :func:`load_latest` reports with a
+warning naming the bad file and skips, falling back to the previous good one. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from fewstep.training.optim import lr_factor
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
+           "verify_checkpoint", "atomic_write_bytes", "sha256_file", "CheckpointError", "flatten_tensors",
+           "unflatten_tensors", "trainer_state", "restore_trainer_state"]
+
+TENSORS, STATE, COMPLETE = "tensors.safetensors", "state.json", "COMPLETE"
+_CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete, truncated or corrupted."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(clean, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def flatten_tensors(tree: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """Move every tensor of a nested dict/list into ``tensors`` under a '/'-joined name.
+
+    Returns the JSON-able skeleton, with ``{"__tensor__": name}`` where a tensor was.
+    """
+    if torch.is_tensor(tree):
+        tensors[prefix] = tree
+        return {"__tensor__": prefix}
+    if isinstance(tree, dict):
+        return {"__dict__": [[_key(k), flatten_tensors(v, f"{prefix}/{k}", tensors)] for k, v in tree.items()]}
+    if isinstance(tree, (list, tuple)):
+        return [flatten_tensors(v, f"{prefix}/{i}", tensors) for i, v in enumerate(tree)]
+    return tree
+
+
+def _key(k: Any) -> Any:
+    return {"__int__": k} if isinstance(k, int) and not isinstance(k, bool) else k
+
+
+def unflatten_tensors(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of :func:`flatten_tensors` (int dict keys and tensors restored)."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {(k["__int__"] if isinstance(k, dict) else k): unflatten_tensors(v, tensors)
+                    for k, v in skeleton["__dict__"]}
+        return {k: unflatten_tensors(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_tensors(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any],
+                    keep: int | None = None) -> Path:
+    """Write ``run_dir/ckpt-<step>/`` atomically and seal it with a ``COMPLETE`` checksum file.
+
+    Args:
+        run_dir: Run folder (created if needed).
+        step: Number of completed training steps.
+        tensors: Named tensors (saved with safetensors).
+        state: JSON-serialisable state.
+        keep: If given, delete all but the newest ``keep`` checkpoints afterwards.
+
+    Returns:
+        The checkpoint folder.
+    """
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    folder = Path(run_dir) / f"ckpt-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / COMPLETE
+    if marker.exists():
+        marker.unlink()  # re-sealed below; never leave a marker over files being rewritten
+        _fsync_dir(folder)
+    _atomic_save_tensors(folder / TENSORS, tensors)
+    atomic_write_bytes(folder / STATE, json.dumps(state, indent=1, sort_keys=True).encode())
+    sums = {name: sha256_file(folder / name) for name in (TENSORS, STATE)}
+    atomic_write_bytes(marker, json.dumps({"step": step, "files": sums}, indent=1).encode())
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return folder
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """All ``ckpt-<step>`` folders of a run (complete or not), newest first."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    return sorted(out, reverse=True)
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the file when a checkpoint is incomplete or corrupted."""
+    folder = Path(folder)
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {str(folder)!r} is incomplete: no {COMPLETE} marker "
+                              "(the run was probably killed while writing it)")
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint marker {str(marker)!r} is unreadable: {e}") from e
+    for name, digest in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file {str(p)!r} is missing")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"checkpoint file {str(p)!r} is truncated or corrupted (sha256 mismatch)")
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Verify and load one checkpoint folder; returns (tensors, state)."""
+    verify_checkpoint(folder)
+    folder = Path(folder)
+    try:
+        tensors = load_file(str(folder / TENSORS), device=str(device))
+        state = json.loads((folder / STATE).read_text())
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {str(folder)!r} could not be read: {e}") from e
+    return tensors, state
+
+
+def load_latest(run_dir: str | Path, device: str | torch.device = "cpu"
+                ) -> tuple[int, dict[str, Tensor], dict[str, Any]] | None:
+    """The newest complete, checksum-valid checkpoint of a run as (step, tensors, state), or None.
+
+    Invalid checkpoints are reported with a ``UserWarning`` naming the problem file and skipped.
+    """
+    for step, folder in list_checkpoints(run_dir):
+        try:
+            tensors, state = load_checkpoint(folder, device)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint: {e}", UserWarning, stacklevel=2)
+            continue
+        return step, tensors, state
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (and incomplete ones older than those)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    removed: list[Path] = []
+    complete = 0
+    for _, folder in list_checkpoints(run_dir):
+        if (folder / COMPLETE).is_file():
+            complete += 1
+            if complete <= keep:
+                continue
+        elif complete < keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Everything a :class:`~fewstep.training.trainer.Trainer` needs to continue bit-exactly, as (tensors, JSON state).
+
+    Tensors: ``method/<key>`` (student, auxiliary and target nets, buffers), ``ema/<decay>/<key>``,
+    ``optim/<net>/state/<idx>/<name>``. JSON: step, seed, optimiser skeletons (param groups, scalar state),
+    scheduler state (base LR and step), EMA update count, AMP scaler state, RNG states as lists, run config.
+    """
+    tensors: dict[str, Tensor] = {f"method/{k}": v for k, v in trainer.method.state_dict().items()}
+    if trainer.ema is not None:
+        for d, m in trainer.ema.copies.items():
+            tensors.update({f"ema/{d!r}/{k}": v for k, v in m.state_dict().items()})
+    optim = {n: flatten_tensors(o.state_dict(), f"optim/{n}", tensors) for n, o in trainer.optimizers.items()}
+    py = random.getstate()
+    state = {
+        "step": trainer.step, "seed": trainer.seed, "world_size": trainer.world, "optim": optim,
+        "schedulers": {n: {"base_lr": trainer.base_lrs[n], "step": trainer.step,
+                           "factor": lr_factor(max(trainer.step - 1, 0), trainer.config)} for n in trainer.nets},
+        "ema": {"decays": trainer.ema.decays, "num_updates": trainer.ema.num_updates} if trainer.ema else None,
+        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+        "rng": {"torch": torch.random.get_rng_state().tolist(), "python": [py[0], list(py[1]), py[2]],
+                "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []},
+        "config": trainer.run_config,
+    }
+    return tensors, state
+
+
+def restore_trainer_state(trainer: Any, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+    """Inverse of :func:`trainer_state`: load weights, EMA, optimisers, scaler, RNG states and the step."""
+    trainer.method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
+    if trainer.ema is not None and state.get("ema"):
+        for d, m in trainer.ema.copies.items():
+            pre = f"ema/{d!r}/"
+            m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        trainer.ema.num_updates = int(state["ema"]["num_updates"])
+    for n, o in trainer.optimizers.items():
+        if n not in state["optim"]:
+            raise CheckpointError(f"checkpoint has no optimiser state for network {n!r}")
+        sd = unflatten_tensors(state["optim"][n], tensors)
+        for g in sd["param_groups"]:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        o.load_state_dict(sd)
+    if trainer.scaler is not None and state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.random.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+    trainer.step = int(state["step"])

@@ -1,0 +1,72 @@
+r"""What the trainer uses besides the loop: per-step seeds, the learning-rate schedule and the EMA copies.
+
+The student's EMA copies follow
+
+.. math::
+    \bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta, \qquad d = \min(d_0, (1+n)/(10+n)) \text{ (warm-up)},
+
+after each student update n.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from fewstep.config.schema import TrainConfig
+
+__all__ = ["derive_seed", "lr_factor", "EMA"]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed that depends only on ``parts`` (stable across processes and Python versions)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    r"""LR multiplier at optimizer step ``step``: linear warm-up, then constant / cosine / linear decay.
+
+    factor = (k+1)/W for k < W; else with p = (k-W)/max(1, K-W) and m = min_lr_ratio:
+    constant 1, cosine m + (1-m)(1+cos(pi p))/2, linear 1 - (1-m) p.
+    """
+    w = cfg.warmup_steps
+    if step < w:
+        return (step + 1) / w
+    p = min(1.0, (step - w) / max(1, cfg.steps - w))
+    m = cfg.min_lr_ratio
+    if cfg.lr_schedule == "cosine":
+        return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.lr_schedule == "linear":
+        return 1 - (1 - m) * p
+    return 1.0
+
+
+class EMA:
+    r"""Exponential moving averages of a module with one or several decays: ema <- d ema + (1-d) theta."""
+
+    def __init__(self, module: nn.Module, decays: Sequence[float], warmup: bool = True) -> None:
+        self.decays = [float(d) for d in decays]
+        self.warmup = warmup
+        self.num_updates = 0
+        self.copies = {d: copy.deepcopy(module).requires_grad_(False).eval() for d in self.decays}
+
+    def effective_decay(self, decay: float) -> float:
+        """min(d, (1+n)/(10+n)) with n = updates so far when warm-up is on, else d."""
+        n = self.num_updates
+        return min(decay, (1 + n) / (10 + n)) if self.warmup else decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        """One EMA step toward ``module``'s current parameters (buffers are copied)."""
+        for d, ema in self.copies.items():
+            de = self.effective_decay(d)
+            for pe, p in zip(ema.parameters(), module.parameters()):
+                pe.lerp_(p.detach().to(pe.dtype), 1.0 - de)
+            for be, b in zip(ema.buffers(), module.buffers()):
+                be.copy_(b)
+        self.num_updates += 1

@@ -1,0 +1,126 @@
+"""PeRFlow: window targets, K-step reproduction of the teacher endpoint, loss decrease, MA per window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fewstep.core.flowmap import FlowMap
+from fewstep.methods import get_method
+from fewstep.methods.base import Batch
+from fewstep.methods.perflow import window_grid, window_targets
+from fewstep.networks.mlp import MLP
+from fewstep.sampling.samplers import sample_flowmap, solve_adaptive
+from fewstep.teachers import TeacherFlowMap
+from fewstep.teachers.presets import load_preset
+
+torch.set_num_threads(1)
+
+
+class WindowOracle(nn.Module):
+    """Velocity student equal to the constant window velocity of a fine teacher solve at window starts."""
+
+    parameterization = "velocity"
+
+    def __init__(self, teacher: nn.Module, grid: Tensor) -> None:
+        super().__init__()
+        self.fine = TeacherFlowMap(teacher, method="rk4", steps=64)
+        self.grid = grid
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        idx = torch.searchsorted(-self.grid, -t.double().cpu())  # grid is decreasing
+        t_e = self.grid[idx + 1].to(x.dtype)
+        return (x - self.fine(x, t, t_e)) / (t - t_e)[:, None]
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        return x - (t - s)[:, None] * self.velocity(x, t)
+
+
+def test_k_window_oracle_reproduces_teacher_endpoint() -> None:
+    ring8 = load_preset("ring8")
+    grid = window_grid(4)
+    assert torch.allclose(grid, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    x1 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = sample_flowmap(WindowOracle(ring8, grid), x1, grid.tolist())
+    ref = solve_adaptive(ring8, x1, rtol=1e-9, atol=1e-9).x
+    assert res.nfe == 4
+    assert torch.allclose(res.x, ref, atol=1e-5)
+
+
+def test_window_targets_are_the_chord() -> None:
+    x_s, x_e = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0]])
+    t_s, t_e = torch.tensor([0.75]), torch.tensor([0.5])
+    x_t, t, v = window_targets(x_s, x_e, t_s, t_e, torch.tensor([0.5]))
+    assert torch.allclose(t, torch.tensor([0.625])) and torch.allclose(x_t, torch.tensor([[0.5, 1.5]]))
+    assert torch.allclose(v, torch.tensor([[4.0, 4.0]]))
+    # one Euler jump with the target velocity lands on x_e from any point of the chord
+    assert torch.allclose(x_t - (t - t_e)[:, None] * v, x_e)
+
+
+def test_oracle_has_zero_window_loss() -> None:
+    ring8 = load_preset("ring8")
+    cls = get_method("perflow")
+    cfg = cls.make_config(num_windows=4, solver="rk4", solve_steps=64)
+    grid = window_grid(4)
+    m = cls(FlowMap(MLP(2, 8, 1, use_s=False), "velocity"), ring8, cfg)
+    g = torch.Generator().manual_seed(1)
+    b = Batch(x1=torch.randn(128, 2, generator=g), u=torch.rand(128, 8, generator=g), x0=ring8.sample(128, generator=g))
+    b.u[:, 0] = 0.0  # evaluate at the window starts, where the oracle is defined
+    m.student = WindowOracle(ring8, grid)
+    loss, _ = m.loss("student", b, 0)
+    assert float(loss.detach()) < 1e-8
+
+
+@pytest.mark.parametrize("window_input,param", [("data", "velocity"), ("teacher", "velocity"),
+                                                 ("data", "average_velocity")])
+def test_perflow_loss_falls(window_input: str, param: str) -> None:
+    ring8 = load_preset("ring8")
+    cls = get_method("perflow")
+    torch.manual_seed(0)
+    m = cls(FlowMap(MLP(2, 64, 2, emb_dim=16, use_s=param == "average_velocity"), param), ring8,
+            cls.make_config(num_windows=2, window_input=window_input, input_steps=4, ma_weight=0.01, ma_batch=32,
+                            ma_t_min=0.05))
+    assert m.needs_data == (window_input == "data")
+    opt = torch.optim.Adam(m.student.parameters(), lr=3e-3)
+    losses = []
+    for step in range(100):
+        g = torch.Generator().manual_seed(step)
+        b = Batch(x1=torch.randn(256, 2, generator=g), u=torch.rand(256, 8, generator=g),
+                  x0=ring8.sample(256, generator=g))
+        loss, logs = m.loss("student", b, step)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.student.parameters(), 1.0)
+        opt.step()
+        losses.append(logs["loss_window"])
+    assert "ma_kl" in logs
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])
+
+
+def test_perflow_config_errors() -> None:
+    ring8 = load_preset("ring8")
+    cls = get_method("perflow")
+    st = FlowMap(MLP(2, 8, 1, use_s=False), "velocity")
+    with pytest.raises(ValueError, match="window_input"):
+        cls(st, ring8, cls.make_config(window_input="noise"))
+    with pytest.raises(ValueError, match="from 1 to 0"):
+        cls(st, ring8, cls.make_config(windows=[1.0, 0.5, 0.1]))
+    with pytest.raises(ValueError, match="solver"):
+        cls(st, ring8, cls.make_config(solver="dopri5"))
+    m = cls(st, ring8, cls.make_config(windows=[1.0, 0.6, 0.0]))
+    assert m.grid.tolist() == [1.0, 0.6, 0.0]
+
+
+def test_average_velocity_student_sees_the_window_end() -> None:
+    """window_velocity is F(x, t, t_end): an average-velocity student separates the two windows at a shared
+    boundary time, a velocity student returns the same value for both."""
+    ring8 = load_preset("ring8")
+    cls = get_method("perflow")
+    x, t = torch.randn(4, 2), torch.full((4,), 0.5)
+    av = cls(FlowMap(MLP(2, 16, 1, use_s=True), "average_velocity"), ring8, cls.make_config(num_windows=2))
+    v1, v2 = av.window_velocity(x, t, torch.full((4,), 0.5), None), av.window_velocity(x, t, torch.zeros(4), None)
+    assert (v1 - v2).abs().max() > 1e-4
+    ve = cls(FlowMap(MLP(2, 16, 1, use_s=False), "velocity"), ring8, cls.make_config(num_windows=2))
+    w1, w2 = ve.window_velocity(x, t, torch.full((4,), 0.5), None), ve.window_velocity(x, t, torch.zeros(4), None)
+    assert torch.equal(w1, w2)
