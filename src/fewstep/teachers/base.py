@@ -8,7 +8,9 @@ With a guidance weight w the teacher returns the classifier-free-guided field
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 from fewstep.core.paths import AffinePath, cfg_combine
 from fewstep.core.utils import TimeLike, as_time, check_batch
 
-__all__ = ["Teacher"]
+__all__ = ["Teacher", "as_velocity_fn", "teacher_velocity"]
 
 
 class Teacher(nn.Module, ABC):
@@ -84,3 +86,53 @@ class Teacher(nn.Module, ABC):
                      dtype: torch.dtype = torch.float32) -> Tensor:
         """Noise x1 ~ N(0, I) of shape (n, *event_shape)."""
         return torch.randn((n, *self.event_shape), generator=generator, device=device, dtype=dtype)
+
+
+def _takes_guidance(velocity: Callable[..., Tensor]) -> bool:
+    """True when ``velocity`` has a parameter named ``guidance`` (a Teacher or a guided wrapper)."""
+    try:
+        return "guidance" in inspect.signature(velocity).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def as_velocity_fn(teacher: Any, guidance: float = 1.0) -> Callable[..., Tensor]:
+    r"""The velocity field ``v(x, t, cond=None)`` of any teacher-like object, with guidance weight w.
+
+    The one dispatch for "a Teacher, or anything with ``.velocity``, or a plain callable":
+
+    * an object whose ``velocity`` takes ``guidance`` (:class:`Teacher`, guided wrappers): the
+      classifier-free-guided field :math:`v_u + w (v_c - v_u)` via ``velocity(x, t, cond=cond, guidance=w)``;
+    * any other object with ``velocity(x, t, cond)`` (flow maps, previous reflow students, the exact
+      teacher flow map): its instantaneous velocity; w must be 1;
+    * a callable ``fn(x, t, cond=cond)``: called as is; w must be 1.
+
+    Args:
+        teacher: The teacher-like object.
+        guidance: Guidance weight w (1: the plain conditional field).
+
+    Returns:
+        A callable ``v(x, t, cond=None) -> Tensor``.
+
+    Raises:
+        ValueError: when w != 1 and the object has no guided velocity, or it is neither a velocity
+            provider nor callable.
+    """
+    velocity = getattr(teacher, "velocity", None)
+    if isinstance(teacher, Teacher) or (callable(velocity) and _takes_guidance(velocity)):
+        w = guidance
+        return lambda x, t, cond=None: teacher.velocity(x, t, cond=cond, guidance=w)
+    if guidance != 1.0:
+        raise ValueError(f"guidance={guidance} needs a teacher with a guided velocity (a Teacher); "
+                         f"{type(teacher).__name__} has none")
+    if callable(velocity):
+        return lambda x, t, cond=None: teacher.velocity(x, t, cond)
+    if callable(teacher):
+        return lambda x, t, cond=None: teacher(x, t, cond=cond)
+    raise ValueError(f"{type(teacher).__name__} is not a teacher: it has no velocity(x, t, cond) and is not callable")
+
+
+def teacher_velocity(teacher: Any, x: Tensor, t: TimeLike, cond: Tensor | None = None,
+                     guidance: float = 1.0) -> Tensor:
+    r"""One evaluation :math:`v(x, t, c; w)` of :func:`as_velocity_fn` (same dispatch, same errors)."""
+    return as_velocity_fn(teacher, guidance)(x, t, cond)

@@ -35,6 +35,7 @@ from torch import Tensor
 from fewstep.sampling.logdensity import divergence, jump_logdet, make_probes
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import as_time, bcast
+from fewstep.teachers.base import teacher_velocity
 
 __all__ = ["MAResult", "MA_MODES", "ma_loss", "teacher_score", "window_logdensity"]
 
@@ -67,14 +68,8 @@ class MAResult:
 
 def teacher_score(teacher: Any, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float = 1.0) -> Tensor:
     r"""Frozen teacher score :math:`\nabla\log p_t(x)` (no gradient), from ``score`` or converted from the velocity."""
-    from fewstep.teachers.base import Teacher
-
     with torch.no_grad():
-        if isinstance(teacher, Teacher):
-            return teacher.score(x, t, cond=cond, guidance=guidance).to(x.dtype)
-        if guidance != 1.0:
-            raise ValueError("guidance needs a Teacher with a guided velocity")
-        v = teacher.velocity(x, t, cond) if hasattr(teacher, "velocity") else teacher(x, t, cond=cond)
+        v = teacher_velocity(teacher, x, t, cond, guidance)
         path = getattr(teacher, "path", LinearPath())
         return path.velocity_to_score(v, x, t).to(x.dtype)
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.sampling.samplers import ODE_METHODS, solve, solve_adaptive
+from fewstep.teachers.base import as_velocity_fn
 
 __all__ = ["PairSolver", "Pairs", "StalePairsError", "teacher_fingerprint", "teacher_velocity_fn",
            "generate_pairs", "load_pairs", "ensure_pairs", "solver_from_dict", "FORMAT"]
@@ -119,20 +120,12 @@ def teacher_fingerprint(teacher: nn.Module | Any, path: str | None = None) -> di
 
 
 def teacher_velocity_fn(teacher: Any, guidance: float = 1.0) -> Callable[..., Tensor]:
-    """A velocity field ``v(x, t, cond=None)`` for any teacher-like object (Teacher, FlowMap, callable).
+    """A velocity field ``v(x, t, cond=None)`` for any teacher-like object (:func:`~fewstep.teachers.base.as_velocity_fn`).
 
-    Teachers (with a ``guidance`` argument) get the classifier-free-guided field v_u + w (v_c - v_u);
-    flow maps and previous reflow students (k-rectified flow) use their instantaneous velocity.
+    Teachers get the classifier-free-guided field v_u + w (v_c - v_u); flow maps and previous reflow
+    students (k-rectified flow) use their instantaneous velocity.
     """
-    from fewstep.teachers.base import Teacher
-
-    if isinstance(teacher, Teacher):
-        return lambda x, t, cond=None: teacher.velocity(x, t, cond=cond, guidance=guidance)
-    if guidance != 1.0:
-        raise ValueError(f"guidance={guidance} needs a Teacher; {type(teacher).__name__} has no guided velocity")
-    if hasattr(teacher, "velocity"):
-        return lambda x, t, cond=None: teacher.velocity(x, t, cond)
-    return lambda x, t, cond=None: teacher(x, t, cond=cond)
+    return as_velocity_fn(teacher, guidance)
 
 
 def _solve_teacher(v_fn: Callable[..., Tensor], x1: Tensor, cond: Tensor | None, solver: PairSolver) -> Tensor:
