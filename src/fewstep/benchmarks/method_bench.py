@@ -41,7 +41,7 @@ from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
 from fewstep.networks.mlp import MLP
-from fewstep.sampling.samplers import gamma_sample
+from fewstep.sampling.spec import CONSISTENCY, DETERMINISTIC, SamplerSpec, sample_with
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 
 __all__ = ["parse_overrides", "method_config", "train_method", "time_steps", "evaluate", "evaluate_mid", "run", "merge",
@@ -172,14 +172,20 @@ def evaluate(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, nfe:
 
     ``kind``: ``flowmap`` (nfe uniform deterministic jumps), ``euler`` (the teacher's Euler solver with nfe steps) or
     ``gamma1`` (multi-step consistency sampling: jump to 0, re-noise with fresh noise; MMD² etc. without KL).
+    The flow-map kinds sample through :func:`fewstep.sampling.spec.sample_with` (the CLI's sampler).
     """
-    from fewstep.evaluation.evaluate import evaluate_flowmap, evaluate_samples, evaluate_velocity_solver
+    from fewstep.evaluation.evaluate import evaluate_flowmap, evaluate_velocity_solver
 
     if kind == "euler":
         return evaluate_velocity_solver(model, teacher, "euler", nfe, n=n, seed=seed)
-    if kind == "gamma1" and nfe > 1:
-        return evaluate_samples(_multistep_samples(model, teacher, nfe, n, seed, kind), teacher, seed=seed)
-    return evaluate_flowmap(model, teacher, nfe=(nfe,), n=n, seed=seed)[nfe]
+    return evaluate_flowmap(model, teacher, nfe=(nfe,), n=n, seed=seed, sampler=_spec(kind))[nfe]
+
+
+def _spec(kind: str) -> SamplerSpec:
+    """The :class:`SamplerSpec` of a sampler kind: ``gamma1`` -> gamma = 1, ``flowmap`` -> deterministic jumps."""
+    if kind not in ("flowmap", "gamma1"):
+        raise ValueError(f"unknown sampler kind {kind!r}; expected 'flowmap' or 'gamma1'")
+    return CONSISTENCY if kind == "gamma1" else DETERMINISTIC
 
 
 def _multistep_samples(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, grid: int | list[float], n: int,
@@ -187,13 +193,10 @@ def _multistep_samples(model: Callable[..., Tensor], teacher: GaussianMixtureTea
     """Samples of ``model`` on ``grid`` from the evaluation noise of ``seed``: deterministic jumps (``flowmap``) or
     γ = 1 consistency sampling with a generator seeded by ``seed`` (``gamma1``)."""
     from fewstep.evaluation.evaluate import noise
-    from fewstep.sampling.samplers import sample_flowmap
 
     x1 = noise(n, teacher, seed).float()
-    with torch.no_grad():
-        if kind == "gamma1":
-            return gamma_sample(model, x1, grid, gamma=1.0, generator=torch.Generator().manual_seed(seed)).x
-        return sample_flowmap(model, x1, grid).x
+    g = None if isinstance(grid, int) else grid
+    return sample_with(model, x1, _spec(kind), nfe=grid if g is None else None, grid=g, seed=seed).x
 
 
 def evaluate_mid(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, t_mid: float, n: int, seed: int,
@@ -244,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise ValueError(f"unknown train override(s) {sorted(unknown)}; valid: {sorted(fields)}")
             train.update(steps=args.steps, batch_size=args.batch_size)
             train.setdefault("lr", args.lr)
-            cm = get_method(name).parameterization == "consistency"
+            cm = get_method(name).sampler.gamma == 1.0  # the method's own multi-step sampler
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 method = build_method(name, teacher, cfg, args.hidden, args.depth, **net_opts)

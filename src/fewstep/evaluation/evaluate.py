@@ -106,8 +106,11 @@ def _model_dtype(module: Any) -> torch.dtype:
 
 def evaluate_flowmap(flowmap: Callable[..., Tensor], teacher: GaussianMixtureTeacher, nfe: Sequence[int] = (1, 2, 4),
                      n: int = 2000, seed: int = 0, cond: Tensor | None = None,
-                     kl_max_dim: int = 2) -> dict[int, dict[str, float]]:
+                     kl_max_dim: int = 2, sampler: Any = None) -> dict[int, dict[str, float]]:
     """Metrics of a flow-map student sampled with k uniform jumps from 1 to 0, for each k in ``nfe``.
+
+    ``sampler`` (a :class:`~fewstep.sampling.spec.SamplerSpec`, default deterministic uniform jumps) picks the
+    multi-step sampler; a stochastic one (gamma > 0) re-noises from a generator seeded by ``seed`` and has no KL/TV.
 
     Coupling error is measured against the teacher's adaptive endpoint from the same noise; KL/TV use the
     exact log-density of the k-jump map (:func:`~fewstep.sampling.logdensity.flowmap_logdensity`) when d <= kl_max_dim.
@@ -118,7 +121,11 @@ def evaluate_flowmap(flowmap: Callable[..., Tensor], teacher: GaussianMixtureTea
     dtype = _model_dtype(flowmap)
     results: dict[int, dict[str, float]] = {}
     for k in nfe:
-        if teacher.dim <= kl_max_dim:
+        if sampler is not None and (sampler.stochastic or sampler.grid != "uniform") and int(k) > 1:
+            from fewstep.sampling.spec import sample_with
+
+            xs, log_q = sample_with(flowmap, x1.to(dtype), sampler, int(k), cond=cond, seed=seed).x, None
+        elif teacher.dim <= kl_max_dim:
             xs, log_q = flowmap_logdensity(flowmap, x1.to(dtype), int(k), cond=cond)
         else:
             with torch.no_grad():

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
+from fewstep.sampling.spec import DETERMINISTIC, SamplerSpec
 
 __all__ = ["Batch", "Method", "MethodConfig"]
 
@@ -64,6 +65,8 @@ class Method(nn.Module):
         parameterization: The flow-map parameterization of the student this method trains.
         needs_teacher: Whether a teacher is required (False for training from data alone).
         needs_data: Whether batches must carry data x0.
+        sampler: The default multi-step sampler (:class:`~fewstep.sampling.spec.SamplerSpec`): deterministic
+            jumps on a uniform grid unless the method was trained for another (consistency students: gamma=1).
 
     Args:
         student: The flow-map student to train.
@@ -77,6 +80,7 @@ class Method(nn.Module):
     parameterization: ClassVar[str] = "average_velocity"
     needs_teacher: ClassVar[bool] = True
     needs_data: ClassVar[bool] = False
+    sampler: ClassVar[SamplerSpec] = DETERMINISTIC
 
     def __init__(self, student: FlowMap, teacher: nn.Module | None = None, config: Any = None) -> None:
         super().__init__()

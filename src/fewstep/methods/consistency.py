@@ -33,6 +33,7 @@ from fewstep.sampling.samplers import time_grid
 from fewstep.core.utils import bcast
 from fewstep.methods.base import Batch, Method, MethodConfig
 from fewstep.methods.registry import register
+from fewstep.sampling.spec import CONSISTENCY
 
 __all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber", "ema_update",
            "discretization_steps", "consistency_grid"]
@@ -130,6 +131,7 @@ class _ConsistencyBase(Method):
 
     config_class = ConsistencyConfig
     parameterization = "consistency"
+    sampler = CONSISTENCY  # multi-step: jump to data, re-noise with fresh noise (gamma = 1)
     needs_data = True
 
     def __init__(self, student: FlowMap, teacher: torch.nn.Module | None = None,

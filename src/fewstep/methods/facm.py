@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from fewstep.core.utils import bcast
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
+from fewstep.sampling.spec import CONSISTENCY
 from fewstep.methods.meanflow import FlowMapTrainConfig, FlowMapTrainMethod
 from fewstep.methods.scm import consistency_time
 
@@ -108,6 +109,7 @@ class FACM(FlowMapTrainMethod):
     description = "FACM: consistency model F(x,t,0) + flow-matching anchor on a glued time interval, one network."
     config_class = FACMConfig
     parameterization = "consistency"
+    sampler = CONSISTENCY  # multi-step: jump to data, re-noise with fresh noise (gamma = 1)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, config: FACMConfig | None = None) -> None:
         super().__init__(student, teacher, config)

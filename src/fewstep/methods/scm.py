@@ -37,6 +37,7 @@ from fewstep.core.timesteps import sample_time
 from fewstep.core.utils import bcast, count_dims
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
+from fewstep.sampling.spec import CONSISTENCY
 from fewstep.methods.meanflow import FlowMapTrainConfig, FlowMapTrainMethod, adaptive_weight, sq_norm, tangent_normalize, \
     warmup_ratio
 
@@ -119,6 +120,7 @@ class SCM(FlowMapTrainMethod):
     description = "sCM: continuous consistency model f = x - tF(x,t,0) via the JVP df/dt, tangent normalisation."
     config_class = SCMConfig
     parameterization = "consistency"
+    sampler = CONSISTENCY  # multi-step: jump to data, re-noise with fresh noise (gamma = 1)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, config: SCMConfig | None = None) -> None:
         super().__init__(student, teacher, config)
