@@ -11,7 +11,7 @@ from fewstep.methods.ayf import AYFEulerian, AYFLagrangian
 from fewstep.methods.meanflow import MeanFlow
 from fewstep.networks.mlp import MLP
 from fewstep.teachers.presets import load_preset
-from test_meanflow import exact_student, make_batch, train_and_measure
+from _fixtures import exact_student, make_batch, train_and_measure
 
 torch.set_num_threads(1)
 

@@ -6,14 +6,12 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fewstep.core.flowmap import FlowMap
-from fewstep.methods import Batch, get_method
+from fewstep.methods import get_method
 from fewstep.methods._shared.dm import fixed_schedule
-from fewstep.networks.mlp import MLP
 from fewstep.sampling.samplers import sample_flowmap
-from fewstep.teachers import GaussianMixtureTeacher
 
 from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher, small_teacher
 from _fixtures import class_batch as batch

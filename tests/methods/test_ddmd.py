@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fewstep.core.flowmap import FlowMap
-from fewstep.methods import Batch, get_method
+from fewstep.methods import get_method
 from fewstep.methods._shared.dm import ca_loss, dm_loss, normaliser, renoise, teacher_x0
-from fewstep.networks.mlp import MLP
 from fewstep.sampling.samplers import sample_flowmap, solve_adaptive
 from fewstep.teachers import GaussianMixtureTeacher
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fewstep.core.flowmap import FlowMap
-from fewstep.methods import Batch, get_method
+from fewstep.methods import get_method
 from fewstep.methods._shared.dm import (
     backward_simulate,
     dm_loss,
@@ -18,7 +17,6 @@ from fewstep.methods._shared.dm import (
     normaliser,
     renoise_time,
 )
-from fewstep.networks.mlp import MLP
 from fewstep.sampling.samplers import sample_flowmap
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.imm import IMMConfig, imm_r, imm_weight, laplace_mmd2
 from fewstep.networks.mlp import MLP
-from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
+from fewstep.teachers import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
 
 from _fixtures import ExactNet

@@ -16,77 +16,15 @@ from torch import Tensor, nn
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
 from fewstep.methods.base import Batch
-from fewstep.methods.meanflow import MeanFlow, adaptive_weight, sample_t_s, tangent_normalize, warmup_ratio
-from fewstep.networks.mlp import MLP, SinusoidalEmbedding
+from fewstep.methods._shared.flowmap_helpers import adaptive_weight, sample_t_s, tangent_normalize, warmup_ratio
+from fewstep.methods.meanflow import MeanFlow
+from fewstep.networks.mlp import MLP
 from fewstep.teachers.flowmap import TeacherFlowMap
-from fewstep.teachers.gmm import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
 
-from _fixtures import ExactNet, make_batch
+from _fixtures import exact_student, make_batch, train_and_measure
 
 torch.set_num_threads(1)
-
-
-def exact_student(teacher: nn.Module, parameterization: str = "average_velocity", offset: float = 0.0) -> FlowMap:
-    """A FlowMap whose backbone is the exact teacher average velocity (plus a constant ``offset``)."""
-    return FlowMap(ExactNet(teacher, offset=offset), parameterization)
-
-
-def gaussian_teacher() -> GaussianMixtureTeacher:
-    """A single anisotropic 2-D Gaussian: smooth, exactly known flow map (the "small problem" of the tests)."""
-    return GaussianMixtureTeacher([1.0], [[1.0, -0.5]], [[[0.5, 0.2], [0.2, 0.3]]]).double()
-
-
-def train_and_measure(name: str, steps: int = 150, seed: int = 0, lr: float = 1e-3,
-                      **cfg: object) -> tuple[float, float, dict[str, float], dict[str, float]]:
-    """Train a small MLP student with method ``name`` on a 2-D Gaussian teacher (Adam, batch 256, float64).
-
-    The MLP's time embeddings use max_freq = 1: with the default max_freq = 32 (|d emb/dt| up to 2*pi*32) the
-    JVP targets of MeanFlow / sCM / AYF grow during training (see docs/results/flowmap_a.md).
-
-    Returns (error before, error after, mean logs of the first 10 steps, of the last 10). The error is the mean
-    squared distance of F from the exact average velocity on a fixed set of jumps: (t, s) with t - s in
-    [0, 0.3] for average-velocity students, (t, 0) with t in [0.05, 0.35] for consistency students.
-    """
-    teacher = gaussian_teacher()
-    cls = get_method(name)
-    torch.manual_seed(seed)
-    net = MLP(2, hidden=64, depth=2, use_s=True)
-    net.t_emb, net.h_emb = SinusoidalEmbedding(64, max_freq=1.0), SinusoidalEmbedding(64, max_freq=1.0)
-    student = FlowMap(net, cls.parameterization).double()
-    method = cls(student, teacher, cls.make_config(**cfg))
-    g = torch.Generator().manual_seed(1000 + seed)
-    n = 128
-    if cls.parameterization == "consistency":
-        t = 0.05 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
-        s = torch.zeros_like(t)
-    else:
-        t = 0.3 + 0.7 * torch.rand(n, generator=g, dtype=torch.float64)
-        s = t - 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
-    x = teacher.sample(n, t=0.0, generator=g, dtype=torch.float64)
-    x_t = (1 - t)[:, None] * x + t[:, None] * torch.randn(n, 2, generator=g, dtype=torch.float64)
-    exact = ExactNet(teacher, tol=1e-8)(x_t, t, s)
-
-    def error() -> float:
-        with torch.no_grad():
-            return float(((student.F(x_t, t, s) - exact) ** 2).sum(1).mean())
-
-    before = error()
-    opts = {k: torch.optim.Adam(v.parameters(), lr=lr) for k, v in method.trainable().items()}
-    history: list[dict[str, float]] = []
-    for step in range(steps):
-        for nm in method.schedule(step):
-            loss, logs = method.loss(nm, make_batch(teacher, 256, seed=10_000 * seed + step), step)
-            opts[nm].zero_grad()
-            loss.backward()
-            opts[nm].step()
-            if nm == "student":
-                history.append(logs)
-
-    def mean(rows: list[dict[str, float]]) -> dict[str, float]:
-        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-
-    return before, error(), mean(history[:10]), mean(history[-10:])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from fewstep.methods.scm import SCM, TimeWeighting
 from fewstep.networks.mlp import MLP
 from fewstep.teachers.presets import load_preset
 from fewstep.core.timesteps import sample_time
-from test_meanflow import exact_student, make_batch, train_and_measure
+from _fixtures import exact_student, make_batch, train_and_measure
 
 torch.set_num_threads(1)
 
@@ -114,7 +114,7 @@ def test_config_validation() -> None:
 
 def test_t_one_fraction_puts_that_share_of_rows_at_t_max() -> None:
     """consistency_time: rows with u[:,3] < q sit at t_max exactly, the rest follow the base sampler."""
-    from fewstep.methods.scm import consistency_time
+    from fewstep.methods._shared.flowmap_helpers import consistency_time
 
     g = torch.Generator().manual_seed(3)
     u = torch.rand(20000, 8, generator=g)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fewstep.methods.meanflow as meanflow_module
+import fewstep.methods._shared.flowmap_base as flowmap_base
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.splitmeanflow import SplitMeanFlow
 from fewstep.networks.mlp import MLP
 from fewstep.teachers.presets import load_preset
-from test_meanflow import exact_student, make_batch, train_and_measure
+from _fixtures import exact_student, make_batch, train_and_measure
 
 torch.set_num_threads(1)
 
@@ -74,7 +74,7 @@ def test_no_jvp_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("SplitMeanFlow must not call the JVP")
 
-    monkeypatch.setattr(meanflow_module, "jvp", forbidden)
+    monkeypatch.setattr(flowmap_base, "jvp", forbidden)
     teacher = load_preset("ring8").double()
     torch.manual_seed(0)
     student = FlowMap(MLP(2, hidden=16, depth=1), "average_velocity").double()

@@ -46,8 +46,8 @@ from fewstep.core.utils import bcast
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
 from fewstep.sampling.spec import CONSISTENCY
-from fewstep.methods.meanflow import FlowMapTrainConfig, FlowMapTrainMethod
-from fewstep.methods.scm import consistency_time
+from fewstep.methods._shared.flowmap_base import FlowMapTrainConfig, FlowMapTrainMethod
+from fewstep.methods._shared.flowmap_helpers import consistency_time
 
 __all__ = ["FACMConfig", "FACM", "ANCHORS"]
 
@@ -71,7 +71,7 @@ class FACMConfig(FlowMapTrainConfig):
         cos_weight: Weight of the 1 - cosine term inside the anchor.
         anchor: How the FM branch is realised: ``auto``, ``negative_time`` or ``h0`` (module docstring).
         t_one_fraction: Fraction of rows trained at exactly t = t_max (the 1-step jump;
-            :func:`fewstep.methods.scm.consistency_time`).
+            :func:`fewstep.methods._shared.flowmap_helpers.consistency_time`).
     """
 
     t_min: float = 1e-3

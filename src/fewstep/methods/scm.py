@@ -33,32 +33,19 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.networks.mlp import SinusoidalEmbedding
-from fewstep.core.timesteps import sample_time
 from fewstep.core.utils import bcast, count_dims
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
 from fewstep.sampling.spec import CONSISTENCY
-from fewstep.methods.meanflow import FlowMapTrainConfig, FlowMapTrainMethod, adaptive_weight, sq_norm, tangent_normalize, \
+from fewstep.methods._shared.flowmap_base import FlowMapTrainConfig, FlowMapTrainMethod
+from fewstep.methods._shared.flowmap_helpers import adaptive_weight, consistency_time, sq_norm, tangent_normalize, \
     warmup_ratio
 
-__all__ = ["SCMConfig", "SCM", "TimeWeighting", "WEIGHTINGS", "consistency_time"]
+__all__ = ["SCMConfig", "SCM", "TimeWeighting", "WEIGHTINGS"]
 
 WEIGHTINGS: tuple[str, ...] = ("none", "adaptive", "learned")
 
 
-def consistency_time(u: Tensor, cfg: FlowMapTrainConfig, t_one_fraction: float) -> Tensor:
-    r"""Training times of a consistency student: :math:`t \sim p(t)` on [t_min, t_max] (column 0 of ``u``), and
-    :math:`t = t_{max}` exactly on the rows with ``u[:, 3] < t_one_fraction``.
-
-    The 1-step sampler queries only :math:`F(x, 1, 0)`; a logit-normal p(t) puts almost no mass there
-    (logit-normal(-0.4, 1): P(t > 0.95) = 4e-4), so the point mass at t = 1 trains the jump the sampler uses.
-    """
-    if not 0.0 <= t_one_fraction <= 1.0:
-        raise ValueError(f"t_one_fraction must lie in [0, 1]; got {t_one_fraction}")
-    t = sample_time(u[:, 0], cfg.time_sampler, cfg.t_min, cfg.t_max, cfg.logit_mean, cfg.logit_std)
-    if t_one_fraction > 0:
-        t = torch.where(u[:, 3] < t_one_fraction, torch.full_like(t, cfg.t_max), t)
-    return t
 
 
 class TimeWeighting(nn.Module):

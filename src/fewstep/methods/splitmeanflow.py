@@ -27,7 +27,8 @@ from fewstep.core.timesteps import sample_time
 from fewstep.core.utils import bcast
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
-from fewstep.methods.meanflow import AverageVelocityConfig, AverageVelocityMethod, adaptive_weight, sq_norm
+from fewstep.methods._shared.flowmap_base import AverageVelocityConfig, AverageVelocityMethod
+from fewstep.methods._shared.flowmap_helpers import adaptive_weight, sq_norm
 
 __all__ = ["SplitMeanFlowConfig", "SplitMeanFlow"]
 
