@@ -44,7 +44,7 @@ from fewstep.teachers.flowmap import TeacherFlowMap
 from fewstep.core.utils import bcast
 from fewstep.methods.base import Batch, Method
 from fewstep.methods.registry import register
-from fewstep.methods.reflow import MAOptions
+from fewstep.methods._shared.reflow_family import MAOptions
 
 __all__ = ["PerflowConfig", "Perflow", "window_grid", "window_targets"]
 
@@ -53,7 +53,7 @@ WINDOW_INPUTS: tuple[str, ...] = ("data", "teacher")
 
 @dataclass
 class PerflowConfig(MAOptions):
-    """PeRFlow hyper-parameters (plus the MA options of :class:`~fewstep.methods.reflow.MAOptions`).
+    """PeRFlow hyper-parameters (plus the MA options of :class:`~fewstep.methods._shared.reflow_family.MAOptions`).
 
     Attributes:
         num_windows: K uniform windows (ignored when ``windows`` is given).

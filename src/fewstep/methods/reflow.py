@@ -28,88 +28,16 @@ path and its velocity-to-score conversion is not a score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from fewstep.methods._shared.alignment import MA_MODES, ma_loss
-from fewstep.methods._shared.pairs import PairSolver, Pairs, ensure_pairs, generate_pairs, teacher_fingerprint
 from fewstep.core.timesteps import sample_time
-from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods._shared.reflow_family import PairMethod, PairOptions
+from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
 
-__all__ = ["ReflowConfig", "Reflow", "ReflowDistillConfig", "ReflowDistill", "MAOptions"]
-
-
-@dataclass
-class MAOptions(MethodConfig):
-    """Marginal-alignment options shared by reflow, reflow_distill and perflow.
-
-    Attributes:
-        ma_weight: lambda; 0 disables MA.
-        ma_mode: ``jump`` (exact log-det of the student's discrete jumps), ``exact`` or ``hutchinson``.
-        ma_substeps: M sub-steps per window.
-        ma_solver: Sub-step integrator of the ODE modes (euler/heun/rk4).
-        ma_t_min: Smallest window end (the teacher score is singular at t=0).
-        ma_probes: Hutchinson probes K.
-        ma_every: Apply MA every this many steps.
-        ma_batch: Rows of the batch used for MA (0 = all).
-        ma_warmup: First step at which MA is applied.
-    """
-
-    ma_weight: float = 0.0
-    ma_mode: str = "jump"
-    ma_substeps: int = 1
-    ma_solver: str = "euler"
-    ma_t_min: float = 0.02
-    ma_probes: int = 1
-    ma_every: int = 1
-    ma_batch: int = 256
-    ma_warmup: int = 0
-
-    def check_ma(self) -> None:
-        """Raise ValueError naming a bad MA option."""
-        if self.ma_mode not in MA_MODES:
-            raise ValueError(f"unknown ma_mode {self.ma_mode!r}; expected one of {MA_MODES}")
-        for key in ("ma_substeps", "ma_probes", "ma_every"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be >= 1; got {getattr(self, key)}")
-        if self.ma_weight < 0 or not 0.0 <= self.ma_t_min < 1.0 or self.ma_batch < 0:
-            raise ValueError(f"need ma_weight >= 0, 0 <= ma_t_min < 1, ma_batch >= 0; got {self.ma_weight}, "
-                             f"{self.ma_t_min}, {self.ma_batch}")
-
-
-@dataclass
-class PairOptions(MAOptions):
-    """Pair-generation options (see :mod:`fewstep.methods._shared.pairs`).
-
-    Attributes:
-        n_pairs: Number of cached pairs.
-        pair_dir: Cache folder; empty = ``<run_dir>/pairs`` when a run folder exists, else in memory.
-        pair_solver: ``euler``/``heun``/``rk4``/``adaptive``.
-        pair_steps: Steps of a fixed-step pair solve.
-        pair_rtol: Adaptive relative tolerance.
-        pair_atol: Adaptive absolute tolerance.
-        pair_seed: Seed of the pair noise.
-        shard_size: Pairs per shard.
-        guidance: Teacher CFG weight used for the pairs and the MA score.
-        uncond_fraction: Fraction of unconditional labels among the pairs of a conditional teacher.
-        allow_stale_pairs: Reuse cached pairs even if teacher/solver differ (explicit override).
-    """
-
-    n_pairs: int = 20000
-    pair_dir: str = ""
-    pair_solver: str = "rk4"
-    pair_steps: int = 32
-    pair_rtol: float = 1e-5
-    pair_atol: float = 1e-5
-    pair_seed: int = 0
-    shard_size: int = 8192
-    guidance: float = 1.0
-    uncond_fraction: float = 0.0
-    allow_stale_pairs: bool = False
+__all__ = ["ReflowConfig", "Reflow", "ReflowDistillConfig", "ReflowDistill"]
 
 
 @dataclass
@@ -132,86 +60,8 @@ class ReflowDistillConfig(PairOptions):
     """Hyper-parameters of the one-step "+distill" student (pair and MA options only)."""
 
 
-class _PairMethod(Method):
-    """Shared pair handling and the MA term of the reflow family."""
-
-    needs_teacher = True
-    needs_data = False
-
-    def __init__(self, student: Any, teacher: Any = None, config: Any = None) -> None:
-        super().__init__(student, teacher, config)
-        self.config.check_ma()
-        self.solver = PairSolver(self.config.pair_solver, self.config.pair_steps, self.config.pair_rtol,
-                                 self.config.pair_atol)
-        self.pairs: Pairs | None = None
-        self.__dict__["score_teacher"] = None  # set to the original teacher for k-rectified flow
-
-    def set_score_teacher(self, teacher: Any) -> None:
-        """Use ``teacher``'s score / log_prob as the MA target (k-RF: the original teacher); kept out of the
-        module tree so it is never trained or saved."""
-        if teacher is not None and isinstance(teacher, torch.nn.Module):
-            teacher.eval().requires_grad_(False)
-        self.__dict__["score_teacher"] = teacher
-
-    def prepare(self, context: dict[str, Any]) -> None:
-        """Generate, resume or load the cached pairs (rank 0 writes; other ranks wait and load)."""
-        cfg = self.config
-        folder = Path(cfg.pair_dir) if cfg.pair_dir else (
-            Path(context["run_dir"]) / "pairs" if context.get("run_dir") else None)
-        # an unconditional student of a class-conditional teacher gets unconditional pairs (labels -1)
-        uncond = cfg.uncond_fraction
-        if getattr(self.teacher, "num_classes", None) and not getattr(self.student.net, "num_classes", None):
-            uncond = 1.0
-        kw = dict(seed=cfg.pair_seed, guidance=cfg.guidance, uncond_fraction=uncond,
-                  shard_size=cfg.shard_size, fingerprint=teacher_fingerprint(self.teacher),
-                  event_shape=tuple(getattr(self.teacher, "event_shape", None) or self.student.net.event_shape),
-                  progress=bool(context.get("progress", True)) and int(context.get("rank", 0)) == 0)
-        if folder is None:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                self.pairs = generate_pairs(self.teacher, tmp, cfg.n_pairs, self.solver, **kw)
-            return
-        import fewstep.training.distributed as D
-
-        if int(context.get("rank", 0)) == 0:
-            self.pairs = ensure_pairs(self.teacher, folder, cfg.n_pairs, self.solver,
-                                      allow_stale=cfg.allow_stale_pairs, **kw)
-        D.barrier()
-        if self.pairs is None:
-            self.pairs = ensure_pairs(self.teacher, folder, cfg.n_pairs, self.solver,
-                                      allow_stale=cfg.allow_stale_pairs, **kw)
-
-    def take_pairs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Pairs indexed by ``batch.u[:, 2]``, on the batch's device and dtype."""
-        if self.pairs is None:
-            self.prepare({})
-        assert self.pairs is not None
-        x1, x0, c = self.pairs.take(batch.u[:, 2])
-        dev, dt = batch.x1.device, batch.x1.dtype
-        return x1.to(dev, dt), x0.to(dev, dt), (c.to(dev) if c is not None else None)
-
-    def ma_term(self, x_start: Tensor, t_start: Tensor | float, t_end: Tensor | float, cond: Tensor | None,
-                step: int) -> tuple[Tensor | None, dict[str, float]]:
-        """lambda * L_MA on the first ``ma_batch`` rows, or None when MA is off at this step."""
-        cfg = self.config
-        if cfg.ma_weight <= 0 or step < cfg.ma_warmup or step % cfg.ma_every:
-            return None, {}
-        n = cfg.ma_batch or x_start.shape[0]
-        sl = slice(0, n)
-        ts = t_start[sl] if torch.is_tensor(t_start) and t_start.dim() else t_start
-        te = t_end[sl] if torch.is_tensor(t_end) and t_end.dim() else t_end
-        res = ma_loss(self.student, self.teacher, x_start[sl], ts, te, None if cond is None else cond[sl],
-                      mode=cfg.ma_mode, substeps=cfg.ma_substeps, solver=cfg.ma_solver, num_probes=cfg.ma_probes,
-                      t_min=cfg.ma_t_min, guidance=cfg.guidance, score_teacher=self.score_teacher)
-        logs = {"ma": float(res.loss.detach())}
-        if res.kl is not None:
-            logs["ma_kl"] = float(res.kl)
-        return cfg.ma_weight * res.loss, logs
-
-
 @register
-class Reflow(_PairMethod):
+class Reflow(PairMethod):
     """k-rectified flow on cached teacher pairs, with optional marginal alignment (lambda = ma_weight)."""
 
     name = "reflow"
@@ -241,7 +91,7 @@ class Reflow(_PairMethod):
 
 
 @register
-class ReflowDistill(_PairMethod):
+class ReflowDistill(PairMethod):
     """k-RF + distill: a one-step flow map regressed on the teacher pairs, f(x1, 1, 0) ~ x0."""
 
     name = "reflow_distill"
