@@ -1,15 +1,15 @@
-"""Small tensor helpers shared by the whole library: time checking and broadcasting."""
+"""Small helpers shared by the whole library: time checking, broadcasting, unregistered module attributes."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 TimeLike = Union[float, int, Tensor]
 
-__all__ = ["TimeLike", "as_time", "bcast", "check_batch", "count_dims"]
+__all__ = ["TimeLike", "as_time", "bcast", "check_batch", "count_dims", "set_unregistered"]
 
 
 def as_time(t: TimeLike, x: Tensor, name: str = "t", check_range: bool = True) -> Tensor:
@@ -67,3 +67,13 @@ def check_batch(x: Tensor, event_shape: tuple[int, ...], name: str = "x") -> Non
         raise ValueError(
             f"{name} must have shape (batch, {', '.join(map(str, event_shape))}); got {tuple(x.shape)}"
         )
+
+
+def set_unregistered(module: nn.Module, name: str, value: Any) -> None:
+    """Set ``module.name = value`` without registering ``value`` as a sub-module.
+
+    The one place that keeps a network out of a module's tree: a frozen teacher (or a map built on it) stored
+    this way is never returned by ``parameters()``/``state_dict()``, never cast by ``.to()`` and never trained or
+    saved with its owner, but reads as a plain attribute.
+    """
+    module.__dict__[name] = value

@@ -41,10 +41,10 @@ from torch import Tensor
 from fewstep.methods._shared.pairs import teacher_velocity_fn
 from fewstep.sampling.samplers import ODE_METHODS, check_grid
 from fewstep.teachers.flowmap import TeacherFlowMap
-from fewstep.core.utils import bcast
+from fewstep.core.utils import bcast, set_unregistered
 from fewstep.methods.base import Batch, Method
 from fewstep.methods.registry import register
-from fewstep.methods._shared.reflow_family import MAOptions
+from fewstep.methods._shared.reflow_family import MAOptions, add_ma, ma_term
 
 __all__ = ["PerflowConfig", "Perflow", "window_grid", "window_targets"]
 
@@ -62,7 +62,6 @@ class PerflowConfig(MAOptions):
         solver: Teacher solver inside a window (euler/heun/rk4).
         solve_steps: Teacher steps per window.
         input_steps: Teacher steps of the solve from 1 to t_k for ``window_input: teacher``.
-        guidance: Teacher CFG weight.
     """
 
     num_windows: int = 4
@@ -71,7 +70,6 @@ class PerflowConfig(MAOptions):
     solver: str = "rk4"
     solve_steps: int = 2
     input_steps: int = 16
-    guidance: float = 1.0
 
 
 def window_grid(num_windows: int = 4, windows: list | tuple | Tensor | None = None) -> Tensor:
@@ -123,8 +121,8 @@ class Perflow(Method):
         self.needs_data = cfg.window_input == "data"
         self.grid = window_grid(cfg.num_windows, cfg.windows)
         v_fn = teacher_velocity_fn(teacher, cfg.guidance)
-        self.__dict__["window_map"] = TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.solve_steps)
-        self.__dict__["input_map"] = TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.input_steps)
+        set_unregistered(self, "window_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.solve_steps))
+        set_unregistered(self, "input_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.input_steps))
 
     def window_starts(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Per-row window (t_k, t_{k+1}) from ``u[:, 2]`` and the start point x_{t_k}."""
@@ -156,20 +154,4 @@ class Perflow(Method):
         x_t, t, target = window_targets(x_s, x_e, t_s, t_e, batch.u[:, 0])
         loss = ((self.window_velocity(x_t, t, t_e, cond) - target) ** 2).mean()
         logs = {"loss_window": float(loss.detach())}
-        cfg = self.config
-        if cfg.ma_weight > 0 and step >= cfg.ma_warmup and step % cfg.ma_every == 0:
-            from fewstep.methods._shared.alignment import ma_loss
-
-            n = cfg.ma_batch or x_s.shape[0]
-            keep = t_s[:n] > cfg.ma_t_min  # windows entirely below t_min have no MA term
-            if bool(keep.any()):
-                c = None if cond is None else cond[:n][keep]
-                res = ma_loss(self.student, self.teacher, x_s[:n][keep], t_s[:n][keep], t_e[:n][keep], c,
-                              mode=cfg.ma_mode, substeps=cfg.ma_substeps, solver=cfg.ma_solver,
-                              num_probes=cfg.ma_probes, t_min=cfg.ma_t_min, guidance=cfg.guidance)
-                loss = loss + cfg.ma_weight * res.loss
-                logs["ma"] = float(res.loss.detach())
-                if res.kl is not None:
-                    logs["ma_kl"] = float(res.kl)
-        logs["loss"] = float(loss.detach())
-        return loss, logs
+        return add_ma(loss, logs, ma_term(self.student, self.teacher, self.config, x_s, t_s, t_e, cond, step))

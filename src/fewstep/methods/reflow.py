@@ -33,7 +33,7 @@ from typing import Any
 from torch import Tensor
 
 from fewstep.core.timesteps import sample_time
-from fewstep.methods._shared.reflow_family import PairMethod, PairOptions
+from fewstep.methods._shared.reflow_family import PairMethod, PairOptions, add_ma
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
 
@@ -82,12 +82,7 @@ class Reflow(PairMethod):
         loss = self.pair_loss(x1, x0, cond, batch.u[:, 0])
         logs = {"loss_fm": float(loss.detach())}
         # MA window [t_min, 1]: x_1 ~ p_1 = N(0, I) exactly (the pair noise)
-        ma, ma_logs = self.ma_term(x1, 1.0, 0.0, cond, step)
-        if ma is not None:
-            loss = loss + ma
-        logs.update(ma_logs)
-        logs["loss"] = float(loss.detach())
-        return loss, logs
+        return add_ma(loss, logs, self.ma_term(x1, 1.0, 0.0, cond, step))
 
 
 @register
@@ -112,9 +107,4 @@ class ReflowDistill(PairMethod):
         x1, x0, cond = self.take_pairs(batch)
         loss = ((self.student(x1, 1.0, 0.0, cond) - x0) ** 2).mean()
         logs = {"loss_pair": float(loss.detach())}
-        ma, ma_logs = self.ma_term(x1, 1.0, 0.0, cond, step)
-        if ma is not None:
-            loss = loss + ma
-        logs.update(ma_logs)
-        logs["loss"] = float(loss.detach())
-        return loss, logs
+        return add_ma(loss, logs, self.ma_term(x1, 1.0, 0.0, cond, step))

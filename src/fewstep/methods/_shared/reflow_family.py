@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.core.utils import set_unregistered
 from fewstep.methods._shared.alignment import MA_MODES, ma_loss
 from fewstep.methods._shared.pairs import PairSolver, Pairs, ensure_pairs, generate_pairs, teacher_fingerprint
 from fewstep.methods.base import Batch, Method, MethodConfig
 
-__all__ = ["MAOptions", "PairOptions", "PairMethod"]
+__all__ = ["MAOptions", "PairOptions", "PairMethod", "ma_term", "add_ma"]
 
 
 @dataclass
@@ -33,6 +34,7 @@ class MAOptions(MethodConfig):
         ma_every: Apply MA every this many steps.
         ma_batch: Rows of the batch used for MA (0 = all).
         ma_warmup: First step at which MA is applied.
+        guidance: Teacher CFG weight (of the pairs or window solves, and of the MA score).
     """
 
     ma_weight: float = 0.0
@@ -44,6 +46,7 @@ class MAOptions(MethodConfig):
     ma_every: int = 1
     ma_batch: int = 256
     ma_warmup: int = 0
+    guidance: float = 1.0
 
     def check_ma(self) -> None:
         """Raise ValueError naming a bad MA option."""
@@ -70,7 +73,6 @@ class PairOptions(MAOptions):
         pair_atol: Adaptive absolute tolerance.
         pair_seed: Seed of the pair noise.
         shard_size: Pairs per shard.
-        guidance: Teacher CFG weight used for the pairs and the MA score.
         uncond_fraction: Fraction of unconditional labels among the pairs of a conditional teacher.
         allow_stale_pairs: Reuse cached pairs even if teacher/solver differ (explicit override).
     """
@@ -83,9 +85,62 @@ class PairOptions(MAOptions):
     pair_atol: float = 1e-5
     pair_seed: int = 0
     shard_size: int = 8192
-    guidance: float = 1.0
     uncond_fraction: float = 0.0
     allow_stale_pairs: bool = False
+
+
+def ma_term(student: Any, teacher: Any, cfg: MAOptions, x_start: Tensor, t_start: Tensor | float,
+            t_end: Tensor | float, cond: Tensor | None, step: int,
+            score_teacher: Any = None) -> tuple[Tensor | None, dict[str, float]]:
+    r"""The marginal-alignment term :math:`\lambda L_{MA}` on the first ``ma_batch`` rows, or None when it is off.
+
+    MA is applied when :math:`\lambda` = ``ma_weight`` > 0, ``step >= ma_warmup`` and ``step % ma_every == 0``.
+    With per-row window starts (a tensor ``t_start``), rows whose window lies entirely below ``ma_t_min`` carry no
+    term (they are dropped; None when none is left).
+
+    Args:
+        student: The student flow map.
+        teacher: The teacher whose score is the MA target (unless ``score_teacher`` is given).
+        cfg: The MA options.
+        x_start: Window start points, shape (B, ...).
+        t_start: Window start times (float or shape (B,)).
+        t_end: Window end times (float or shape (B,)).
+        cond: Class labels or None.
+        step: Training step.
+        score_teacher: The teacher whose score is aligned to (k-rectified flow: the original teacher).
+
+    Returns:
+        (lambda * L_MA or None, logs with ``ma`` and, when computed, ``ma_kl``).
+    """
+    if cfg.ma_weight <= 0 or step < cfg.ma_warmup or step % cfg.ma_every:
+        return None, {}
+    n = cfg.ma_batch or x_start.shape[0]
+    x, c = x_start[:n], None if cond is None else cond[:n]
+    ts = t_start[:n] if torch.is_tensor(t_start) and t_start.dim() else t_start
+    te = t_end[:n] if torch.is_tensor(t_end) and t_end.dim() else t_end
+    if torch.is_tensor(ts) and ts.dim():
+        keep = ts > cfg.ma_t_min
+        if not bool(keep.any()):
+            return None, {}
+        x, ts, c = x[keep], ts[keep], None if c is None else c[keep]
+        te = te[keep] if torch.is_tensor(te) and te.dim() else te
+    res = ma_loss(student, teacher, x, ts, te, c, mode=cfg.ma_mode, substeps=cfg.ma_substeps, solver=cfg.ma_solver,
+                  num_probes=cfg.ma_probes, t_min=cfg.ma_t_min, guidance=cfg.guidance, score_teacher=score_teacher)
+    logs = {"ma": float(res.loss.detach())}
+    if res.kl is not None:
+        logs["ma_kl"] = float(res.kl)
+    return cfg.ma_weight * res.loss, logs
+
+
+def add_ma(loss: Tensor, logs: dict[str, float],
+           term: tuple[Tensor | None, dict[str, float]]) -> tuple[Tensor, dict[str, float]]:
+    """``loss + lambda L_MA`` (when the term is on) with its logs merged and the total logged as ``loss``."""
+    ma, ma_logs = term
+    if ma is not None:
+        loss = loss + ma
+    logs.update(ma_logs)
+    logs["loss"] = float(loss.detach())
+    return loss, logs
 
 
 class PairMethod(Method):
@@ -100,14 +155,14 @@ class PairMethod(Method):
         self.solver = PairSolver(self.config.pair_solver, self.config.pair_steps, self.config.pair_rtol,
                                  self.config.pair_atol)
         self.pairs: Pairs | None = None
-        self.__dict__["score_teacher"] = None  # set to the original teacher for k-rectified flow
+        set_unregistered(self, "score_teacher", None)  # set to the original teacher for k-rectified flow
 
     def set_score_teacher(self, teacher: Any) -> None:
         """Use ``teacher``'s score / log_prob as the MA target (k-RF: the original teacher); kept out of the
         module tree so it is never trained or saved."""
         if teacher is not None and isinstance(teacher, torch.nn.Module):
             teacher.eval().requires_grad_(False)
-        self.__dict__["score_teacher"] = teacher
+        set_unregistered(self, "score_teacher", teacher)
 
     def prepare(self, context: dict[str, Any]) -> None:
         """Generate, resume or load the cached pairs (rank 0 writes; other ranks wait and load)."""
@@ -149,18 +204,6 @@ class PairMethod(Method):
 
     def ma_term(self, x_start: Tensor, t_start: Tensor | float, t_end: Tensor | float, cond: Tensor | None,
                 step: int) -> tuple[Tensor | None, dict[str, float]]:
-        """lambda * L_MA on the first ``ma_batch`` rows, or None when MA is off at this step."""
-        cfg = self.config
-        if cfg.ma_weight <= 0 or step < cfg.ma_warmup or step % cfg.ma_every:
-            return None, {}
-        n = cfg.ma_batch or x_start.shape[0]
-        sl = slice(0, n)
-        ts = t_start[sl] if torch.is_tensor(t_start) and t_start.dim() else t_start
-        te = t_end[sl] if torch.is_tensor(t_end) and t_end.dim() else t_end
-        res = ma_loss(self.student, self.teacher, x_start[sl], ts, te, None if cond is None else cond[sl],
-                      mode=cfg.ma_mode, substeps=cfg.ma_substeps, solver=cfg.ma_solver, num_probes=cfg.ma_probes,
-                      t_min=cfg.ma_t_min, guidance=cfg.guidance, score_teacher=self.score_teacher)
-        logs = {"ma": float(res.loss.detach())}
-        if res.kl is not None:
-            logs["ma_kl"] = float(res.kl)
-        return cfg.ma_weight * res.loss, logs
+        """lambda * L_MA of :func:`ma_term` with this method's student, teacher(s) and config."""
+        return ma_term(self.student, self.teacher, self.config, x_start, t_start, t_end, cond, step,
+                       score_teacher=self.score_teacher)
