@@ -1,0 +1,171 @@
+r"""Loading diffusers folders and calling their denoisers as fewstep velocity fields.
+
+A folder is either a pipeline saved with ``save_pretrained`` (``model_index.json`` with a ``transformer`` or
+``unet`` component, a ``scheduler`` and optionally a ``vae``), a folder with those sub-folders but no
+``model_index.json``, or a bare model folder (its ``config.json``) whose scheduler comes from a sibling or
+child ``scheduler`` folder or the ``scheduler`` option. Nothing is downloaded: every load is
+``from_pretrained(<local folder>)``.
+
+:class:`DiffusersDenoiser` evaluates :math:`v(x, t \mid c)` = ``convention.to_velocity(model(z, k, **c))`` with
+(z, k) = ``convention.model_inputs(x, t)`` (see :mod:`fewstep.integrations.diffusers.conventions`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.integrations.diffusers.conditioning import Conditioner
+from fewstep.integrations.diffusers.conventions import FlowConvention, VPConvention
+
+__all__ = ["DiffusersFolder", "resolve_folder", "load_component", "DiffusersDenoiser", "TIMESTEP_EMBEDDERS",
+           "event_shape_of", "conditioner_for"]
+
+DENOISERS = ("transformer", "unet")
+#: Module-name suffixes of the timestep embedders (``TimestepEmbedding``) of diffusers denoisers: SD3 / Flux /
+#: PixArt / DiT ``...timestep_embedder``, U-Nets ``time_embedding``.
+TIMESTEP_EMBEDDERS = ("timestep_embedder", "time_embedding")
+
+
+def _diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError("the diffusers integration needs the optional extra: pip install 'fewstep[diffusers]'") from None
+    return diffusers
+
+
+@dataclass
+class DiffusersFolder:
+    """Where the denoiser, scheduler and VAE of a folder live (None: absent)."""
+
+    model: Path
+    scheduler: Path | None
+    vae: Path | None
+    component: str
+
+
+def resolve_folder(path: str | Path, subfolder: str | None = None, scheduler: str | None = None) -> DiffusersFolder:
+    """Locate denoiser / scheduler / VAE folders (see the module docstring).
+
+    Raises:
+        ValueError: when the path holds no diffusers model.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"teacher path {str(root)!r} is not a folder (a diffusers save_pretrained folder is needed)")
+    if subfolder:
+        model = root / subfolder
+    elif (root / "config.json").is_file():
+        model = root
+    else:
+        found = [root / c for c in DENOISERS if (root / c / "config.json").is_file()]
+        if not found:
+            raise ValueError(f"{str(root)!r} holds no diffusers model: expected config.json or a "
+                             f"{' / '.join(DENOISERS)} sub-folder")
+        model = found[0]
+    if not (model / "config.json").is_file():
+        raise ValueError(f"{str(model)!r} has no config.json")
+    sched = None
+    for cand in ([Path(scheduler)] if scheduler else []) + [model / "scheduler", model.parent / "scheduler"]:
+        if (cand / "scheduler_config.json").is_file():
+            sched = cand
+            break
+    if scheduler and sched is None:
+        raise ValueError(f"scheduler folder {scheduler!r} has no scheduler_config.json")
+    vae = model.parent / "vae" if (model.parent / "vae" / "config.json").is_file() and model != root else None
+    return DiffusersFolder(model, sched, vae, model.name if model != root else "model")
+
+
+def load_component(folder: Path, dtype: torch.dtype | None = None, config_name: str = "config.json") -> Any:
+    """``<_class_name>.from_pretrained(folder)`` for a model or scheduler folder (class read from its config)."""
+    diffusers = _diffusers()
+    cfg = json.loads((folder / config_name).read_text())
+    name = cfg.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        raise ValueError(f"{str(folder)!r}: unknown diffusers class {name!r} (diffusers {diffusers.__version__})")
+    if config_name == "scheduler_config.json":
+        return cls.from_pretrained(str(folder))
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(str(folder), **kw)
+
+
+def event_shape_of(model: nn.Module) -> tuple[int, ...] | None:
+    """(in_channels, H, W) from the model config's ``in_channels`` and ``sample_size``; None when unknown."""
+    cfg = model.config
+    c, size = cfg.get("in_channels"), cfg.get("sample_size")
+    if c is None or size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(c), int(h), int(w)
+
+
+def conditioner_for(model: nn.Module, null_class: int | None = None) -> Conditioner:
+    """Class-conditional (DiT's ``num_embeds_ada_norm``, U-Nets' ``num_class_embeds``), text (an
+    ``encoder_hidden_states`` argument) or unconditional."""
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    if type(model).__name__ == "DiTTransformer2DModel" and cfg.get("num_embeds_ada_norm"):
+        n = int(cfg["num_embeds_ada_norm"])
+        return Conditioner("class", n, n if null_class is None else null_class)  # DiT's class-dropout token = n
+    if cfg.get("num_class_embeds") and cfg.get("class_embed_type") is None:
+        return Conditioner("class", int(cfg["num_class_embeds"]), null_class)
+    if "encoder_hidden_states" in params:
+        return Conditioner("table")
+    return Conditioner("none")
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """GroupNorm pre-hook: forward-mode AD of group_norm needs a contiguous input (its tangent is viewed)."""
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+class DiffusersDenoiser(nn.Module):
+    """A diffusers denoiser with its time convention and conditioning: ``velocity(x, t, cond)``.
+
+    Args:
+        model: The diffusers model (``ModelMixin``).
+        convention: :class:`FlowConvention` or :class:`VPConvention`.
+        conditioner: How ``cond`` ids become model keyword arguments.
+    """
+
+    def __init__(self, model: nn.Module, convention: FlowConvention | VPConvention, conditioner: Conditioner) -> None:
+        super().__init__()
+        self.model = model
+        self.convention = convention
+        self.conditioner = conditioner
+        self._accepts = set(inspect.signature(model.forward).parameters)
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm) and _contiguous_input not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_contiguous_input)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def raw(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The model's native output at the convention's (z, k) for x at time t (learned-variance halves dropped)."""
+        z, k = self.convention.model_inputs(x, t)
+        dt = self.dtype
+        kw = self.conditioner.kwargs(cond, x.shape[0], x.device, dt)
+        unknown = set(kw) - self._accepts
+        if unknown:
+            raise ValueError(f"{type(self.model).__name__}.forward takes no argument(s) {sorted(unknown)} "
+                             "(check the tensor names of the condition folder)")
+        out = self.model(z.to(dt), timestep=k.to(torch.float32), return_dict=False, **kw)[0]
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance (DiT, IDDPM U-Nets): keep the mean prediction
+            out = out[:, : x.shape[1]]
+        if out.shape != x.shape:
+            raise ValueError(f"{type(self.model).__name__} returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        return out.to(x.dtype)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """v(x, t | cond) on fewstep's linear path."""
+        return self.convention.to_velocity(self.raw(x, t, cond), x, t)
