@@ -4,34 +4,39 @@ Commands::
 
     fewstep methods                                   list registered methods
     fewstep train-teacher --data ring8 [overrides]    flow matching on a dataset (a teacher for kind=run)
-    fewstep distill --method NAME [--config F.yaml] [--run-dir D] [--resume] [section.key=value ...]
-    fewstep sample RUN_DIR [--nfe 4 | --grid 1,0.5,0] [--n 1000] [--out samples]   -> .npy + .png
-    fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000]     metrics table + eval.json (analytic teachers)
+    fewstep distill --method NAME [--config F.yaml] [--run-dir D] [--resume | --overwrite] [section.key=value ...]
+    fewstep sample RUN_DIR [--nfe 4 | --grid 1,0.5,0] [--gamma G] [--n 1000] [--label L] [--out samples]
+    fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000] [--gamma G] [--grid uniform|edm]   metrics with the teacher's
     fewstep demo                                      ring8: reflow vs reflow+MA vs the teacher's Euler
     fewstep diagnose tv [args ...]                    diagnostics: fewstep.evaluation.diagnose.main_tv(["tv", args ...])
 
 Multi-process: ``python -m torch.distributed.run --nproc_per_node 2 -m fewstep.cli distill ...``.
 Run folders default to ``runs/<method>-<UTC timestamp>``; every run folder holds the resolved
-``config.yaml``, ``metrics.csv``, TensorBoard files under ``tb/`` and ``ckpt-<step>/`` checkpoints.
+``config.yaml`` (including the ``sampler`` section: the method's own multi-step sampler, e.g. gamma = 1 for
+consistency students), ``metrics.csv``, TensorBoard files under ``tb/`` and ``ckpt-<step>/`` checkpoints.
+Every user error ends as one line ``fewstep: error: ...`` with exit status 2 (1 for a diverged run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:
-    import torch
+from typing import Sequence
 
 __all__ = ["main", "build_parser", "DIAGNOSTICS"]
 
 #: Diagnostics reachable as ``fewstep diagnose NAME``; each maps to a function ``main_<name>(argv)`` of
 #: :mod:`fewstep.evaluation.diagnose`, imported only when the command runs.
 DIAGNOSTICS: dict[str, str] = {"tv": "main_tv"}
+
+#: Datasets whose default is class-conditional (``data.kwargs.conditional=false`` makes them unconditional).
+CONDITIONAL_BY_DEFAULT = ("moons", "spirals", "digits_data")
 
 
 def _default_run_dir(method: str) -> Path:
@@ -48,38 +53,59 @@ def _latest_run_dir(method: str | None) -> Path:
     return runs[-1]
 
 
+def _clear_run(run_dir: Path) -> None:
+    """--overwrite: remove a previous run's checkpoints, metrics, evaluations and TensorBoard files."""
+    from fewstep.training.checkpoint import list_checkpoints
+
+    for _, folder in list_checkpoints(run_dir):
+        shutil.rmtree(folder)
+    for name in ("metrics.csv", "evals.jsonl", "eval.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
 def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
     import torch
 
     import fewstep.training.distributed as D
-    from fewstep.config.build import build_run
-    from fewstep.config.schema import load_config, normalize_method_section, save_config
+    from fewstep.config.build import build_run, read_run_config, resolve_sampler
+    from fewstep.config.schema import SamplerConfig, load_config, save_config, to_dict
+    from fewstep.training.trainer import check_run_dir
 
     torch.set_num_threads(args.threads)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
     resume_dir = None
     if args.resume:
         resume_dir = Path(args.run_dir) if args.run_dir else _latest_run_dir(method)
-        if not (resume_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume: {str(resume_dir)!r} is not a run folder (no config.yaml)")
     if resume_dir is not None and args.config is None:
-        import yaml
-
-        saved = normalize_method_section(yaml.safe_load((resume_dir / "config.yaml").read_text()))
-        cfg = load_config(None, args.overrides, base=saved)
+        cfg = load_config(None, args.overrides, base=to_dict(read_run_config(resume_dir)))
     else:
+        if resume_dir is not None:
+            read_run_config(resume_dir)  # a run folder at all?
         if method is not None:
             base = {**base, "method": {"name": method}}
         cfg = load_config(args.config, args.overrides, base=base)
         if method is not None and cfg.method.name != method:
             cfg.method.name = method  # --method wins over the file
+    spec = resolve_sampler(cfg)
+    cfg.sampler = SamplerConfig(gamma=spec.gamma, grid=spec.grid)  # stored resolved in the run folder
     rank, world, device = D.init_distributed(args.device or cfg.device)
     run_dir = resume_dir or (Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.method.name))
     run_dir = Path(D.broadcast_string(str(run_dir)))  # one folder for all ranks
+    trainer = build_run(cfg, device=device, run_dir=run_dir, resume=args.resume)  # validates every key first
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and run_dir.is_dir():
+            _clear_run(run_dir)
+        check_run_dir(run_dir, args.resume)
         save_config(cfg, run_dir / "config.yaml")
+        ds = trainer.dataset
+        if cfg.data.name in CONDITIONAL_BY_DEFAULT and getattr(ds, "num_classes", None):
+            print(f"note: data {cfg.data.name!r} is class-conditional ({ds.num_classes} classes) by default; "
+                  "data.kwargs.conditional=false trains an unconditional student", file=sys.stderr)
+        print(f"multi-step sampler: {spec.describe()} (method {cfg.method.name}; override with sampler.gamma=...)",
+              file=sys.stderr)
     D.barrier()
-    trainer = build_run(cfg, device=device, run_dir=run_dir, resume=args.resume)
     trainer.fit()
     if rank == 0:
         last = trainer.history[-1] if trainer.history else {}
@@ -104,147 +130,123 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_grid(text: str | None, nfe: int) -> list[float] | int:
-    if not text:
-        return nfe
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--grid must be comma-separated times like 1,0.5,0; got {text!r}") from None
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fewstep.config.build import load_run_student
-    from fewstep.sampling.samplers import sample_flowmap
+    from fewstep.cli_eval import check_nfe, run_sampler, save_figure
+    from fewstep.config.build import load_run
+    from fewstep.sampling.spec import sample_with
 
     torch.set_num_threads(args.threads)
-    student = load_run_student(args.run_dir, ema=not args.raw)
-    event = tuple(student.net.event_shape)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1 (number of samples); got {args.n}")
+    check_nfe([args.nfe])
+    run = load_run(args.run_dir)
+    student = run.student(ema=not args.raw)
+    spec, grid = run_sampler(run, args.gamma, args.grid)
+    cond = _labels(student, args.label, args.n)
     g = torch.Generator().manual_seed(args.seed)
-    x1 = torch.randn(args.n, *event, generator=g)
-    cond = None
-    if args.label is not None:
-        cond = torch.full((args.n,), args.label, dtype=torch.long)
-    grid = _parse_grid(args.grid, args.nfe)
-    with torch.no_grad():
-        res = sample_flowmap(student, x1, grid=grid, cond=cond)
+    x1 = torch.randn(args.n, *tuple(student.net.event_shape), generator=g)
+    res = sample_with(student, x1, spec, args.nfe, grid=grid, cond=cond, seed=args.seed,
+                      allow_nonzero_end=args.allow_partial)
+    if not bool(torch.isfinite(res.x).all()):
+        raise FloatingPointError(f"the student at ckpt-{run.step} produced NaN/inf samples (a diverged run)")
     out = Path(args.out or Path(args.run_dir) / f"samples-nfe{res.nfe}")
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), res.x.numpy())
-    print(f"wrote {out.with_suffix('.npy')} ({args.n} samples, {res.nfe} NFE)")
-    png = _save_png(res.x, out.with_suffix(".png"), f"{Path(args.run_dir).name}: {res.nfe} NFE")
+    meta = {"run_dir": str(args.run_dir), "checkpoint_step": run.step, "ema": not args.raw and bool(run.ema_students),
+            "sampler": spec.to_dict(), "times": res.times.tolist(), "nfe": res.nfe, "n": args.n, "seed": args.seed,
+            "label": args.label}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    print(f"loaded ckpt-{run.step} of {args.run_dir} ({'EMA' if meta['ema'] else 'raw'} weights); "
+          f"sampler {spec.describe()}")
+    print(f"wrote {out.with_suffix('.npy')} ({args.n} samples, {res.nfe} NFE) and {out.with_suffix('.json')}")
+    png = save_figure(res.x, out.with_suffix(".png"), f"{Path(args.run_dir).name}: {res.nfe} NFE")
     if png is not None:
         print(f"wrote {png}")
     return 0
 
 
-def _save_png(x: "torch.Tensor", path: Path, title: str) -> Path | None:
-    """Scatter plot for 2-D samples, an image grid for 64-D (8x8) samples; None for other shapes."""
-    import math
-
-    import matplotlib
+def _labels(student: object, label: int | None, n: int) -> "torch.Tensor | None":
+    """Class labels for sampling: checked against the student's classes; warns for a conditional one without."""
     import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    flat = x.reshape(x.shape[0], -1).detach().cpu().float()
-    if flat.shape[1] == 2:
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.scatter(flat[:, 0], flat[:, 1], s=2)
-        ax.set_aspect("equal")
-    elif flat.shape[1] == 64:
-        k = min(64, flat.shape[0])
-        cols = int(math.ceil(math.sqrt(k)))
-        rows = int(math.ceil(k / cols))
-        grid = torch.full((rows * 9, cols * 9), -1.0)  # digit background is -1
-        for i in range(k):
-            r, c = divmod(i, cols)
-            grid[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = flat[i].reshape(8, 8)
-        fig, ax = plt.subplots(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
-        ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1)
-        ax.axis("off")
-    else:
+    k = getattr(getattr(student, "net", None), "num_classes", None)
+    if label is None:
+        if k:
+            warnings.warn(f"this student is class-conditional ({k} classes) and no --label was given: sampling "
+                          "the unconditional (null-class) model", UserWarning)
         return None
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    if not k:
+        raise ValueError(f"--label {label}: this student is unconditional (trained without labels)")
+    if not 0 <= label < k:
+        raise ValueError(f"--label must lie in 0..{k - 1} for this student; got {label}")
+    return torch.full((n,), label, dtype=torch.long)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from fewstep.config.build import load_run
+    from fewstep.cli_eval import run_eval
 
     torch.set_num_threads(args.threads)
-    try:
-        from fewstep.evaluation.evaluate import evaluate_flowmap
-    except ImportError as e:
-        raise SystemExit(f"fewstep eval needs fewstep.evaluation.evaluate, which could not be imported: {e}") from None
-    cfg, method, teacher = load_run(args.run_dir)
-    ref = teacher if teacher is not None else None
-    if ref is None:
-        from fewstep.teachers.presets import PRESETS, load_preset
-
-        if cfg.data.name not in PRESETS:
-            raise SystemExit(f"fewstep eval needs an analytic reference; run {args.run_dir} has data "
-                             f"{cfg.data.name!r} and no teacher")
-        ref = load_preset(cfg.data.name, conditional=bool(cfg.data.kwargs.get("conditional", False)))
-    emas = method.__dict__["ema_students"]
-    student = next(iter(emas.values())) if emas and not args.raw else method.student
-    res = evaluate_flowmap(student, getattr(ref, "inner", ref), nfe=tuple(args.nfe), n=args.n, seed=args.seed)
-    metrics = sorted({m for d in res.values() for m in d})
-    print("nfe  " + "  ".join(f"{m:>14s}" for m in metrics))
-    for k, d in res.items():
-        print(f"{k:<4} " + "  ".join(f"{float(d.get(m, float('nan'))):14.6g}" for m in metrics))
-    out = Path(args.out or Path(args.run_dir) / "eval.json")
-    out.write_text(json.dumps({str(k): v for k, v in res.items()}, indent=1, default=float))
-    print(f"wrote {out}")
-    return 0
+    return run_eval(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fewstep.demo import run_demo
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {args.steps}")
     run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, threads=args.threads)
     return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.name not in DIAGNOSTICS:
-        raise SystemExit(f"unknown diagnostic {args.name!r}; available: {', '.join(sorted(DIAGNOSTICS))}")
-    try:
-        import fewstep.evaluation.diagnose as diagnose
-    except ImportError as e:
-        raise SystemExit(f"`fewstep diagnose` needs the module fewstep.evaluation.diagnose, which is not available: {e}") from None
-    fn = getattr(diagnose, DIAGNOSTICS[args.name], None)
-    if fn is None:
-        raise SystemExit(f"fewstep.evaluation.diagnose has no function {DIAGNOSTICS[args.name]}(argv)")
-    rc = fn([args.name, *args.args])  # fewstep.evaluation.diagnose.main_<name> parses "<name> ..." (argv after `diagnose`)
+        raise ValueError(f"unknown diagnostic {args.name!r}; available: {', '.join(sorted(DIAGNOSTICS))}")
+    import fewstep.evaluation.diagnose as diagnose
+
+    rc = getattr(diagnose, DIAGNOSTICS[args.name])([args.name, *args.args])
     return int(rc or 0)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see configs/README.md)")
     p.add_argument("--run-dir", help="run folder (default runs/<method>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a run already in --run-dir")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's device)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 method.cfg.norm_p=0.75")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gamma", type=float, default=None,
+                   help="CTM gamma in [0, 1] (0 deterministic jumps, 1 fresh noise); default: the run's sampler")
+    p.add_argument("--grid", help="grid rule (uniform, edm) or explicit decreasing times ending at 0, e.g. 1,0.6,0; "
+                                  "default: the run's sampler")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``fewstep`` command."""
     p = argparse.ArgumentParser(prog="fewstep", description="Distill flow-matching teachers into few-step students.")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list training methods").set_defaults(fn=cmd_methods)
     t = sub.add_parser("train-teacher", help="train a velocity teacher by flow matching on a dataset")
-    t.add_argument("--data", default=None, help="dataset name (default: from the config, else ring8)")
+    t.add_argument("--data", default=None, help="dataset name (default: from the config, else ring8); moons, spirals "
+                                                "are class-conditional by default (data.kwargs.conditional=false)")
     _add_train_args(t)
     t.set_defaults(fn=lambda a: _train(a, "flow_matching", {"data": {"name": a.data or "ring8"}}
                                        if a.config is None or a.data else {}))
@@ -252,19 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", help="method name (see `fewstep methods`); default: from the config")
     _add_train_args(d)
     d.set_defaults(fn=lambda a: _train(a, a.method, {}))
-    s = sub.add_parser("sample", help="sample a trained student to .npy (and .png for 2-D data)")
+    s = sub.add_parser("sample", help="sample a trained student to .npy + .json (and .png)")
     s.add_argument("run_dir")
-    s.add_argument("--nfe", type=int, default=1, help="uniform grid with this many steps")
-    s.add_argument("--grid", help="explicit decreasing times, e.g. 1,0.6,0")
+    s.add_argument("--nfe", type=int, default=1, help="number of steps on the run's grid rule")
+    _add_sampler_args(s)
+    s.add_argument("--allow-partial", action="store_true", help="allow an explicit --grid that stops before t=0")
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--label", type=int, default=None, help="class label for conditional students")
+    s.add_argument("--label", type=int, default=None, help="class label 0..K-1 for conditional students (moons, "
+                                                           "spirals are conditional by default)")
     s.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     s.add_argument("--out", help="output path without suffix")
     s.set_defaults(fn=cmd_sample)
-    e = sub.add_parser("eval", help="evaluate a run against its analytic teacher")
+    e = sub.add_parser("eval", help="metrics of a run beside the teacher's own (Euler, adaptive, exact floor)")
     e.add_argument("run_dir")
     e.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
+    _add_sampler_args(e)
     e.add_argument("--n", type=int, default=2000)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--raw", action="store_true")
@@ -282,14 +287,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    return f"fewstep: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (errors in user input exit with status 2 and one line)."""
+    """Entry point; returns the exit status. User errors print one line and return 2; a diverged or corrupt run 1."""
+    from fewstep.training.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
+    old_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except FloatingPointError as e:
+        print(f"fewstep: error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except CheckpointError as e:
+        print(f"fewstep: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as e:  # OSError: FileNotFound, FileExists, Permission, IsADirectory
         print(f"fewstep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fewstep: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: one line, the traceback only on request
+        if os.environ.get("FEWSTEP_DEBUG"):
+            raise
+        print(f"fewstep: internal error: {type(e).__name__}: {e} (FEWSTEP_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = old_format
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,12 +26,13 @@ from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
 from fewstep.networks.mlp import MLP
+from fewstep.sampling.spec import SamplerSpec
 
 from fewstep.training.callbacks import EvalCallback, SampleFigureCallback
 from fewstep.training.trainer import Trainer
 
 __all__ = ["build_teacher", "build_dataset", "build_student", "build_method", "build_run", "load_run",
-           "load_run_student", "build_from_objects", "GuidedTeacher"]
+           "load_run_student", "LoadedRun", "resolve_sampler", "read_run_config", "build_from_objects", "GuidedTeacher"]
 
 
 class GuidedTeacher(nn.Module):
@@ -135,7 +137,7 @@ def build_method(cfg: RunConfig, device: str | torch.device | None = None) -> tu
     torch.manual_seed(cfg.seed)
     method_cls = get_method(cfg.method.name)
     mcfg, used_w = _method_config(method_cls, dict(cfg.method.cfg), cfg.teacher.guidance)
-    wants = method_cls.needs_teacher or cfg.data.name == "teacher" or bool(getattr(mcfg, "use_teacher", False))
+    wants = method_cls.uses_teacher(mcfg) or cfg.data.name == "teacher"
     teacher = build_teacher(cfg.teacher, dev) if wants else None
     dataset = build_dataset(cfg.data.name, dict(cfg.data.kwargs), teacher)
     if teacher is not None and cfg.teacher.guidance != 1.0 and not used_w:
@@ -159,52 +161,107 @@ def build_run(cfg: RunConfig, device: str | torch.device | None = None, run_dir:
     callbacks = []
     inner = getattr(teacher, "inner", teacher) if teacher is not None else getattr(dataset, "teacher", None)
     if with_eval and cfg.eval.nfe and isinstance(inner, GaussianMixtureTeacher):
-        callbacks.append(EvalCallback(inner, nfe=cfg.eval.nfe, n=cfg.eval.n_samples, seed=cfg.seed))
+        spec = resolve_sampler(cfg)
+        callbacks.append(EvalCallback(inner, nfe=cfg.eval.nfe, n=cfg.eval.n_samples, seed=cfg.seed, sampler=spec))
         if inner.dim == 2 and dataset.num_classes is None:
             callbacks.append(SampleFigureCallback(lambda n: inner.sample(n, generator=torch.Generator()
-                                                                         .manual_seed(1)), nfe=cfg.eval.nfe))
+                                                                         .manual_seed(1)), nfe=cfg.eval.nfe,
+                                                  sampler=spec))
     return Trainer(method, dataset, cfg.train, run_dir=run_dir, callbacks=callbacks, seed=cfg.seed,
                    resume=resume, run_config=to_dict(cfg))
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, Method, nn.Module | None]:
-    """Rebuild a run's method from ``config.yaml`` and load its newest valid checkpoint (EMA copies included).
+@dataclass
+class LoadedRun:
+    """A run folder rebuilt from its ``config.yaml`` and newest valid checkpoint.
 
-    Returns (config, method, teacher); the EMA student is ``method.ema_students[decay]`` (dict, may be empty).
+    Attributes:
+        config: The resolved run config.
+        method: The method with the raw (non-EMA) weights loaded.
+        teacher: The frozen teacher, or None for methods trained without one.
+        ema_students: EMA copies of the student by decay (first = the one used for sampling); may be empty.
+        step: Training steps completed by the loaded checkpoint.
+        sampler: The run's multi-step sampler (config ``sampler`` section, else the method's own).
+        run_dir: The folder.
     """
-    import yaml
 
-    from fewstep.training.checkpoint import load_latest
+    config: RunConfig
+    method: Method
+    teacher: nn.Module | None
+    ema_students: dict[float, FlowMap]
+    step: int
+    sampler: SamplerSpec
+    run_dir: Path
+
+    def student(self, ema: bool = True) -> FlowMap:
+        """The first EMA copy when ``ema`` and one exists, else the raw student; in eval mode."""
+        if ema and self.ema_students:
+            return next(iter(self.ema_students.values())).eval()
+        return self.method.student.eval()
+
+
+def resolve_sampler(cfg: RunConfig, gamma: float | None = None, grid: str | None = None) -> SamplerSpec:
+    """The sampler of a run: explicit ``gamma``/``grid`` > config ``sampler`` section > ``Method.sampler``."""
+    own = get_method(cfg.method.name).sampler
+    g = gamma if gamma is not None else (cfg.sampler.gamma if cfg.sampler.gamma is not None else own.gamma)
+    kind = grid or cfg.sampler.grid or own.grid
+    return SamplerSpec(gamma=float(g), grid=kind)
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The :class:`RunConfig` stored in ``run_dir/config.yaml`` (errors name the folder)."""
+    from fewstep.config.schema import read_yaml
 
     root = Path(run_dir)
+    if root.is_file():
+        raise ValueError(f"{str(root)!r} is a file, not a fewstep run folder")
     if not (root / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(root)!r} is not a fewstep run folder (no config.yaml)")
-    cfg = from_dict(RunConfig, normalize_method_section(yaml.safe_load((root / "config.yaml").read_text())))
+    data = read_yaml(root / "config.yaml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(root / 'config.yaml')!r} must contain a mapping")
+    return from_dict(RunConfig, normalize_method_section(data))
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild a run's method from ``config.yaml`` and load its newest valid checkpoint (EMA copies included).
+
+    Raises:
+        FileNotFoundError: no config.yaml, or no checkpoint at all.
+        CheckpointError: checkpoints exist but none is complete and valid (each problem is named).
+    """
+    import copy
+    import warnings
+
+    from fewstep.training.checkpoint import CheckpointError, list_checkpoints, load_latest
+
+    root = Path(run_dir)
+    cfg = read_run_config(root)
     method, _, teacher = build_method(cfg, device)
-    found = load_latest(root, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = load_latest(root, device=device)
     if found is None:
-        raise FileNotFoundError(f"run folder {str(root)!r} has no complete checkpoint")
-    _, tensors, state = found
+        if list_checkpoints(root):
+            why = "; ".join(str(w.message) for w in caught)
+            raise CheckpointError(f"every checkpoint of run folder {str(root)!r} is incomplete or corrupt ({why})")
+        raise FileNotFoundError(f"run folder {str(root)!r} has no checkpoint yet (ckpt-<step>/)")
+    for w in caught:
+        warnings.warn(str(w.message), UserWarning, stacklevel=2)
+    step, tensors, state = found
     method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
     emas: dict[float, FlowMap] = {}
     for d in (state.get("ema") or {}).get("decays", []):
-        import copy
-
         m = copy.deepcopy(method.student)
         pre = f"ema/{float(d)!r}/"
         m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
         emas[float(d)] = m.eval()
-    method.__dict__["ema_students"] = emas
-    return cfg, method, teacher
+    return LoadedRun(cfg, method, teacher, emas, int(step), resolve_sampler(cfg), root)
 
 
 def load_run_student(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> FlowMap:
     """The student of a run folder (the first EMA copy when ``ema`` and one exists), in eval mode."""
-    _, method, _ = load_run(run_dir, device)
-    emas = method.__dict__["ema_students"]
-    if ema and emas:
-        return next(iter(emas.values()))
-    return method.student.eval()
+    return load_run(run_dir, device).student(ema)
 
 
 def build_from_objects(method: str | Method, teacher: Any, dataset: Any, method_cfg: dict[str, Any],

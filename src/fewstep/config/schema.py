@@ -18,21 +18,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
 from fewstep.config.typed import check_value, from_dict, to_dict
 
 __all__ = [
-    "TeacherConfig", "DataConfig", "StudentConfig", "MethodSection", "TrainConfig", "EvalConfig", "RunConfig",
-    "from_dict", "to_dict", "load_config", "normalize_method_section", "apply_overrides", "save_config", "check_value",
+    "TeacherConfig", "DataConfig", "StudentConfig", "MethodSection", "TrainConfig", "EvalConfig", "SamplerConfig",
+    "RunConfig", "MIN_EVAL_SAMPLES",
+    "from_dict", "to_dict", "load_config", "read_yaml", "normalize_method_section", "apply_overrides", "save_config", "check_value",
 ]
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 AMP_MODES = ("off", "bf16", "fp16")
 TEACHER_KINDS = ("preset", "json", "run")
+PARAMETERIZATIONS = ("", "average_velocity", "consistency", "velocity")
+ACTIVATIONS = ("silu", "gelu")
+#: Fewest samples an evaluation may use: below this, MMD² and W2 are dominated by estimator noise.
+MIN_EVAL_SAMPLES = 100
 
 
 @dataclass
@@ -93,6 +98,20 @@ class StudentConfig:
     raw_time: bool = False
     parameterization: str = ""
     init_from: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "depth", "emb_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"invalid value for config key 'student.{key}': {getattr(self, key)!r}; must be >= 1")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"invalid value for config key 'student.parameterization': {self.parameterization!r}; "
+                             f"expected one of {PARAMETERIZATIONS[1:]} (or empty for the method's own)")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"invalid value for config key 'student.activation': {self.activation!r}; "
+                             f"expected one of {ACTIVATIONS}")
+        if not (0 < self.min_freq <= self.max_freq < float("inf")):
+            raise ValueError(f"student.min_freq={self.min_freq!r} and student.max_freq={self.max_freq!r} must "
+                             "satisfy 0 < min_freq <= max_freq")
 
 
 @dataclass
@@ -196,6 +215,39 @@ class EvalConfig:
     nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     n_samples: int = 2000
 
+    def __post_init__(self) -> None:
+        bad = [k for k in self.nfe if k < 1]
+        if bad:
+            raise ValueError(f"invalid value for config key 'eval.nfe': {self.nfe!r}; every step count must be >= 1 "
+                             "(use eval.nfe=[] for no evaluation)")
+        if self.n_samples < MIN_EVAL_SAMPLES:
+            raise ValueError(f"invalid value for config key 'eval.n_samples': {self.n_samples!r}; must be >= "
+                             f"{MIN_EVAL_SAMPLES} (fewer samples make MMD² and W2 estimator noise)")
+
+
+@dataclass
+class SamplerConfig:
+    """The multi-step sampler of the student (:class:`fewstep.sampling.spec.SamplerSpec`).
+
+    Empty values mean the method's own (``Method.sampler``); the resolved config of a run folder stores the values
+    used, and ``fewstep sample`` / ``fewstep eval`` read them (``--gamma`` / ``--grid`` override).
+
+    Attributes:
+        gamma: CTM gamma in [0, 1] (0 = deterministic jumps, 1 = jump to data and re-noise); None = the method's.
+        grid: ``uniform`` or ``edm``; empty = the method's.
+    """
+
+    gamma: Optional[float] = None
+    grid: str = ""
+
+    def __post_init__(self) -> None:
+        from fewstep.sampling.spec import GRID_KINDS
+
+        if self.gamma is not None and not (0.0 <= self.gamma <= 1.0):
+            raise ValueError(f"invalid value for config key 'sampler.gamma': {self.gamma!r}; must lie in [0, 1]")
+        if self.grid and self.grid not in GRID_KINDS:
+            raise ValueError(f"invalid value for config key 'sampler.grid': {self.grid!r}; expected one of {GRID_KINDS}")
+
 
 @dataclass
 class RunConfig:
@@ -209,6 +261,7 @@ class RunConfig:
     method: MethodSection = field(default_factory=MethodSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     def __post_init__(self) -> None:
         if self.teacher.kind not in TEACHER_KINDS:
@@ -225,7 +278,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         key = key.strip().lstrip("-")
         if not key:
             raise ValueError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: the value {raw!r} is not valid YAML") from None
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
@@ -249,9 +305,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     data: dict[str, Any] = to_dict(RunConfig()) if base is None else _merge(to_dict(RunConfig()), base)
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"--config {str(p)!r} is a directory, not a YAML file")
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p)
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {str(p)!r} must contain a mapping at the top level")
         for k in loaded:
@@ -260,6 +318,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         data = _merge(data, loaded)
     apply_overrides(data, overrides)
     return from_dict(RunConfig, normalize_method_section(data))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a syntax error becomes one ValueError line naming the file, line and column."""
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"YAML syntax error in {str(p)!r}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(p)!r} is not a text (YAML) file") from None
 
 
 def normalize_method_section(data: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Every error names the offending dotted key: ``unknown config key 'train.lrr'``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Union
@@ -57,6 +58,8 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
                 raise ValueError(f"config key {key!r} must be {_article(tp)}, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key {key!r} must be {_article(tp)}, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
         if tp is int and float(value) != int(value):
             raise ValueError(f"config key {key!r} must be an int, got {value!r}")
         return tp(value)

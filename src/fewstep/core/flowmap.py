@@ -49,6 +49,21 @@ class FlowMap(nn.Module):
         self.net = net
         self.parameterization = parameterization
 
+    def _check_input(self, x: Tensor) -> Tensor:
+        """Cast x to the student's dtype and device; a wrong event shape is a ValueError naming both shapes."""
+        event = getattr(self.net, "event_shape", None)
+        if not torch.is_tensor(x):
+            raise TypeError(f"flow-map input must be a tensor, got {type(x).__name__}")
+        if event is not None and tuple(x.shape[1:]) != tuple(event):
+            raise ValueError(f"flow-map input must have shape (batch, {', '.join(map(str, event))}); "
+                             f"got {tuple(x.shape)}")
+        p = next(self.net.parameters(), None)
+        if p is not None and (x.dtype != p.dtype or x.device != p.device):
+            if not x.is_floating_point():
+                raise TypeError(f"flow-map input must be a floating-point tensor, got {x.dtype}")
+            x = x.to(device=p.device, dtype=p.dtype)
+        return x
+
     def network_s(self, t: Tensor, s: Tensor) -> Tensor:
         """The second time the backbone sees for a jump t -> s (see module docstring)."""
         if self.parameterization == "average_velocity":
@@ -68,7 +83,11 @@ class FlowMap(nn.Module):
 
     def forward(self, x: Tensor, t: TimeLike, s: TimeLike, cond: Tensor | None = None) -> Tensor:
         r"""Jump :math:`f_{t\to s}(x) = c_{skip} x + c_{out} F_\theta(x, t, s')`; t, s scalars or shape (batch,)."""
+        x = self._check_input(x)
         tt, ss = as_time(t, x, "t"), as_time(s, x, "s")
+        if bool((ss > tt).any()):
+            raise ValueError(f"a flow map jumps from t down to s <= t (t=1 noise, s=0 data); got s > t "
+                             f"(t={float(tt.min()):g}.., s={float(ss.max()):g}..)")
         c_skip, c_out = self.c_skip_c_out(tt, ss)
         return bcast(c_skip, x) * x + bcast(c_out, x) * self.net(x, tt, self.network_s(tt, ss), cond)
 

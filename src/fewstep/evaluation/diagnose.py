@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fewstep.methods._shared.alignment import MA_MODES, window_logdensity
 from fewstep.sampling.logdensity import make_probes
+from fewstep.sampling.samplers import check_grid, time_grid
 from fewstep.evaluation.metrics import kl_tv_importance
 from fewstep.core.utils import as_time
 
@@ -40,9 +41,12 @@ def _grid(windows: int | Sequence[float] | Tensor) -> Tensor:
     if isinstance(windows, int):
         if windows < 1:
             raise ValueError(f"windows must be >= 1; got {windows}")
-        return torch.linspace(1.0, 0.0, windows + 1, dtype=torch.float64)
-    g = torch.as_tensor(windows, dtype=torch.float64)
-    if g.dim() != 1 or g.numel() < 2 or not bool((g[1:] < g[:-1]).all()) or float(g[0]) != 1.0 or float(g[-1]) < 0:
+        return time_grid(windows)
+    try:
+        g = check_grid(windows)
+    except ValueError as e:
+        raise ValueError(f"windows must be a decreasing grid starting at 1 and ending >= 0: {e}") from None
+    if float(g[0]) != 1.0:
         raise ValueError(f"windows must be a decreasing grid starting at 1 and ending >= 0; got {g.tolist()}")
     return g
 
@@ -156,9 +160,9 @@ def add_tv_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run_tv(args: argparse.Namespace) -> int:
     from fewstep.config.build import load_run
 
-    _, method, teacher = load_run(args.run)
-    emas = method.__dict__.get("ema_students") or {}
-    student = next(iter(emas.values())) if emas and not args.no_ema else method.student
+    run = load_run(args.run)
+    method, teacher = run.method, run.teacher
+    student = run.student(ema=not args.no_ema)
     inner = getattr(teacher, "inner", teacher)
     if args.windows:
         parts = [float(v) for v in str(args.windows).split(",")]

@@ -101,11 +101,13 @@ class EvalCallback(Callback):
         n: Number of samples per evaluation.
         seed: Sampling seed (fixed, so evaluations are comparable over training).
         ema: Evaluate the EMA weights.
+        sampler: The multi-step sampler (:class:`~fewstep.sampling.spec.SamplerSpec`); None = deterministic jumps.
     """
 
     def __init__(self, teacher: Any, nfe: Sequence[int] = (1, 2, 4), n: int = 2000, seed: int = 0,
-                 ema: bool = True) -> None:
+                 ema: bool = True, sampler: Any = None) -> None:
         self.teacher, self.nfe, self.n, self.seed, self.ema = teacher, tuple(nfe), n, seed, ema
+        self.sampler = sampler
 
     def on_eval(self, trainer: "Trainer", step: int) -> None:
         try:
@@ -115,11 +117,12 @@ class EvalCallback(Callback):
         student = trainer.student(ema=self.ema)
         was_training = student.training
         student.eval()
-        res = evaluate_flowmap(student, self.teacher, nfe=self.nfe, n=self.n, seed=self.seed)
+        res = evaluate_flowmap(student, self.teacher, nfe=self.nfe, n=self.n, seed=self.seed, sampler=self.sampler)
         student.train(was_training)
         flat = {f"eval/nfe{k}/{m}": float(v) for k, d in res.items() for m, v in d.items()
                 if isinstance(v, (int, float))}
-        record = {"step": step, "results": {str(k): v for k, v in res.items()}}
+        record = {"step": step, "results": {str(k): v for k, v in res.items()},
+                  "sampler": None if self.sampler is None else self.sampler.to_dict()}
         trainer.eval_history.append(record)
         if trainer.logger is not None:
             trainer.logger.log(step, flat)
@@ -136,22 +139,27 @@ class SampleFigureCallback(Callback):
         nfe: Step counts shown.
         n: Points per panel.
         seed: Noise seed.
+        sampler: The multi-step sampler (:class:`~fewstep.sampling.spec.SamplerSpec`); None = deterministic jumps.
     """
 
-    def __init__(self, target: Any, nfe: Sequence[int] = (1, 2, 4), n: int = 1000, seed: int = 0) -> None:
-        self.target, self.nfe, self.n, self.seed = target, tuple(nfe), n, seed
+    def __init__(self, target: Any, nfe: Sequence[int] = (1, 2, 4), n: int = 1000, seed: int = 0,
+                 sampler: Any = None) -> None:
+        self.target, self.nfe, self.n, self.seed, self.sampler = target, tuple(nfe), n, seed, sampler
 
     def on_eval(self, trainer: "Trainer", step: int) -> None:
         if trainer.run_dir is None:
             return
         save_sample_figure(trainer.student(ema=True), self.target, trainer.run_dir / f"samples-{step}.png",
-                           nfe=self.nfe, n=self.n, seed=self.seed, title=f"step {step}")
+                           nfe=self.nfe, n=self.n, seed=self.seed, title=f"step {step}", sampler=self.sampler)
 
 
 @torch.no_grad()
 def save_sample_figure(flowmap: Any, target: Any, path: str | Path, nfe: Sequence[int] = (1, 2, 4),
-                       n: int = 1000, seed: int = 0, title: str = "", cond: torch.Tensor | None = None) -> Path:
+                       n: int = 1000, seed: int = 0, title: str = "", cond: torch.Tensor | None = None,
+                       sampler: Any = None) -> Path:
     """PNG with target samples, ``f`` sampled with each NFE (x_{i+1} = f_{t_i->t_{i+1}}(x_i)), and trajectories.
+
+    ``sampler`` (:class:`~fewstep.sampling.spec.SamplerSpec`, default deterministic jumps) is the multi-step rule.
 
     Only the first two coordinates are drawn (2-D toy data). ``target`` is a callable ``n -> (n, d)``
     or a tensor of reference samples.
@@ -161,8 +169,9 @@ def save_sample_figure(flowmap: Any, target: Any, path: str | Path, nfe: Sequenc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fewstep.sampling.samplers import sample_flowmap
+    from fewstep.sampling.spec import DETERMINISTIC, sample_with
 
+    spec = DETERMINISTIC if sampler is None else sampler
     device = next(flowmap.parameters()).device if hasattr(flowmap, "parameters") else torch.device("cpu")
     event = tuple(getattr(getattr(flowmap, "net", None), "event_shape", (2,)))
     g = torch.Generator().manual_seed(seed)
@@ -176,11 +185,11 @@ def save_sample_figure(flowmap: Any, target: Any, path: str | Path, nfe: Sequenc
     ax[0].scatter(ref2[:, 0], ref2[:, 1], s=2, c="k")
     ax[0].set_title("target")
     for i, k in enumerate(nfe):
-        x = sample_flowmap(flowmap, x1, grid=int(k), cond=cond).x.reshape(n, -1)[:, :2].cpu()
+        x = sample_with(flowmap, x1, spec, int(k), cond=cond, seed=seed).x.reshape(n, -1)[:, :2].cpu()
         ax[i + 1].scatter(x[:, 0], x[:, 1], s=2, c="C0")
         ax[i + 1].set_title(f"{k} step{'s' if k > 1 else ''}")
-    res = sample_flowmap(flowmap, x1[:64], grid=max(nfe), cond=None if cond is None else cond[:64],
-                         return_trajectory=True)
+    res = sample_with(flowmap, x1[:64], spec, max(nfe), cond=None if cond is None else cond[:64], seed=seed,
+                      return_trajectory=True)
     traj = torch.stack([t.reshape(t.shape[0], -1)[:, :2].cpu() for t in res.trajectory or []])
     ax[-1].plot(traj[:, :, 0].numpy(), traj[:, :, 1].numpy(), lw=0.6, c="C1")
     ax[-1].scatter(traj[-1, :, 0], traj[-1, :, 1], s=4, c="C0")

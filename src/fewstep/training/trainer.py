@@ -22,6 +22,8 @@ Library use (five lines; ``Trainer(method, dataset, TrainConfig(...), run_dir).f
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 import warnings
@@ -34,13 +36,39 @@ from torch import Tensor, nn
 
 import fewstep.training.distributed as D
 from fewstep.training.callbacks import Callback, CSVLogger
-from fewstep.training.checkpoint import load_latest, restore_trainer_state, save_checkpoint, trainer_state
+from fewstep.training.checkpoint import (CheckpointError, list_checkpoints, load_latest, restore_trainer_state,
+                                         save_checkpoint, trainer_state)
 from fewstep.config.schema import TrainConfig
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Batch, Method
 from fewstep.training.optim import EMA, derive_seed, lr_factor
 
-__all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_seed", "train"]
+__all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_seed", "train", "check_run_dir"]
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Create ``run_dir`` and fail early when it is not writable or already holds another run's checkpoints.
+
+    Raises:
+        FileExistsError: checkpoints exist and ``resume`` is False (the new run's checkpoints would be pruned in
+            favour of the old ones with higher step numbers, and ``fewstep eval`` would report the old run).
+        PermissionError: the folder cannot be created or written.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run folder {str(run_dir)!r} is a file")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError:
+        raise PermissionError(f"run folder {str(run_dir)!r} is not writable") from None
+    if not resume:
+        old = list_checkpoints(run_dir)
+        if old:
+            raise FileExistsError(f"run folder {str(run_dir)!r} already holds checkpoints (newest ckpt-{old[0][0]}); "
+                                  "pass --resume to continue that run, --overwrite to replace it, or another --run-dir")
 
 
 class Trainer:
@@ -63,7 +91,7 @@ class Trainer:
                  run_config: dict[str, Any] | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        if method.needs_data and dataset is None:
+        if method.uses_data(method.config) and dataset is None:
             raise ValueError(f"method {method.name!r} needs data: pass a dataset")
         self.method, self.dataset, self.config, self.seed = method, dataset, config, int(seed)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -119,7 +147,7 @@ class Trainer:
             x0, cond = self.dataset.sample(b, generator=g)
         x1 = torch.randn(b, *self.event_shape, generator=g)
         u = torch.rand(b, 8, generator=g)
-        if not self.method.needs_data:
+        if not self.method.uses_data(self.method.config):
             x0 = None  # data-free methods get labels (cond) only
         return Batch(x1=x1, u=u, x0=x0, cond=cond)
 
@@ -169,6 +197,9 @@ class Trainer:
                 gn = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
             else:
                 gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+            if self.scaler is None and not math.isfinite(gn):  # fp16: the scaler skips such steps itself
+                raise FloatingPointError(f"non-finite gradient norm for {name!r} at step {step}: {gn} (diverged; "
+                                         "lower train.lr or set train.grad_clip > 0)")
             lr = self.base_lrs[name] * lr_factor(step, self.config)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -189,11 +220,12 @@ class Trainer:
     def fit(self) -> Method:
         """Train for ``config.steps`` steps (continuing from a checkpoint when ``resume``); returns the method."""
         cfg = self.config
+        if self.run_dir is not None and self.rank == 0:
+            check_run_dir(self.run_dir, self.resume)
         self.prepare()
         if self.resume and self.try_resume() and self.rank == 0:
             print(f"resumed from {self.run_dir}/ckpt-{self.step}", file=sys.stderr)
         if self.run_dir is not None and self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.logger = CSVLogger(self.run_dir, tensorboard=cfg.tensorboard, start_step=self.step)
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -229,8 +261,8 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
+        self.save()  # the weights are safe before the final evaluation can fail
         self.evaluate()
-        self.save()
         for cb in self.callbacks:
             cb.on_fit_end(self)
         if self.logger is not None:
@@ -299,6 +331,10 @@ class Trainer:
             return False
         found = load_latest(self.run_dir, device=self.device)
         if found is None:
+            if list_checkpoints(self.run_dir):
+                raise CheckpointError(f"--resume: every checkpoint in {str(self.run_dir)!r} is incomplete or corrupt; "
+                                      "not restarting from step 0 over its metrics (delete the folder or use "
+                                      "another --run-dir)")
             return False
         _, tensors, state = found
         self.load_state(tensors, state)

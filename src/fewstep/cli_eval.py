@@ -1,0 +1,276 @@
+r"""``fewstep eval`` and the figures of ``fewstep sample``: a student's metrics beside the teacher's own.
+
+For each NFE K the student is sampled with the run's sampler (:class:`~fewstep.sampling.spec.SamplerSpec`) and
+compared with, on the same noise and reference samples:
+
+* the teacher's Euler solver at the same K (what K network evaluations buy without distillation),
+* the teacher's adaptive solve (dopri5; the best the teacher can do),
+* the floor: exact samples vs independent exact samples (the value of a perfect sampler at this n).
+
+Analytic teachers are scored against exact mixture samples; learned teachers (``teacher.kind=run`` or data
+without an analytic density) against held-out data from the run's dataset (a seed the training never draws),
+with the density-free metrics only (MMD², W2, sliced W2). MMD² is the unbiased RBF estimate summed over
+bandwidths {0.05, 0.2, 1}, so values at the floor may be negative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["run_eval", "run_sampler", "check_nfe", "save_figure", "BETTER", "context_flags"]
+
+#: Which direction is better for each metric.
+BETTER: dict[str, str] = {"mmd2": "lower", "w2": "lower", "sliced_w2": "lower", "kl": "lower", "tv": "lower",
+                          "mean_loglik": "closest to exact", "modes_covered": "higher", "off_mode": "lower",
+                          "coupling_l2": "lower (0 = the teacher's ODE map)", "fd_digits": "lower"}
+SHOWN = ("mmd2", "w2", "sliced_w2", "mean_loglik", "kl", "modes_covered", "off_mode")
+HELD_OUT_SEED = 987_654_321  # held-out data for learned teachers: a generator seed the trainer never derives
+
+
+def check_nfe(nfe: Sequence[int]) -> None:
+    """Every step count must be an int >= 1."""
+    bad = [k for k in nfe if k < 1]
+    if bad:
+        raise ValueError(f"--nfe must be >= 1 (number of sampling steps); got {list(nfe)}")
+
+
+def run_sampler(run: Any, gamma: float | None, grid: str | None) -> tuple[Any, list[float] | None]:
+    """The run's sampler with --gamma / --grid applied; --grid is a rule name or explicit comma-separated times."""
+    from fewstep.config.build import resolve_sampler
+    from fewstep.sampling.spec import GRID_KINDS
+
+    if gamma is not None and not (math.isfinite(gamma) and 0.0 <= gamma <= 1.0):
+        raise ValueError(f"--gamma must lie in [0, 1]; got {gamma}")
+    times = None
+    kind = None
+    if grid:
+        if grid in GRID_KINDS:
+            kind = grid
+        else:
+            try:
+                times = [float(v) for v in grid.split(",")]
+            except ValueError:
+                raise ValueError(f"--grid must be one of {GRID_KINDS} or decreasing times like 1,0.5,0; "
+                                 f"got {grid!r}") from None
+            if not all(math.isfinite(v) for v in times):
+                raise ValueError(f"--grid times must be finite numbers; got {grid!r}")
+    own = run.sampler
+    spec = resolve_sampler(run.config, own.gamma if gamma is None else gamma, kind or own.grid)
+    return spec, times
+
+
+def save_figure(x: Tensor, path: Path, title: str, ref: Tensor | None = None) -> Path | None:
+    """Scatter for 2-D samples, an image grid for 64-D (8x8), pairwise projections of the first 4 coordinates
+    for other dimensions >= 3 (reference samples in grey when given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = x.reshape(x.shape[0], -1).detach().cpu().float()
+    r = None if ref is None else ref.reshape(ref.shape[0], -1).detach().cpu().float()
+    d = flat.shape[1]
+    if d == 64:
+        k = min(64, flat.shape[0])
+        cols = int(math.ceil(math.sqrt(k)))
+        rows = int(math.ceil(k / cols))
+        img = torch.full((rows * 9, cols * 9), -1.0)  # digit background is -1
+        for i in range(k):
+            a, b = divmod(i, cols)
+            img[a * 9:a * 9 + 8, b * 9:b * 9 + 8] = flat[i].reshape(8, 8)
+        fig, ax = plt.subplots(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
+        ax.imshow(img.numpy(), cmap="gray_r", vmin=-1, vmax=1)
+        ax.axis("off")
+        ax.set_title(title)
+    elif d == 2:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        if r is not None:
+            ax.scatter(r[:, 0], r[:, 1], s=2, c="0.7", label="reference")
+        ax.scatter(flat[:, 0], flat[:, 1], s=2, label="samples")
+        ax.set_aspect("equal")
+        ax.set_title(title)
+    elif d >= 3:
+        dims = min(d, 4)
+        pairs = [(i, j) for i in range(dims) for j in range(i + 1, dims)]
+        fig, axes = plt.subplots(1, len(pairs), figsize=(3 * len(pairs), 3), squeeze=False)
+        for ax, (i, j) in zip(axes[0], pairs):
+            if r is not None:
+                ax.scatter(r[:, i], r[:, j], s=1, c="0.7")
+            ax.scatter(flat[:, i], flat[:, j], s=1)
+            ax.set_xlabel(f"x{i}")
+            ax.set_ylabel(f"x{j}")
+        fig.suptitle(f"{title} (pairwise projections of the first {dims} of {d} coordinates)")
+    else:
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def context_flags(student: dict[str, float], floor: dict[str, float], n: int) -> list[str]:
+    """What a metric cannot tell at this n: W2 within the exact-vs-exact spread; log-likelihood above exact."""
+    flags = []
+    if "w2" in student and "w2" in floor and student["w2"] <= 1.2 * floor["w2"]:
+        flags.append(f"w2 {student['w2']:.4g} is within the exact-vs-exact W2 {floor['w2']:.4g} at n={n}: "
+                     "W2 cannot tell this sampler from exact samples here")
+    if "mmd2" in student and "mmd2_sd" in floor and abs(student["mmd2"]) <= 2 * floor["mmd2_sd"]:
+        flags.append(f"mmd2 {student['mmd2']:.3g} is within 2 sd of the exact-vs-exact floor at n={n}: "
+                     "indistinguishable from exact samples by MMD²")
+    if "mean_loglik" in student and "mean_loglik" in floor and student["mean_loglik"] > floor["mean_loglik"] + 0.02:
+        flags.append(f"mean_loglik {student['mean_loglik']:.4g} is above the exact samples' "
+                     f"{floor['mean_loglik']:.4g}: the modes are too narrow, not better")
+    return flags
+
+
+def _analytic(run: Any) -> Any:
+    """The analytic mixture of a run (its teacher, its data's mixture, or the preset named by data.name), or None."""
+    from fewstep.teachers.gmm import GaussianMixtureTeacher
+    from fewstep.teachers.presets import PRESETS, load_preset
+
+    inner = getattr(run.teacher, "inner", run.teacher)
+    if isinstance(inner, GaussianMixtureTeacher):
+        return inner
+    cfg = run.config
+    if run.teacher is None and cfg.data.name in PRESETS:
+        return load_preset(cfg.data.name, conditional=bool(cfg.data.kwargs.get("conditional", False)))
+    return None
+
+
+def _floor(ref_fn: Any, metric_fn: Any, seeds: Sequence[int]) -> dict[str, float]:
+    """Exact-vs-exact metrics over a few independent draws: mean and sd of MMD², mean of the rest."""
+    rows = [metric_fn(ref_fn(s)) for s in seeds]
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if isinstance(rows[0][k], float)}
+    m = [r["mmd2"] for r in rows]
+    out["mmd2_sd"] = (sum((v - out["mmd2"]) ** 2 for v in m) / max(len(m) - 1, 1)) ** 0.5
+    return out
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``fewstep eval``: print and write (eval.json) the student's metrics with the teacher's and the floor."""
+    from fewstep.config.build import load_run
+    from fewstep.config.schema import MIN_EVAL_SAMPLES
+
+    check_nfe(args.nfe)
+    if args.n < MIN_EVAL_SAMPLES:
+        raise ValueError(f"--n must be >= {MIN_EVAL_SAMPLES}: fewer samples make MMD² and W2 estimator noise; "
+                         f"got {args.n}")
+    run = load_run(args.run_dir)
+    student = run.student(ema=not args.raw)
+    spec, times = run_sampler(run, args.gamma, args.grid)
+    if times is not None:
+        raise ValueError("fewstep eval takes a grid rule (--grid uniform|edm) and --nfe; explicit times are for "
+                         "fewstep sample")
+    mix = _analytic(run)
+    res = _eval_analytic(run, student, mix, spec, args) if mix is not None else _eval_data(run, student, spec, args)
+    _print(res, args)
+    out = Path(args.out or Path(args.run_dir) / "eval.json")
+    out.write_text(json.dumps(res, indent=1, default=float))
+    print(f"wrote {out}")
+    return 0
+
+
+def _eval_analytic(run: Any, student: Any, mix: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from fewstep.evaluation.evaluate import evaluate_flowmap, evaluate_samples, evaluate_velocity_solver, noise
+
+    n, seed = args.n, args.seed
+    res = evaluate_flowmap(student, mix, nfe=tuple(args.nfe), n=n, seed=seed, sampler=spec)
+    euler = {k: evaluate_velocity_solver(mix, mix, "euler", int(k), n=n, seed=seed) for k in args.nfe}
+    adaptive = evaluate_velocity_solver(mix, mix, "dopri5", n=n, seed=seed, kl_max_dim=0)
+    floor = _floor(lambda s: mix.sample(n, generator=torch.Generator().manual_seed(seed + 7919 * (s + 1)),
+                                        dtype=torch.float64),
+                   lambda x: evaluate_samples(x, mix, seed=seed), (0, 1, 2))
+    xs = _samples(student, spec, max(args.nfe), n, seed, noise(n, mix, seed))
+    fig = save_figure(xs, Path(args.run_dir) / "eval.png", f"{Path(args.run_dir).name}: {max(args.nfe)} NFE",
+                      ref=mix.sample(n, generator=torch.Generator().manual_seed(seed + 1)))
+    return _record(run, spec, args, "exact samples of the analytic teacher", res, euler, adaptive, floor, fig)
+
+
+def _samples(student: Any, spec: Any, k: int, n: int, seed: int, x1: Tensor) -> Tensor:
+    from fewstep.sampling.spec import sample_with
+
+    p = next(student.parameters())
+    return sample_with(student, x1.to(p.dtype), spec, int(k), seed=seed).x
+
+
+def _eval_data(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Learned teacher: every sampler scored against held-out data with density-free metrics."""
+    from fewstep.config.build import build_dataset
+    from fewstep.evaluation.metrics import mmd2, sliced_w2, w2
+    from fewstep.sampling.samplers import solve, solve_adaptive
+
+    n, seed = args.n, args.seed
+    ds = build_dataset(run.config.data.name, dict(run.config.data.kwargs), run.teacher)
+    event = tuple(student.net.event_shape)
+
+    def held_out(s: int) -> Tensor:
+        return ds.sample(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED + s))[0].to(torch.float64)
+
+    ref = held_out(0)
+
+    def metrics(x: Tensor) -> dict[str, float]:
+        x = x.detach().to(torch.float64).reshape(n, *event)
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError("samples contain NaN or inf (a diverged run)")
+        out = {"mmd2": mmd2(x, ref), "w2": w2(x, ref)}
+        if math.prod(event) > 2:
+            out["sliced_w2"] = sliced_w2(x, ref, generator=torch.Generator().manual_seed(seed))
+        return out
+
+    x1 = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed))
+    res = {k: {**metrics(_samples(student, spec, k, n, seed, x1)), "nfe": float(k)} for k in args.nfe}
+    teacher = run.teacher
+    euler, adaptive = {}, {}
+    if teacher is not None:
+        vel = teacher.velocity if hasattr(teacher, "velocity") else teacher
+        with torch.no_grad():
+            euler = {k: {**metrics(solve(vel, x1, int(k)).x), "nfe": float(k)} for k in args.nfe}
+            a = solve_adaptive(vel, x1, rtol=1e-5, atol=1e-5)
+        adaptive = {**metrics(a.x), "nfe": float(a.nfe)}
+    floor = _floor(held_out, metrics, (1, 2, 3))
+    fig = save_figure(_samples(student, spec, max(args.nfe), n, seed, x1), Path(args.run_dir) / "eval.png",
+                      f"{Path(args.run_dir).name}: {max(args.nfe)} NFE", ref=ref)
+    return _record(run, spec, args, f"held-out {run.config.data.name} data (seed {HELD_OUT_SEED})", res, euler,
+                   adaptive, floor, fig)
+
+
+def _record(run: Any, spec: Any, args: argparse.Namespace, reference: str, res: dict, euler: dict, adaptive: dict,
+            floor: dict, fig: Path | None) -> dict[str, Any]:
+    flags = {str(k): context_flags(d, floor, args.n) for k, d in res.items()}
+    return {"run_dir": str(args.run_dir), "checkpoint_step": run.step, "ema": not args.raw and bool(run.ema_students),
+            "sampler": spec.to_dict(), "n": args.n, "seed": args.seed, "reference": reference,
+            "student": {str(k): v for k, v in res.items()}, "teacher_euler": {str(k): v for k, v in euler.items()},
+            "teacher_adaptive": adaptive, "floor_exact_vs_exact": floor,
+            "better": {k: BETTER[k] for k in SHOWN if k in BETTER}, "flags": flags,
+            "figure": None if fig is None else str(fig)}
+
+
+def _print(rec: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"loaded ckpt-{rec['checkpoint_step']} of {rec['run_dir']} ({'EMA' if rec['ema'] else 'raw'} weights); "
+          f"sampler gamma={rec['sampler']['gamma']:g}, {rec['sampler']['grid']} grid; n={rec['n']}, "
+          f"reference: {rec['reference']}")
+    rows: list[tuple[str, dict]] = []
+    for k, d in rec["student"].items():
+        rows.append((f"student {k} NFE", d))
+        if k in rec["teacher_euler"]:
+            rows.append((f"teacher Euler {k}", rec["teacher_euler"][k]))
+    if rec["teacher_adaptive"]:
+        rows.append((f"teacher adaptive ({int(rec['teacher_adaptive'].get('nfe', 0))} NFE)", rec["teacher_adaptive"]))
+    rows.append(("exact vs exact (floor)", rec["floor_exact_vs_exact"]))
+    cols = [m for m in SHOWN if any(m in d for _, d in rows)]
+    print(f"{'':30s}" + "".join(f"{m:>14s}" for m in cols))
+    for name, d in rows:
+        print(f"{name:30s}" + "".join(f"{float(d[m]):14.5g}" if m in d else f"{'-':>14s}" for m in cols))
+    print(f"{'better':30s}" + "".join(f"{BETTER.get(m, '?').split(' ')[0]:>14s}" for m in cols))
+    for k, fl in rec["flags"].items():
+        for f in fl:
+            print(f"  note ({k} NFE): {f}")
+    if rec["figure"]:
+        print(f"wrote {rec['figure']}")
