@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -53,23 +52,13 @@ def _latest_run_dir(method: str | None) -> Path:
     return runs[-1]
 
 
-def _clear_run(run_dir: Path) -> None:
-    """--overwrite: remove a previous run's checkpoints, metrics, evaluations and TensorBoard files."""
-    from fewstep.training.checkpoint import list_checkpoints
-
-    for _, folder in list_checkpoints(run_dir):
-        shutil.rmtree(folder)
-    for name in ("metrics.csv", "evals.jsonl", "eval.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tb", ignore_errors=True)
-
-
 def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
     import torch
 
     import fewstep.training.distributed as D
     from fewstep.config.build import build_run, read_run_config, resolve_sampler
     from fewstep.config.schema import SamplerConfig, load_config, save_config, to_dict
+    from fewstep.training.checkpoint import clear_run
     from fewstep.training.trainer import check_run_dir
 
     torch.set_num_threads(args.threads)
@@ -96,7 +85,7 @@ def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
     trainer = build_run(cfg, device=device, run_dir=run_dir, resume=args.resume)  # validates every key first
     if rank == 0:
         if args.overwrite and run_dir.is_dir():
-            _clear_run(run_dir)
+            clear_run(run_dir)
         check_run_dir(run_dir, args.resume)
         save_config(cfg, run_dir / "config.yaml")
         ds = trainer.dataset

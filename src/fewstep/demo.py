@@ -61,11 +61,14 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
     Returns:
         ``{"rows": {label: {nfe: {metric: value}}}, "files": {...}, "seconds": ...}``.
     """
-    from fewstep.config.build import build_run
+    from fewstep.config.build import build_run, resolve_sampler
+    from fewstep.config.schema import SamplerConfig
+    from fewstep.sampling.spec import sample_with
+    from fewstep.training.checkpoint import clear_run
     from fewstep.training.callbacks import save_sample_figure
     from fewstep.config.schema import load_config, save_config
     from fewstep.evaluation.evaluate import noise, reference_samples
-    from fewstep.sampling.samplers import sample_flowmap, solve, solve_adaptive
+    from fewstep.sampling.samplers import solve, solve_adaptive
     from fewstep.teachers.presets import load_preset
 
     torch.set_num_threads(threads)
@@ -80,6 +83,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
     ref = reference_samples(teacher, n_eval, seed)
     rows: dict[str, dict[int, dict[str, float]]] = {}
     students = {}
+    specs = {}
     for label, name, hp in methods:
         t0 = time.perf_counter()
         cfg_hp = {k: v(steps) if callable(v) else v for k, v in hp.items()}
@@ -95,12 +99,16 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
         cfg = load_config(None, overrides, base={"method": {"name": name, "cfg": cfg_hp}})
         run_dir = out / label.replace("+", "_").replace(" ", "_").replace("(", "").replace(")", "")
         run_dir.mkdir(parents=True, exist_ok=True)
+        clear_run(run_dir)  # the demo replaces its own previous run
+        spec = specs[label] = resolve_sampler(cfg)  # each method's own multi-step sampler
+        cfg.sampler = SamplerConfig(gamma=spec.gamma, grid=spec.grid)
         save_config(cfg, run_dir / "config.yaml")
         trainer = build_run(cfg, device="cpu", run_dir=run_dir, with_eval=False)
         trainer.fit()
         student = trainer.student(ema=True).eval()
         students[label] = student
-        rows[label] = {k: _quality(sample_flowmap(student, x1.float(), grid=k).x, teacher, ref) for k in NFES}
+        rows[label] = {k: _quality(sample_with(student, x1.float(), spec, k, seed=seed).x, teacher, ref)
+                       for k in NFES}
         say(f"trained {label} ({name}, {steps} steps) in {time.perf_counter() - t0:.1f} s -> {run_dir}")
     rows["teacher Euler"] = {k: _quality(solve(teacher.velocity, x1, k, "euler").x, teacher, ref) for k in NFES}
     adaptive = solve_adaptive(teacher.velocity, x1, rtol=1e-5, atol=1e-5)
@@ -111,8 +119,8 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
     target = teacher.sample(n_eval, generator=torch.Generator().manual_seed(seed + 1))
     for label, student in students.items():
         save_sample_figure(student, target, out / f"samples-{label.replace('+', '_').split()[0]}.png", nfe=NFES,
-                           n=1000, seed=seed, title=label)
-    _comparison_figure(students, target, fig, seed)
+                           n=1000, seed=seed, title=label, sampler=specs[label])
+    _comparison_figure(students, specs, target, fig, seed)
     (out / "demo.md").write_text(table + "\n")
     seconds = time.perf_counter() - t_start
     result = {"rows": {lab: {str(k): v for k, v in r.items()} for lab, r in rows.items()}, "reference": reference,
@@ -147,13 +155,14 @@ def _table(rows: dict[str, dict[int, dict[str, float]]], reference: dict[str, fl
     return "\n".join(lines)
 
 
-def _comparison_figure(students: dict[str, Any], target: torch.Tensor, path: Path, seed: int) -> None:
+def _comparison_figure(students: dict[str, Any], specs: dict[str, Any], target: torch.Tensor, path: Path,
+                       seed: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fewstep.sampling.samplers import sample_flowmap
+    from fewstep.sampling.spec import sample_with
 
     x1 = torch.randn(1000, 2, generator=torch.Generator().manual_seed(seed))
     fig, axes = plt.subplots(len(students), len(NFES) + 1, figsize=(3 * (len(NFES) + 1), 3 * len(students)),
@@ -164,7 +173,7 @@ def _comparison_figure(students: dict[str, Any], target: torch.Tensor, path: Pat
         axes[i, 0].set_ylabel(label)
         with torch.no_grad():
             for j, k in enumerate(NFES):
-                x = sample_flowmap(student, x1, grid=k).x
+                x = sample_with(student, x1, specs[label], k, seed=seed).x
                 axes[i, j + 1].scatter(x[:, 0], x[:, 1], s=2, c="C0")
                 axes[i, j + 1].set_title(f"{label}: {k} NFE")
         for a in axes[i]:

@@ -188,7 +188,7 @@ def test_two_rank_gloo_meanflow_gradients_match_global_batch() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_rank_main, args=(2, init_file, tmp), nprocs=2, join=True)
-        g0, g1 = (torch.load(os.path.join(tmp, f"grad{r}.pt")) for r in range(2))
+        g0, g1 = (torch.load(os.path.join(tmp, f"grad{r}.pt"), weights_only=True) for r in range(2))
     method, batch = _meanflow_setup()
     g_single = _flat_grad(method, batch)
     assert torch.equal(g0, g1)  # synchronised: bit-identical on both ranks

@@ -110,7 +110,7 @@ def pretrain(teacher: Any, seed: int, steps: int, cache: Path, student: dict[str
     key = "_".join(f"{k}{v}" for k, v in sorted(arch.items()) if k not in ("hidden", "depth"))
     path = cache / f"fm_init_{arch['hidden']}x{arch['depth']}{'_' + key if key else ''}_{steps}_seed{seed}.pt"
     if path.is_file():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)  # tensors only: never unpickle code
     run = {**RUN, "steps": steps, "lr": 1e-3, "student": student}
     tr = make_trainer("flow_matching", teacher, {"cond_drop": 0.1}, None, seed, run)
     tr.fit()

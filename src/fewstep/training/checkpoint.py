@@ -32,7 +32,7 @@ from fewstep.training.optim import lr_factor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
            "verify_checkpoint", "atomic_write_bytes", "sha256_file", "CheckpointError", "flatten_tensors",
-           "unflatten_tensors", "trainer_state", "restore_trainer_state"]
+           "unflatten_tensors", "trainer_state", "restore_trainer_state", "clear_run"]
 
 TENSORS, STATE, COMPLETE = "tensors.safetensors", "state.json", "COMPLETE"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
@@ -221,6 +221,23 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
+    return removed
+
+
+def clear_run(run_dir: str | Path) -> list[Path]:
+    """Remove a previous run's checkpoints, ``metrics.csv``, ``evals.jsonl``, ``eval.json`` and ``tb/`` from a folder
+    (``fewstep distill --overwrite``); other files are kept. Returns what was removed."""
+    root = Path(run_dir)
+    removed = [folder for _, folder in list_checkpoints(root)]
+    for folder in removed:
+        shutil.rmtree(folder)
+    for name in ("metrics.csv", "evals.jsonl", "eval.json"):
+        if (root / name).is_file():
+            (root / name).unlink()
+            removed.append(root / name)
+    if (root / "tb").is_dir():
+        shutil.rmtree(root / "tb")
+        removed.append(root / "tb")
     return removed
 
 
