@@ -62,7 +62,13 @@ class GaussianMixtureTeacher(Teacher):
         event_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        w, mu, cov = _as64(weights), _as64(means), _as64(covariances)
+        try:
+            w, mu, cov = _as64(weights), _as64(means), _as64(covariances)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"weights, means and covariances must be (nested lists of) numbers: {e}") from None
+        for name, v in (("weights", w), ("means", mu), ("covariances", cov)):
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"mixture {name} must be finite numbers; got NaN or inf")
         if w.dim() != 1:
             raise ValueError(f"weights must have shape (K,); got {tuple(w.shape)}")
         k = w.shape[0]
@@ -215,6 +221,8 @@ class GaussianMixtureTeacher(Teacher):
             dtype: Output dtype.
             return_components: Also return the component index of each sample.
         """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"number of samples n must be an int >= 0; got {n!r}")
         if not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"t must lie in [0, 1]; got {t}")
         logw = torch.log(self.weights.cpu()).expand(n, -1).clone()
