@@ -177,3 +177,21 @@ def test_bad_grids_and_arguments() -> None:
         solve(v, x, 2, "midpoint")
     with pytest.raises(ValueError, match=r"t_start must lie in \[0, 1\]"):
         solve_adaptive(v, x, t_start=1.5)
+
+
+def test_grid_orders_and_increasing_uniform_grid() -> None:
+    """One validator for every direction; the one uniform builder also runs data -> noise."""
+    assert torch.equal(time_grid(4, 0.0, 1.0), torch.linspace(0, 1, 5, dtype=torch.float64))
+    assert torch.equal(check_grid([0.0, 0.5, 1.0], order="increasing"), torch.tensor([0.0, 0.5, 1.0],
+                                                                                      dtype=torch.float64))
+    assert check_grid([1.0, 0.0], order="monotone").tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_grid([1.0, 0.0], order="increasing")
+    with pytest.raises(ValueError, match="strictly monotone"):
+        check_grid([1.0, 0.2, 0.5], order="monotone")
+    with pytest.raises(ValueError, match="unknown grid order"):
+        check_grid([1.0, 0.0], order="up")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        time_grid(3, 0.0, 1.0, kind="edm")
+    with pytest.raises(ValueError, match="strictly monotone"):
+        time_grid(3, 0.5, 0.5)

@@ -26,9 +26,9 @@ from torch import Tensor
 from fewstep.evaluation.digit_features import frechet_digits
 from fewstep.sampling.logdensity import flowmap_logdensity, jump_logdet, ode_logdensity, standard_normal_logprob
 from fewstep.evaluation.metrics import coupling_error, kl_tv_importance, mean_loglik, mmd2, mode_coverage, sliced_w2, w2
+from fewstep.sampling.integrators import rk_step
 from fewstep.sampling.samplers import ODE_METHODS, check_grid, sample_flowmap, solve, solve_adaptive, time_grid
 from fewstep.teachers.gmm import GaussianMixtureTeacher
-from fewstep.core.utils import bcast
 
 __all__ = ["noise", "reference_samples", "teacher_endpoint", "evaluate_samples", "evaluate_flowmap",
            "evaluate_velocity_solver", "evaluate_teacher_solver", "REFERENCE_SEED_OFFSET"]
@@ -143,17 +143,7 @@ def _solver_map(velocity_fn: Callable[..., Tensor], method: str) -> Callable[...
     def f(x: Tensor, t: Tensor | float, s: Tensor | float, cond: Tensor | None = None) -> Tensor:
         tt = t if torch.is_tensor(t) else torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
         ss = s if torch.is_tensor(s) else torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
-        h = bcast(ss - tt, x)
-        k1 = velocity_fn(x, tt, cond=cond)
-        if method == "euler":
-            return x + h * k1
-        if method == "heun":
-            return x + 0.5 * h * (k1 + velocity_fn(x + h * k1, ss, cond=cond))
-        mid = 0.5 * (tt + ss)
-        k2 = velocity_fn(x + 0.5 * h * k1, mid, cond=cond)
-        k3 = velocity_fn(x + 0.5 * h * k2, mid, cond=cond)
-        k4 = velocity_fn(x + h * k3, ss, cond=cond)
-        return x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return rk_step(lambda y, tau: velocity_fn(y, tau, cond=cond), x, tt, ss, method)
 
     return f
 

@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fewstep.sampling.samplers import time_grid
+from fewstep.sampling.integrators import RK_METHODS, rk_step
+from fewstep.sampling.samplers import check_grid, time_grid
 
 __all__ = [
     "LogDensityResult",
@@ -46,14 +47,8 @@ __all__ = [
     "DIVERGENCE_METHODS",
 ]
 
-FIXED_METHODS: tuple[str, ...] = ("euler", "heun", "rk4")
+FIXED_METHODS: tuple[str, ...] = RK_METHODS
 DIVERGENCE_METHODS: tuple[str, ...] = ("exact", "hutchinson")
-_TABLEAUS: dict[str, tuple[list[float], list[list[float]], list[float]]] = {
-    # (c, a, b) of the explicit Runge-Kutta methods
-    "euler": ([0.0], [[]], [1.0]),
-    "heun": ([0.0, 1.0], [[], [1.0]], [0.5, 0.5]),
-    "rk4": ([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-}
 
 
 @dataclass
@@ -168,18 +163,6 @@ def divergence(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor | fl
     return _vel_div(fn, x, tt, method, probes, create_graph)[1]
 
 
-def _check_monotone_grid(grid: Tensor | list[float]) -> Tensor:
-    g = torch.as_tensor(grid, dtype=torch.float64).flatten()
-    if g.numel() < 2:
-        raise ValueError(f"a time grid needs at least two points; got {g.tolist()}")
-    if float(g.min()) < 0 or float(g.max()) > 1:
-        raise ValueError(f"grid times must lie in [0, 1]; got [{float(g.min())}, {float(g.max())}]")
-    dg = g[1:] - g[:-1]
-    if not (bool((dg < 0).all()) or bool((dg > 0).all())):
-        raise ValueError(f"a time grid must be strictly monotone; got {g.tolist()}")
-    return g
-
-
 def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor | list[float], log_p_start: Tensor,
                    method: str = "rk4", divergence: str = "exact", probes: Tensor | None = None,
                    num_probes: int = 1, generator: torch.Generator | None = None, create_graph: bool = False,
@@ -205,7 +188,7 @@ def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor |
         atol: Absolute tolerance (adaptive methods).
         **kwargs: Passed to the velocity field (cond, guidance, ...).
     """
-    g = _check_monotone_grid(grid)
+    g = check_grid(grid, order="monotone")
     lp = torch.as_tensor(log_p_start, dtype=x.dtype, device=x.device)
     if lp.shape != (x.shape[0],):
         raise ValueError(f"log_p_start must have shape ({x.shape[0]},); got {tuple(lp.shape)}")
@@ -218,27 +201,24 @@ def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor |
     nfe = 0
 
     def fvd(y: Tensor, t: float) -> tuple[Tensor, Tensor]:
+        tv = torch.full((y.shape[0],), t, dtype=y.dtype, device=y.device)
+        return fvd_vec(y, tv)
+
+    def fvd_vec(y: Tensor, tv: Tensor) -> tuple[Tensor, Tensor]:
         nonlocal nfe
         nfe += 1
-        tv = torch.full((y.shape[0],), t, dtype=y.dtype, device=y.device)
         return _vel_div(lambda z, s: velocity_fn(z, s, **kwargs), y, tv, divergence, probes, create_graph)
 
+    def augmented(state: tuple[Tensor, Tensor], tv: Tensor) -> tuple[Tensor, Tensor]:
+        v, div = fvd_vec(state[0], tv)
+        return v, -div
+
     if method in FIXED_METHODS:
-        c, a, b = _TABLEAUS[method]
         traj = [x] if return_trajectory else None
         ltraj = [lp] if return_trajectory else None
         lq = lp
         for i in range(len(g) - 1):
-            t0, h = float(g[i]), float(g[i + 1] - g[i])
-            ks: list[tuple[Tensor, Tensor]] = []
-            for j in range(len(c)):
-                y = x
-                for aj, (kv, _) in zip(a[j], ks):
-                    if aj != 0.0:
-                        y = y + h * aj * kv
-                ks.append(fvd(y, t0 + c[j] * h))
-            x = x + h * sum(bj * kv for bj, (kv, _) in zip(b, ks))
-            lq = lq - h * sum(bj * kd for bj, (_, kd) in zip(b, ks))
+            x, lq = rk_step(augmented, (x, lq), float(g[i]), float(g[i + 1]), method)
             if traj is not None and ltraj is not None:
                 traj.append(x)
                 ltraj.append(lq)
@@ -277,7 +257,7 @@ def sample_with_logdensity(velocity_fn: Callable[..., Tensor], x1: Tensor, grid:
         grid: Decreasing times, or an int n for the uniform n-step grid from 1 to 0.
         **kw: Passed to :func:`ode_logdensity` (method, divergence, probes, create_graph, cond, ...).
     """
-    g = time_grid(grid) if isinstance(grid, int) else _check_monotone_grid(grid)
+    g = time_grid(grid) if isinstance(grid, int) else check_grid(grid, order="monotone")
     if float(g[0]) != 1.0 or not bool((g[1:] < g[:-1]).all()):
         raise ValueError(f"sampling needs a decreasing grid starting at t=1 (noise); got {g.tolist()}")
     return ode_logdensity(velocity_fn, x1, g, standard_normal_logprob(x1), **kw)
@@ -302,7 +282,7 @@ def likelihood(velocity_fn: Callable[..., Tensor], x0: Tensor, grid: Tensor | li
         if method in FIXED_METHODS:
             raise ValueError(f"method {method!r} needs a grid (or an int number of steps)")
         grid = [0.0, 1.0]
-    g = torch.linspace(0, 1, grid + 1, dtype=torch.float64) if isinstance(grid, int) else _check_monotone_grid(grid)
+    g = time_grid(grid, 0.0, 1.0) if isinstance(grid, int) else check_grid(grid, order="monotone")
     if float(g[-1]) != 1.0 or not bool((g[1:] > g[:-1]).all()):
         raise ValueError(f"likelihood needs an increasing grid ending at t=1 (noise); got {g.tolist()}")
     zero = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
@@ -368,7 +348,7 @@ def flowmap_logdensity(flowmap: Callable[..., Tensor], x1: Tensor, grid: Tensor 
     Returns:
         (x, log_q): the samples at grid[-1] and their log-density, shape (batch,).
     """
-    g = time_grid(grid) if isinstance(grid, int) else _check_monotone_grid(grid)
+    g = time_grid(grid) if isinstance(grid, int) else check_grid(grid, order="monotone")
     if float(g[0]) != 1.0 or not bool((g[1:] < g[:-1]).all()):
         raise ValueError(f"flow-map sampling needs a decreasing grid starting at t=1; got {g.tolist()}")
     x, log_q = x1, standard_normal_logprob(x1)

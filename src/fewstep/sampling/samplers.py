@@ -15,11 +15,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from fewstep.sampling.integrators import RK_METHODS, rk_step
+
 __all__ = [
     "SampleResult",
     "NFECounter",
     "time_grid",
     "check_grid",
+    "GRID_ORDERS",
     "solve",
     "solve_adaptive",
     "sample_flowmap",
@@ -28,7 +31,7 @@ __all__ = [
     "ODE_METHODS",
 ]
 
-ODE_METHODS: tuple[str, ...] = ("euler", "heun", "rk4")
+ODE_METHODS: tuple[str, ...] = RK_METHODS
 
 
 @dataclass
@@ -61,18 +64,28 @@ class NFECounter:
 
 def time_grid(n_steps: int, t_start: float = 1.0, t_end: float = 0.0, kind: str = "uniform",
               rho: float = 7.0) -> Tensor:
-    """A decreasing grid of ``n_steps + 1`` times from ``t_start`` to ``t_end``.
+    r"""A grid of ``n_steps + 1`` float64 times from ``t_start`` to ``t_end`` (the one grid builder).
+
+    ``uniform``: :math:`t_i = t_{start} + (t_{end} - t_{start})\, i/n` (``torch.linspace``), decreasing for
+    sampling (default 1 -> 0) or increasing (e.g. 0 -> 1 for likelihoods). ``edm`` (decreasing grids only):
+    the noise-to-signal ratio :math:`\eta = t/(1-t)` spaced as :math:`\eta_i^{1/\rho}` evenly (Karras et al.
+    2022, EDM), with the end points kept exactly.
 
     Args:
         n_steps: Number of steps (>= 1).
         t_start: First time (default 1, noise).
         t_end: Last time (default 0, data).
-        kind: ``uniform`` or ``edm`` (EDM rho-spacing of the noise-to-signal ratio t/(1-t)).
+        kind: ``uniform`` or ``edm``.
         rho: EDM exponent.
+
+    Raises:
+        ValueError: for n_steps < 1, times outside [0, 1], t_start == t_end, an unknown kind, or an increasing
+            ``edm`` grid.
     """
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    check_grid(torch.tensor([t_start, t_end], dtype=torch.float64))
+    ends = torch.tensor([t_start, t_end], dtype=torch.float64)
+    check_grid(ends, order="monotone" if kind == "uniform" else "decreasing")
     if kind == "uniform":
         return torch.linspace(t_start, t_end, n_steps + 1, dtype=torch.float64)
     if kind == "edm":
@@ -85,35 +98,37 @@ def time_grid(n_steps: int, t_start: float = 1.0, t_end: float = 0.0, kind: str 
     raise ValueError(f"unknown grid kind {kind!r}; expected 'uniform' or 'edm'")
 
 
-def check_grid(grid: Tensor | list[float]) -> Tensor:
-    """Validate a time grid: 1-D, at least two points, strictly decreasing, inside [0, 1]."""
+GRID_ORDERS: tuple[str, ...] = ("decreasing", "increasing", "monotone")
+
+
+def check_grid(grid: Tensor | list[float], order: str = "decreasing") -> Tensor:
+    """Validate a time grid (the one grid validator) and return it as a float64 tensor.
+
+    A grid is 1-D with at least two points inside [0, 1] and strictly ``decreasing`` (sampling: t=1 noise ->
+    t=0 data), strictly ``increasing`` (data -> noise), or strictly ``monotone`` (either).
+
+    Raises:
+        ValueError: naming the violated rule.
+    """
+    if order not in GRID_ORDERS:
+        raise ValueError(f"unknown grid order {order!r}; expected one of {GRID_ORDERS}")
     g = torch.as_tensor(grid, dtype=torch.float64)
     if g.dim() != 1 or g.numel() < 2:
         raise ValueError(f"a time grid needs at least two points in a 1-D sequence; got shape {tuple(g.shape)}")
     if float(g.min()) < 0 or float(g.max()) > 1:
         raise ValueError(f"grid times must lie in [0, 1]; got [{float(g.min())}, {float(g.max())}]")
-    if not bool((g[1:] < g[:-1]).all()):
+    dec, inc = bool((g[1:] < g[:-1]).all()), bool((g[1:] > g[:-1]).all())
+    if order == "decreasing" and not dec:
         raise ValueError(f"a sampling grid must be strictly decreasing (t=1 noise -> t=0 data); got {g.tolist()}")
+    if order == "increasing" and not inc:
+        raise ValueError(f"a likelihood grid must be strictly increasing (t=0 data -> t=1 noise); got {g.tolist()}")
+    if order == "monotone" and not (dec or inc):
+        raise ValueError(f"a time grid must be strictly monotone; got {g.tolist()}")
     return g
 
 
 def _tvec(t: float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-
-
-def _step(fn: Callable[..., Tensor], x: Tensor, t: float, s: float, method: str, kw: dict[str, Any]) -> Tensor:
-    """One step of an explicit Runge-Kutta method from t to s (h = s - t < 0)."""
-    h = s - t
-    k1 = fn(x, _tvec(t, x), **kw)
-    if method == "euler":
-        return x + h * k1
-    if method == "heun":
-        k2 = fn(x + h * k1, _tvec(s, x), **kw)
-        return x + 0.5 * h * (k1 + k2)
-    k2 = fn(x + 0.5 * h * k1, _tvec(t + 0.5 * h, x), **kw)
-    k3 = fn(x + 0.5 * h * k2, _tvec(t + 0.5 * h, x), **kw)
-    k4 = fn(x + h * k3, _tvec(s, x), **kw)
-    return x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
 def solve(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor | list[float] | int, method: str = "euler",
@@ -124,7 +139,8 @@ def solve(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor | list[flo
         velocity_fn: Velocity field ``fn(x, t, **kwargs)``.
         x: Initial state at grid[0], shape (batch, ...).
         grid: Decreasing times, or an int n for the uniform n-step grid from 1 to 0.
-        method: ``euler`` (1 NFE/step, order 1), ``heun`` (2, order 2) or ``rk4`` (4, order 4).
+        method: ``euler`` (1 NFE/step, order 1), ``heun`` (2, order 2) or ``rk4`` (4, order 4); the tableaus of
+            :mod:`fewstep.sampling.integrators`.
         return_trajectory: Keep the state at every grid point.
         **kwargs: Passed to the velocity field (e.g. cond, guidance).
     """
@@ -134,7 +150,7 @@ def solve(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor | list[flo
     fn = NFECounter(velocity_fn)
     traj = [x] if return_trajectory else None
     for i in range(len(g) - 1):
-        x = _step(fn, x, float(g[i]), float(g[i + 1]), method, kwargs)
+        x = rk_step(lambda y, tau: fn(y, tau, **kwargs), x, float(g[i]), float(g[i + 1]), method)
         if traj is not None:
             traj.append(x)
     return SampleResult(x=x, nfe=fn.count, times=g, trajectory=traj)

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fewstep.sampling.samplers import ODE_METHODS, _step
+from fewstep.sampling.integrators import RK_METHODS, rk_step
+from fewstep.sampling.samplers import time_grid
 from fewstep.core.utils import TimeLike, as_time, bcast
 
 __all__ = ["TeacherFlowMap"]
@@ -52,11 +53,11 @@ class TeacherFlowMap(nn.Module):
             tau_c = min(max(float(tau), 0.0), 1.0)  # adaptive solvers may overshoot
             return h * self.velocity_fn(y, tt + tau_c * (ss - tt), cond=cond, **self.velocity_kwargs)
 
-        if self.method in ODE_METHODS:
-            taus = torch.linspace(0, 1, self.steps + 1, dtype=torch.float64)
+        if self.method in RK_METHODS:
+            taus = time_grid(self.steps, 0.0, 1.0)
             y = x
             for i in range(self.steps):
-                y = _step(lambda z, tv: rhs(tv[0], z), y, float(taus[i]), float(taus[i + 1]), self.method, {})
+                y = rk_step(lambda z, tv: rhs(tv[0], z), y, float(taus[i]), float(taus[i + 1]), self.method)
             return y
         from torchdiffeq import odeint
 

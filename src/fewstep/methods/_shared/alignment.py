@@ -32,20 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.sampling.logdensity import divergence, jump_logdet, make_probes
 from fewstep.core.paths import LinearPath
-from fewstep.core.utils import as_time, bcast
+from fewstep.core.utils import as_time
+from fewstep.sampling.integrators import RK_METHODS, rk_step
+from fewstep.sampling.logdensity import divergence, jump_logdet, make_probes
 from fewstep.teachers.base import teacher_velocity
 
 __all__ = ["MAResult", "MA_MODES", "ma_loss", "teacher_score", "window_logdensity"]
 
 MA_MODES: tuple[str, ...] = ("exact", "hutchinson", "jump")
-_RK: dict[str, tuple[list[float], list[list[float]], list[float]]] = {
-    "euler": ([0.0], [[]], [1.0]),
-    "heun": ([0.0, 1.0], [[], [1.0]], [0.5, 0.5]),
-    "rk4": ([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-}
-
 
 @dataclass
 class MAResult:
@@ -74,6 +69,20 @@ def teacher_score(teacher: Any, x: Tensor, t: Tensor, cond: Tensor | None = None
         return path.velocity_to_score(v, x, t).to(x.dtype)
 
 
+def _augmented_velocity(student: Any, y: Tensor, tau: Tensor, cond: Tensor | None, mode: str,
+                        probes: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
+    r"""Right-hand side :math:`(u_\theta(y, \tau), -\nabla\!\cdot u_\theta(y, \tau))` of the augmented window ODE."""
+    box: dict[str, Tensor] = {}
+
+    def vel(z: Tensor, tt: Tensor) -> Tensor:
+        box["v"] = student.velocity(z, tt, cond)
+        return box["v"]
+
+    div = divergence(vel, y, tau, method=mode, probes=probes, create_graph=create_graph)
+    v = box["v"] if create_graph else box["v"].detach()
+    return v, -div
+
+
 def window_logdensity(student: Any, x: Tensor, t_start: Tensor, t_end: Tensor, cond: Tensor | None = None,
                       mode: str = "jump", substeps: int = 1, solver: str = "euler", probes: Tensor | None = None,
                       create_graph: bool = True) -> tuple[Tensor, Tensor]:
@@ -99,8 +108,8 @@ def window_logdensity(student: Any, x: Tensor, t_start: Tensor, t_end: Tensor, c
         raise ValueError(f"unknown ma_mode {mode!r}; expected one of {MA_MODES}")
     if substeps < 1:
         raise ValueError(f"ma_substeps must be >= 1, got {substeps}")
-    if solver not in _RK:
-        raise ValueError(f"unknown MA solver {solver!r}; expected one of {tuple(_RK)}")
+    if solver not in RK_METHODS:
+        raise ValueError(f"unknown MA solver {solver!r}; expected one of {RK_METHODS}")
     if bool((t_end >= t_start).any()):
         raise ValueError("every MA window needs t_end < t_start (sampling runs from t_start down to t_end)")
     delta = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -111,26 +120,8 @@ def window_logdensity(student: Any, x: Tensor, t_start: Tensor, t_end: Tensor, c
             x, ld = jump_logdet(student, x, t0, t1, cond=cond, create_graph=create_graph)
             delta = delta - ld
             continue
-        c, a, b = _RK[solver]
-        h = t1 - t0  # (B,), negative
-        ks: list[tuple[Tensor, Tensor]] = []
-        for j in range(len(c)):
-            y = x
-            for aj, (kv, _) in zip(a[j], ks):
-                if aj != 0.0:
-                    y = y + bcast(h * aj, y) * kv
-            tj = t0 + c[j] * h
-            box: dict[str, Tensor] = {}
-
-            def vel(z: Tensor, tt: Tensor, box: dict[str, Tensor] = box) -> Tensor:
-                box["v"] = student.velocity(z, tt, cond)
-                return box["v"]
-
-            div = divergence(vel, y, tj, method=mode, probes=probes, create_graph=create_graph)
-            v = box["v"] if create_graph else box["v"].detach()
-            ks.append((v, div))
-        x = x + bcast(h, x) * sum(bj * kv for bj, (kv, _) in zip(b, ks))
-        delta = delta - h * sum(bj * kd for bj, (_, kd) in zip(b, ks))
+        x, delta = rk_step(lambda state, tau: _augmented_velocity(student, state[0], tau, cond, mode, probes,
+                                                                  create_graph), (x, delta), t0, t1, solver)
     return x, delta
 
 

@@ -18,9 +18,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +121,7 @@ def teacher_fingerprint(teacher: nn.Module | Any, path: str | None = None) -> di
 
 
 def teacher_velocity_fn(teacher: Any, guidance: float = 1.0) -> Callable[..., Tensor]:
-    """A velocity field ``v(x, t, cond=None)`` for any teacher-like object (:func:`~fewstep.teachers.base.as_velocity_fn`).
+    """A velocity field ``v(x, t, cond=None)`` for any teacher-like object (``teachers.base.as_velocity_fn``).
 
     Teachers get the classifier-free-guided field v_u + w (v_c - v_u); flow maps and previous reflow
     students (k-rectified flow) use their instantaneous velocity.
