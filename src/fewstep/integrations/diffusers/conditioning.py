@@ -165,8 +165,15 @@ class Conditioner:
             return None if self.table is None else len(self.table)
         return None
 
-    def kwargs(self, cond: Tensor | None, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        """Model keyword arguments for ids ``cond`` (None = unconditional for every row)."""
+    def kwargs(self, cond: Tensor | dict | None, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """Model keyword arguments for ids ``cond`` (None = unconditional for every row).
+
+        A dict ``cond`` is taken as the model's keyword arguments themselves (e.g. ``encoder_hidden_states``
+        from a pipeline's ``encode_prompt``): the path for exported students sampled outside a training run.
+        """
+        if isinstance(cond, dict):
+            return {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v) and v.is_floating_point()
+                        else v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
         if self.kind == "none":
             return {}
         ids = torch.full((batch,), -1, dtype=torch.long) if cond is None else cond

@@ -159,7 +159,7 @@ class DiffusersDenoiser(nn.Module):
         if unknown:
             raise ValueError(f"{type(self.model).__name__}.forward takes no argument(s) {sorted(unknown)} "
                              "(check the tensor names of the condition folder)")
-        out = self.model(z.to(dt), timestep=k.to(torch.float32), return_dict=False, **kw)[0]
+        out = self.model(z.to(dt), timestep=k, return_dict=False, **kw)[0]
         if out.shape[1] == 2 * x.shape[1]:  # learned variance (DiT, IDDPM U-Nets): keep the mean prediction
             out = out[:, : x.shape[1]]
         if out.shape != x.shape:
