@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fewstep.core.io import atomic_write, atomic_write_bytes, fsync_dir
 from fewstep.training.optim import lr_factor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
@@ -51,39 +51,9 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(clean, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: save_file(clean, str(tmp)))
 
 
 def flatten_tensors(tree: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
@@ -140,7 +110,7 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Tensor], 
     marker = folder / COMPLETE
     if marker.exists():
         marker.unlink()  # re-sealed below; never leave a marker over files being rewritten
-        _fsync_dir(folder)
+        fsync_dir(folder)
     _atomic_save_tensors(folder / TENSORS, tensors)
     atomic_write_bytes(folder / STATE, json.dumps(state, indent=1, sort_keys=True).encode())
     sums = {name: sha256_file(folder / name) for name in (TENSORS, STATE)}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep.core.io import atomic_write, atomic_write_text
 from fewstep.sampling.samplers import ODE_METHODS, solve, solve_adaptive
 from fewstep.teachers.base import as_velocity_fn
 
@@ -137,9 +137,7 @@ def _solve_teacher(v_fn: Callable[..., Tensor], x1: Tensor, cond: Tensor | None,
 
 
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _expected(fingerprint: dict[str, str], solver: PairSolver, seed: int, guidance: float,
@@ -251,8 +249,7 @@ def generate_pairs(teacher: Any, folder: str | Path, n: int, solver: PairSolver 
         if cond is not None:
             tensors["cond"] = cond
         fname = f"pairs_{i:05d}.safetensors"
-        save_file(tensors, str(folder / (fname + ".tmp")))
-        os.replace(folder / (fname + ".tmp"), folder / fname)
+        atomic_write(folder / fname, lambda p, tensors=tensors: save_file(tensors, str(p)))
         manifest["shards"].append({"index": i, "file": fname, "n": m})
         manifest["shards"].sort(key=lambda s: s["index"])
         _write_json_atomic(mpath, manifest)
