@@ -6,14 +6,13 @@ r"""Build teacher, dataset, student and method from a :class:`~fewstep.config.sc
   wrapped so that its default velocity is the guided one, v_u + w (v_c - v_u).
 * data: ``teacher`` -> exact samples x0 ~ p_0 of the analytic teacher; anything else ->
   ``fewstep.data.datasets.get_dataset(name, **kwargs)``.
-* student: ``FlowMap(MLP(dim, hidden, depth, emb_dim, num_classes, use_s), parameterization)`` with the
+* student: ``FlowMap(build_network(kind, ...), parameterization)`` (an MLP, U-Net or DiT) with the
   method's parameterization unless the config names one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ from fewstep.config.schema import RunConfig, StudentConfig, TeacherConfig, check
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
-from fewstep.networks.mlp import MLP
+from fewstep.networks.factory import build_network
 from fewstep.sampling.spec import SamplerSpec
 
 from fewstep.training.callbacks import EvalCallback, SampleFigureCallback
@@ -100,11 +99,11 @@ def build_dataset(name: str, kwargs: dict[str, Any], teacher: nn.Module | None) 
 
 def build_student(cfg: StudentConfig, method_cls: type[Method], event_shape: tuple[int, ...],
                   num_classes: int | None) -> FlowMap:
-    """``FlowMap(MLP(...), parameterization)``; the network sees s only for ``average_velocity``."""
+    """``FlowMap(build_network(cfg.kind, ...), parameterization)``; the network sees s only for ``average_velocity``."""
     param = cfg.parameterization or method_cls.parameterization
-    net = MLP(math.prod(event_shape), hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim,
-              num_classes=num_classes, use_s=param == "average_velocity", event_shape=event_shape,
-              activation=cfg.activation, max_freq=cfg.max_freq, min_freq=cfg.min_freq, raw_time=cfg.raw_time)
+    net = build_network(cfg.kind, tuple(event_shape), num_classes=num_classes, use_s=param == "average_velocity",
+                        hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim, activation=cfg.activation,
+                        max_freq=cfg.max_freq, min_freq=cfg.min_freq, raw_time=cfg.raw_time, options=cfg.options)
     return FlowMap(net, param)
 
 

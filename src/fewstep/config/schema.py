@@ -36,6 +36,7 @@ AMP_MODES = ("off", "bf16", "fp16")
 TEACHER_KINDS = ("preset", "json", "run")
 PARAMETERIZATIONS = ("", "average_velocity", "consistency", "velocity")
 ACTIVATIONS = ("silu", "gelu")
+STUDENT_KINDS = ("mlp", "unet", "dit")  # fewstep.networks.factory.NETWORK_KINDS
 #: Fewest samples an evaluation may use: below this, MMD² and W2 are dominated by estimator noise.
 MIN_EVAL_SAMPLES = 100
 
@@ -87,6 +88,9 @@ class StudentConfig:
         raw_time: Also feed the raw scalars t and t - s to the network.
         parameterization: ``average_velocity``, ``consistency`` or ``velocity``; empty = the method's default.
         init_from: Optional run folder whose final student weights initialise this student.
+        kind: Backbone: ``mlp``, ``unet`` or ``dit`` (images); hidden/depth are its width/depth
+            (:func:`fewstep.networks.factory.build_network`).
+        options: Kind-specific backbone options, e.g. ``{channel_mult: [1, 2]}`` (unet), ``{patch_size: 2}`` (dit).
     """
 
     hidden: int = 256
@@ -98,8 +102,13 @@ class StudentConfig:
     raw_time: bool = False
     parameterization: str = ""
     init_from: str = ""
+    kind: str = "mlp"
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.kind not in STUDENT_KINDS:
+            raise ValueError(f"invalid value for config key 'student.kind': {self.kind!r}; expected one of "
+                             f"{STUDENT_KINDS}")
         for key in ("hidden", "depth", "emb_dim"):
             if getattr(self, key) < 1:
                 raise ValueError(f"invalid value for config key 'student.{key}': {getattr(self, key)!r}; must be >= 1")
