@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from fewstep.methods._shared.alignment import window_logdensity
+from fewstep.core.flowmap import FlowMap, VelocityFlowMap
+from fewstep.core.utils import as_time, per_sample_sq_norm
 from fewstep.data.datasets import MixtureDataset
 from fewstep.evaluation.diagnose import diagnose_tv
 from fewstep.evaluation.evaluate import evaluate_flowmap, evaluate_velocity_solver
-from fewstep.core.flowmap import FlowMap, VelocityFlowMap
 from fewstep.methods import get_method
+from fewstep.methods._shared.alignment import window_logdensity
 from fewstep.networks.mlp import MLP
+from fewstep.sampling.logdensity import standard_normal_logprob
 from fewstep.teachers.presets import load_preset
-from fewstep.core.utils import as_time
 
 __all__ = ["rotation_vs_translation", "ring8_underdetermination", "train_one", "run", "main"]
 
@@ -64,10 +64,6 @@ PRESET_CFG: dict[str, dict[str, dict[str, Any]]] = {
 PAIR_CACHE = Path("/tmp/fewstep_reflow_pairs")
 
 
-def _normal_logp(x: Tensor) -> Tensor:
-    return -0.5 * (x**2).sum(1) - x.shape[1] * 0.5 * math.log(2 * math.pi)
-
-
 def rotation_vs_translation(alpha: float = math.pi / 3, n: int = 20000, seed: int = 0) -> dict[str, float]:
     r"""§1.2: rotation (u = αJx, integrated with RK4 and exact divergence) vs translation c, ‖c‖² = 4(1 - cos α).
 
@@ -83,8 +79,8 @@ def rotation_vs_translation(alpha: float = math.pi / 3, n: int = 20000, seed: in
     for name, f, mode in (("rotation", rot, "exact"), ("translation", shift, "jump")):
         y, delta = window_logdensity(f, x, as_time(1.0, x), as_time(0.0, x), mode=mode, substeps=16,
                                      solver="rk4", create_graph=False)
-        out[f"traj_loss_{name}"] = float(((y - x) ** 2).sum(1).mean())
-        out[f"kl_{name}"] = float((_normal_logp(x) + delta - _normal_logp(y)).mean())
+        out[f"traj_loss_{name}"] = float(per_sample_sq_norm(y - x).mean())
+        out[f"kl_{name}"] = float((standard_normal_logprob(x) + delta - standard_normal_logprob(y)).mean())
     return out
 
 
@@ -134,13 +130,13 @@ def ring8_underdetermination(student: FlowMap, pairs: Any, n: int = 2000, seed: 
     a = math.pi / 4
     rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
     ya = y @ rot.T
-    loss_a = float(((ya - x0) ** 2).sum(1).mean())
+    loss_a = float(per_sample_sq_norm(ya - x0).mean())
     r = y - x0  # loss_B(c) = E‖r + c‖² = E‖r‖² + 2 c·E r + ‖c‖²: put c along a fixed direction, solve the quadratic
     e = torch.tensor([math.cos(0.3), math.sin(0.3)], dtype=torch.float64)
-    b, c0 = float(2 * r.mean(0) @ e), float((r**2).sum(1).mean()) - loss_a
+    b, c0 = float(2 * r.mean(0) @ e), float(per_sample_sq_norm(r).mean()) - loss_a
     lam = (-b + math.sqrt(max(b * b - 4 * c0, 0.0))) / 2
     yb = y + lam * e
-    loss_b = float(((yb - x0) ** 2).sum(1).mean())
+    loss_b = float(per_sample_sq_norm(yb - x0).mean())
     ma, mb = evaluate_samples(ya, teacher, seed=seed), evaluate_samples(yb, teacher, seed=seed)
     student.float()
     return {"loss_A_rotation": loss_a, "loss_B_translation": loss_b, "mmd2_A": ma["mmd2"], "mmd2_B": mb["mmd2"],
@@ -255,11 +251,11 @@ def render(res: dict[str, Any], presets: list[str], variants: list[str], seeds: 
              "Setup: analytic mixture teachers; MLP students trained with `fewstep.training.trainer.Trainer` (Adam, cosine LR, "
              "EMA 0.995, batch as in the settings); reflow pairs = 20k exact-teacher RK4-64 endpoints (4096 RK4-16 for "
              "digits); PeRFlow: 2 windows, data-noised window starts, RK4 window solves; MA = reverse-KL surrogate "
-             f"(`fewstep.methods._shared.alignment.ma_loss`) on 128 rows per step, switched on for the second half of training, "
-             f"window end clamped to t_min=0.05; mode `jump` in 2-D, Hutchinson (2 probes, one Euler sub-step) for "
-             f"reflow in 64-D. Metrics: `fewstep.evaluation.evaluate` (MMD² summed over bandwidths 0.05/0.2/1, exact "
-             f"mean log p₀ of the samples, exact KL(q‖p₀) of the k-jump pushforward in 2-D, mode coverage); "
-             f"ms/step is wall time on a shared, heavily loaded 2-core CPU (MA is active on half of the steps).", "",
+             "(`fewstep.methods._shared.alignment.ma_loss`) on 128 rows per step, switched on for the second half of training, "
+             "window end clamped to t_min=0.05; mode `jump` in 2-D, Hutchinson (2 probes, one Euler sub-step) for "
+             "reflow in 64-D. Metrics: `fewstep.evaluation.evaluate` (MMD² summed over bandwidths 0.05/0.2/1, exact "
+             "mean log p₀ of the samples, exact KL(q‖p₀) of the k-jump pushforward in 2-D, mode coverage); "
+             "ms/step is wall time on a shared, heavily loaded 2-core CPU (MA is active on half of the steps).", "",
              "## a. Under-determination", "",
              "Teacher window map = identity on N(0, I₂) (methods.md §1.2):", "",
              "| student | trajectory loss E‖Φ(x)−x‖² | KL(Φ#p ‖ p) |", "|---|---|---|",

@@ -119,7 +119,7 @@ def _method_config(method_cls: type[Method], raw: dict[str, Any], guidance: floa
                              f"valid keys: {sorted(fields)}")
     kw = {k: check_value(f"method.cfg.{k}", v, hints[k]) for k, v in raw.items()}
     used = False
-    key = next((k for k in ("guidance", "teacher_guidance") if k in fields), None)
+    key = "guidance" if "guidance" in fields else None  # every teacher-guided method names its CFG weight so
     if guidance != 1.0 and key is not None:
         if key in kw and float(kw[key]) != guidance:
             raise ValueError(f"teacher.guidance={guidance} conflicts with method.cfg.{key}={kw[key]}")

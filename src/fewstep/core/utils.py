@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 TimeLike = Union[float, int, Tensor]
 
-__all__ = ["TimeLike", "as_time", "bcast", "check_batch", "count_dims", "set_unregistered"]
+__all__ = ["TimeLike", "as_time", "bcast", "check_batch", "count_dims", "set_unregistered",
+           "per_sample_sq_norm", "per_sample_mean_sq"]
 
 
 def as_time(t: TimeLike, x: Tensor, name: str = "t", check_range: bool = True) -> Tensor:
@@ -57,6 +58,39 @@ def count_dims(x: Tensor) -> int:
     for s in x.shape[1:]:
         n *= s
     return n
+
+
+def per_sample_sq_norm(x: Tensor, batch_dims: int = 1) -> Tensor:
+    r"""Squared Euclidean norm of each sample, :math:`\|x_b\|^2 = \sum_i x_{b,i}^2` over all event dimensions.
+
+    The per-sample error convention "sum over event dims, then average over the batch": the consistency, sCM,
+    MeanFlow, AYF, Shortcut and SplitMeanFlow losses, ``coupling_error``'s ``mse``, the straightness integrand
+    and :math:`\log\mathcal N(x; 0, I)`. It grows with the dimension D (see docs/methods.md, metric conventions).
+
+    Args:
+        x: Tensor of shape (*batch, *event) with ``batch_dims`` leading batch dimensions.
+        batch_dims: Number of leading dimensions kept (default 1: shape (B, ...) -> (B,)).
+
+    Returns:
+        Tensor of shape ``x.shape[:batch_dims]``.
+    """
+    return x.reshape(*x.shape[:batch_dims], -1).pow(2).sum(-1)
+
+
+def per_sample_mean_sq(x: Tensor, batch_dims: int = 1) -> Tensor:
+    r"""Mean square of each sample, :math:`\frac1D\sum_i x_{b,i}^2 = \|x_b\|^2 / D` (FACM's per-sample MSE).
+
+    Its batch mean is the element-wise MSE ``x.pow(2).mean()`` of the flow-matching, reflow, PeRFlow and
+    distribution-matching losses (equal in exact arithmetic; the summation order differs). Independent of D.
+
+    Args:
+        x: Tensor of shape (*batch, *event) with ``batch_dims`` leading batch dimensions.
+        batch_dims: Number of leading dimensions kept.
+
+    Returns:
+        Tensor of shape ``x.shape[:batch_dims]``.
+    """
+    return x.reshape(*x.shape[:batch_dims], -1).pow(2).mean(-1)
 
 
 def check_batch(x: Tensor, event_shape: tuple[int, ...], name: str = "x") -> None:

@@ -28,11 +28,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from fewstep.methods._shared.alignment import MA_MODES, window_logdensity
-from fewstep.sampling.logdensity import make_probes
-from fewstep.sampling.samplers import check_grid, time_grid
-from fewstep.evaluation.metrics import kl_tv_importance
 from fewstep.core.utils import as_time
+from fewstep.evaluation.metrics import kl_tv_importance
+from fewstep.methods._shared.alignment import MA_MODES, window_logdensity
+from fewstep.sampling.logdensity import make_probes, standard_normal_logprob
+from fewstep.sampling.samplers import check_grid, time_grid
 
 __all__ = ["diagnose_tv", "format_tv_table", "add_tv_parser", "main_tv"]
 
@@ -106,7 +106,7 @@ def diagnose_tv(student: Any, teacher: Any, windows: int | Sequence[float] | Ten
             terms.append({"t_start": t0, "t_end": t1, "eps": kt["tv"], "eps_se": kt["tv_se"], "kl": kt["kl"],
                           "kl_se": kt["kl_se"]})
         x = torch.randn((n, *teacher.event_shape), generator=gen, dtype=dtype)
-        lq = -0.5 * (x.reshape(n, -1) ** 2).sum(1) - 0.5 * x[0].numel() * math.log(2 * math.pi)
+        lq = standard_normal_logprob(x)
         for k in range(len(g) - 1):
             x, delta = _push(student, x, float(g[k]), float(g[k + 1]), mode, substeps, solver, probes, gen)
             lq = lq + delta

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fewstep.core.utils import per_sample_sq_norm
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 
 __all__ = [
@@ -163,7 +164,7 @@ def coupling_error(x_student: Tensor, x_teacher: Tensor) -> dict[str, float]:
     a, b = _pair(x_student, x_teacher)
     if a.shape != b.shape:
         raise ValueError(f"coupling_error needs paired samples of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
-    d2 = ((a - b) ** 2).sum(1)
+    d2 = per_sample_sq_norm(a - b)
     return {"mean_l2": float(d2.sqrt().mean()), "mse": float(d2.mean())}
 
 
@@ -241,7 +242,7 @@ def straightness(trajectory: Sequence[Tensor] | Tensor, times: Sequence[float] |
     xs = xs.reshape(xs.shape[0], xs.shape[1], -1)
     vbar = (xs[-1] - xs[0]) / (ts[-1] - ts[0])
     vi = (xs[1:] - xs[:-1]) / dt[:, None, None]
-    per_step = ((vi - vbar[None]) ** 2).sum(-1).mean(-1)
+    per_step = per_sample_sq_norm(vi - vbar[None], batch_dims=2).mean(-1)
     return float((per_step * dt.abs()).sum() / (ts[-1] - ts[0]).abs())
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from fewstep.core.utils import per_sample_sq_norm
 from fewstep.sampling.integrators import RK_METHODS, rk_step
 from fewstep.sampling.samplers import check_grid, time_grid
 
@@ -74,8 +75,7 @@ class LogDensityResult:
 
 def standard_normal_logprob(x: Tensor) -> Tensor:
     r""":math:`\log\mathcal N(x; 0, I) = -\tfrac12\|x\|^2 - \tfrac d2\log 2\pi` per row, shape (batch,)."""
-    flat = x.reshape(x.shape[0], -1)
-    return -0.5 * (flat**2).sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+    return -0.5 * per_sample_sq_norm(x) - 0.5 * x[0].numel() * math.log(2 * math.pi)
 
 
 def make_probes(x: Tensor, k: int, generator: torch.Generator | None = None, kind: str = "rademacher") -> Tensor:
