@@ -9,7 +9,7 @@ from fewstep.teachers.gmm import GaussianMixtureTeacher
 
 
 def _mmd2_local(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.05, 0.2, 1.0)) -> float:
-    r"""Unbiased RBF MMD² summed over bandwidths h: k(a,b) = exp(-|a-b|²/(2h²)) (anchors.md §6)."""
+    r"""Unbiased RBF MMD² summed over bandwidths h: k(a,b) = exp(-|a-b|²/(2h²)) (docs/methods.md §7)."""
     x, y = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
     dxx, dyy, dxy = torch.cdist(x, x) ** 2, torch.cdist(y, y) ** 2, torch.cdist(x, y) ** 2
     n, m = x.shape[0], y.shape[0]

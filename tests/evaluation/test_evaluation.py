@@ -1,4 +1,4 @@
-"""Evaluation dicts: exact samples sit at the floor, solvers reproduce anchors.md §6, flow maps = solvers."""
+"""Evaluation dicts: exact samples sit at the floor, solvers reproduce docs/methods.md §7, flow maps = solvers."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_euler_solver_reproduces_anchor_numbers_and_nfe() -> None:
     one = evaluate_velocity_solver(ring, ring, "euler", 1, n=1000, x_teacher=x_t)
     four = evaluate_velocity_solver(ring, ring, "heun", 2, n=1000, x_teacher=x_t)
     assert one["nfe"] == 1 and four["nfe"] == 4
-    assert one["mmd2"] == pytest.approx(3.03, abs=0.05)  # anchors.md §6
+    assert one["mmd2"] == pytest.approx(3.03, abs=0.05)  # docs/methods.md §7
     assert one["kl"] == float("inf") and one["tv"] == 1.0  # one Euler step maps everything to ~(0, 0)
     assert one["modes_covered"] == 0.0
     assert 0 < four["kl"] < 50 and four["coupling_l2"] < one["coupling_l2"]

@@ -44,9 +44,9 @@ def test_mmd2_floor_and_shift_ring8() -> None:
     ring = load_preset("ring8")
     a, b = ring.sample(2000, generator=_gen(0)), ring.sample(2000, generator=_gen(1))
     floor = mmd2(a, b)
-    assert abs(floor) < 5e-3  # anchors.md §6: 3e-4 +- 8e-4 per seed at 2000 vs 2000 (we see std ~1.5e-3)
+    assert abs(floor) < 5e-3  # docs/methods.md §7: 3e-4 +- 8e-4 per seed at 2000 vs 2000 (we see std ~1.5e-3)
     assert mmd2(a, b + torch.tensor([0.3, 0.0])) > 0.05  # 0.12 measured: > 20x the floor band
-    # anchors.md §6: one Euler step of the exact teacher collapses to the mean (0, 0): MMD^2 ~ 3.03
+    # docs/methods.md §7: one Euler step of the exact teacher collapses to the mean (0, 0): MMD^2 ~ 3.03
     collapsed = 1e-3 * torch.randn(2000, 2, generator=_gen(2))
     assert mmd2(collapsed, b) == pytest.approx(3.03, abs=0.03)
 

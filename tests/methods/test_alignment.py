@@ -1,4 +1,4 @@
-"""The MA surrogate's gradient equals the gradient of the window KL (methods.md §1.4), on closed-form cases.
+"""The MA surrogate's gradient equals the gradient of the window KL (docs/methods.md §6), on closed-form cases.
 
 Teacher: one 2-D Gaussian N(m, S), so p_t = N((1-t) m, (1-t)^2 S + t^2 I). Student: an affine velocity
 u(x) = A x + b, whose window maps (one Euler jump, or the exact linear ODE flow) are affine, so the pushforward

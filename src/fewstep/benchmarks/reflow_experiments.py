@@ -1,6 +1,6 @@
 r"""Reflow-family experiments (issue 4): under-determination, MA vs no MA, and the telescoping TV bound.
 
-a. Under-determination (methods.md §1.2). Teacher window map Ψ = id on p = N(0, I₂): a rotation R_α (flow of
+a. Under-determination (docs/methods.md §4). Teacher window map Ψ = id on p = N(0, I₂): a rotation R_α (flow of
    u = αJx) and a translation by c with ‖c‖² = 4(1 - cos α) have equal trajectory loss E‖Φ(x) - x‖² but KL 0
    vs ‖c‖²/2 (both measured with the log-density machinery). On ring8 the same construction on a trained reflow
    student: Φ_A = R_{π/4}∘Φ (ring8 is invariant under 45° rotations) and Φ_B = Φ + c with ‖c‖ chosen so that
@@ -257,7 +257,7 @@ def render(res: dict[str, Any], presets: list[str], variants: list[str], seeds: 
              "mean log p₀ of the samples, exact KL(q‖p₀) of the k-jump pushforward in 2-D, mode coverage); "
              "ms/step is wall time on a shared, heavily loaded 2-core CPU (MA is active on half of the steps).", "",
              "## a. Under-determination", "",
-             "Teacher window map = identity on N(0, I₂) (methods.md §1.2):", "",
+             "Teacher window map = identity on N(0, I₂) (docs/methods.md §4):", "",
              "| student | trajectory loss E‖Φ(x)−x‖² | KL(Φ#p ‖ p) |", "|---|---|---|",
              f"| rotation α=π/3 (flow of αJx, RK4) | {g['traj_loss_rotation']:.4f} | {g['kl_rotation']:.2e} |",
              f"| translation ‖c‖²=4(1−cos α) | {g['traj_loss_translation']:.4f} | {g['kl_translation']:.4f} |", ""]

@@ -4,7 +4,7 @@ Notation (fixed for the whole library): data x0 at t=0, Gaussian noise x1 ~ N(0,
 from t=1 down to t=0. For an affine path the conditional velocity is
 :math:`\dot x_t = \dot\alpha x_0 + \dot\sigma x_1` and the marginal velocity is
 :math:`v(x,t) = \dot\alpha \hat x_0 + \dot\sigma \hat x_1` with :math:`\hat x_i = E[x_i | x_t = x]`.
-With :math:`\Delta = \alpha\dot\sigma - \dot\alpha\sigma` the conversions are (methods.md §1.5)
+With :math:`\Delta = \alpha\dot\sigma - \dot\alpha\sigma` the conversions are (docs/methods.md §2)
 
 .. math::
     \hat x_1 = (\alpha v - \dot\alpha x)/\Delta,\quad

@@ -1,4 +1,4 @@
-r"""Diagnose the telescoping TV bound of a few-step student of an analytic teacher (methods.md §1.3).
+r"""Diagnose the telescoping TV bound of a few-step student of an analytic teacher (docs/methods.md §5).
 
 Windows :math:`1 = t_0 > \dots > t_K`; the student's window map :math:`\Phi_k` is its jump (or sub-stepped ODE)
 from :math:`t_k` to :math:`t_{k+1}`. With :math:`q_{t_0} = p_1` and :math:`q_{t_{k+1}} = \Phi_k\#q_{t_k}`,

@@ -1,6 +1,6 @@
 r"""Metrics on sample sets; every function returns a float or a dict of floats.
 
-* :func:`mmd2` — unbiased RBF MMD² summed over bandwidths (our default metric, anchors.md §6).
+* :func:`mmd2` — unbiased RBF MMD² summed over bandwidths (our default metric, docs/methods.md §7).
 * :func:`mean_loglik` — mean exact :math:`\log p_0` of samples under a Gaussian-mixture teacher.
 * :func:`mode_coverage` — share of mixture modes hit, per-mode shares, off-mode fraction.
 * :func:`coupling_error` — distance to the teacher's ODE endpoint from the same noise.
@@ -62,7 +62,7 @@ def mmd2(x: Tensor, y: Tensor, bandwidths: Sequence[float] = (0.05, 0.2, 1.0), s
         \widehat{MMD}^2 = \frac{1}{n(n-1)}\sum_{i\ne j}k(x_i,x_j) + \frac{1}{m(m-1)}\sum_{i\ne j}k(y_i,y_j)
         - \frac{2}{nm}\sum_{i,j}k(x_i,y_j).
 
-    Convention (anchors.md §6): bandwidths {0.05, 0.2, 1.0} summed, 2000 vs 2000 samples; on ring8 the exact
+    Convention (docs/methods.md §7): bandwidths {0.05, 0.2, 1.0} summed, 2000 vs 2000 samples; on ring8 the exact
     teacher gives ≈3.0 (1 Euler step), ≈0.018 (4 steps), ≈9e-4 (adaptive); two independent true sets give
     ≈3e-4 ± 8e-4. The estimate is unbiased, so it can be slightly negative.
 

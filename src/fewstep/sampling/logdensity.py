@@ -13,7 +13,7 @@ noise, t from 0 to 1) gives the same formula read backwards. The divergence is e
 dimension) or Hutchinson's :math:`\frac1K\sum_k z_k^\top (\partial v/\partial x) z_k` with probes held fixed
 along the path. With ``create_graph=True`` every quantity keeps its graph, so :math:`\partial \log q/\partial\theta`
 and :math:`\partial x_{end}/\partial\theta` reach the network's parameters (both terms of the
-marginal-alignment regularizer, methods.md §1).
+marginal-alignment regularizer, docs/methods.md §6).
 
 Flow maps, discrete change of variables:
 :math:`\log q_s(f_{t\to s}(x)) = \log q_t(x) - \log|\det \partial f/\partial x|`.

@@ -1,4 +1,4 @@
-r"""Marginal-distribution alignment (MA): the window-KL regularizer shared by reflow and PeRFlow (methods.md §1.4).
+r"""Marginal-distribution alignment (MA): the window-KL regularizer shared by reflow and PeRFlow (docs/methods.md §6).
 
 For a window [t_e, t_s] (sampling goes t_s -> t_e), draw :math:`x_{t_s} \sim p_{t_s}` and push it through the
 student's window map :math:`\Phi_\theta`. By the change of variables,

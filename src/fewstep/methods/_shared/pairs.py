@@ -1,6 +1,6 @@
 r"""Reflow pairs: noise x1 ~ N(0, I) and the teacher's ODE endpoint x0 = Phi_T(x1; 1 -> 0), cached on disk.
 
-The coupling (x1, x0 = ODE_T(x1)) is the training set of reflow (methods.md §1.7): the k-rectified flow
+The coupling (x1, x0 = ODE_T(x1)) is the training set of reflow (docs/methods.md §3): the k-rectified flow
 regresses :math:`E\|v_\theta(x_t,t) - (x_1 - x_0)\|^2` on it, and "+distill" regresses
 :math:`\|f_\theta(x_1, 1, 0) - x_0\|^2`.
 
