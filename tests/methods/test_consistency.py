@@ -10,8 +10,8 @@ from torch import nn
 
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
-from fewstep.methods.consistency import (ConsistencyConfig, consistency_grid, discretization_steps, ema_update,
-                                         pseudo_huber)
+from fewstep.core.ema import ema_update_
+from fewstep.methods.consistency import ConsistencyConfig, consistency_grid, discretization_steps, pseudo_huber
 from fewstep.networks.mlp import MLP
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 from fewstep.teachers.presets import load_preset
@@ -109,8 +109,20 @@ def test_ema_target_update_is_exact() -> None:
     assert set(m.trainable()) == {"student"}
     # target_ema = 0 copies the student (theta^- = sg(theta))
     net2, src = nn.Linear(2, 2), nn.Linear(2, 2)
-    ema_update(net2, src, 0.0)
+    ema_update_(net2, src, 0.0)
     assert torch.equal(net2.weight, src.weight)
+
+
+def test_ema_update_rejects_bad_decay_and_mismatched_networks() -> None:
+    """The one EMA primitive: d outside [0, 1] and networks with other parameter names are refused."""
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="decay"):
+        ema_update_(a, b, 1.5)
+    with pytest.raises(ValueError, match="parameter names"):
+        ema_update_(a, nn.Sequential(nn.Linear(2, 2)), 0.5)
+    w0 = a.weight.detach().clone()
+    ema_update_(a, b, 1.0)
+    assert torch.equal(a.weight, w0)
 
 
 @pytest.mark.parametrize("name,ratio", [("cd", 0.5), ("ct", 0.7)])

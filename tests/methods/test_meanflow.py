@@ -206,7 +206,7 @@ def test_guided_velocity_formulas() -> None:
     inside = torch.tensor([False, True, True, True, False, False])
     assert torch.allclose(got[inside], want[inside].detach(), atol=1e-12)
     assert torch.allclose(got[~inside], dx[~inside], atol=0)  # outside the range / null label: plain x1 - x0
-    md = MeanFlow(student, teacher, MeanFlow.make_config(teacher_guidance=3.0, guidance_t_min=0.3,
+    md = MeanFlow(student, teacher, MeanFlow.make_config(guidance=3.0, guidance_t_min=0.3,
                                                          guidance_t_max=0.8))
     v = md.velocity(x, t, dx, cond)
     assert torch.allclose(v[inside], teacher.velocity(x, t, cond, guidance=3.0)[inside], atol=1e-12)

@@ -81,7 +81,7 @@ def test_perflow_loss_falls(window_input: str, param: str) -> None:
     m = cls(FlowMap(MLP(2, 64, 2, emb_dim=16, use_s=param == "average_velocity"), param), ring8,
             cls.make_config(num_windows=2, window_input=window_input, input_steps=4, ma_weight=0.01, ma_batch=32,
                             ma_t_min=0.05))
-    assert m.needs_data == (window_input == "data")
+    assert m.uses_data(m.config) == (window_input == "data")
     opt = torch.optim.Adam(m.student.parameters(), lr=3e-3)
     losses = []
     for step in range(100):

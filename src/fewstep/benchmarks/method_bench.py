@@ -43,6 +43,7 @@ from fewstep.methods.registry import get_method
 from fewstep.networks.mlp import MLP
 from fewstep.sampling.spec import CONSISTENCY, DETERMINISTIC, SamplerSpec, sample_with
 from fewstep.teachers.gmm import GaussianMixtureTeacher
+from fewstep.core.utils import set_unregistered
 
 __all__ = ["parse_overrides", "method_config", "train_method", "time_steps", "evaluate", "evaluate_mid", "run", "merge",
            "main"]
@@ -152,7 +153,7 @@ def time_steps(method: Method, teacher: GaussianMixtureTeacher, train: dict[str,
             self.t.append(time.perf_counter())
 
     m = copy.deepcopy(method)
-    m.__dict__["teacher"] = method.teacher
+    set_unregistered(m, "teacher", method.teacher)
     stamps = Stamps()
     _trainer(m, teacher, {**train, "steps": warmup + n}, 0, (stamps,)).fit()
     return statistics.median(b - a for a, b in list(zip(stamps.t, stamps.t[1:]))[warmup:])

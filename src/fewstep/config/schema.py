@@ -162,7 +162,6 @@ class TrainConfig:
         eval_every: Steps between evaluation callbacks (0 = only at the end).
         ckpt_every: Steps between checkpoints (0 = only at the end, when a run folder is given).
         keep_checkpoints: Number of checkpoints kept.
-        num_workers: Unused (batches are sampled in-process); kept for config compatibility.
         progress: Show a tqdm progress bar (only on a TTY and on rank 0).
         tensorboard: Write TensorBoard event files in the run folder.
     """
@@ -187,7 +186,6 @@ class TrainConfig:
     eval_every: int = 0
     ckpt_every: int = 0
     keep_checkpoints: int = 3
-    num_workers: int = 0
     progress: bool = True
     tensorboard: bool = True
 

@@ -73,6 +73,10 @@ class AffinePath(ABC):
         a, s, da, ds = self._coef(t, x0)
         return a * x0 + s * x1, da * x0 + ds * x1
 
+    def interpolate(self, x0: Tensor, x1: Tensor, t: TimeLike) -> Tensor:
+        r"""The point :math:`x_t = \alpha(t) x_0 + \sigma(t) x_1` alone (the first output of :meth:`sample`)."""
+        return self.sample(x0, x1, t)[0]
+
     # --- conversions from the velocity -------------------------------------------------------------
     def velocity_to_x0(self, v: Tensor, x: Tensor, t: TimeLike) -> Tensor:
         r""":math:`\hat x_0 = (\dot\sigma x - \sigma v)/\Delta`."""

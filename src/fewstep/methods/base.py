@@ -24,9 +24,24 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
+from fewstep.core.utils import set_unregistered
+from fewstep.teachers.base import teacher_velocity
 from fewstep.sampling.spec import DETERMINISTIC, SamplerSpec
 
-__all__ = ["Batch", "Method", "MethodConfig"]
+__all__ = ["Batch", "Method", "MethodConfig", "U_COLUMNS", "U_T", "U_S", "U_SELECT", "U_AUX", "U_CORNER", "U_ZERO",
+           "U_FAKE", "U_LABEL_DROP", "U_FM_LABEL_DROP"]
+
+# ---- the columns of Batch.u (see the Batch docstring); each method keeps the columns it has always used
+U_COLUMNS = 8
+U_T = 0  #: first time draw t, or a grid / anchor index
+U_S = 1  #: second time draw s (flow maps, IMM), or the DM re-noise level (DMD family)
+U_SELECT = 2  #: the s = t choice, the pair / window / shortcut-level index, or the CA re-noise level
+U_AUX = 3  #: the t = t_max point mass, SplitMeanFlow's split point, IMM's s = 0 choice or CDM's off-trajectory time
+U_CORNER = 4  #: the (t_max, t_min) corner choice, or CDM's off-trajectory re-noise level
+U_ZERO = 5  #: the s = t_min choice, or DMD's regression-pair index
+U_FAKE = 6  #: the fake score's re-noise level (DMD family)
+U_LABEL_DROP = 7  #: label drop of the flow-map methods (MeanFlow, SplitMeanFlow, sCM, FACM, AYF)
+U_FM_LABEL_DROP = U_S  #: label drop of flow_matching (column 1, kept for reproducibility)
 
 
 @dataclass
@@ -36,7 +51,24 @@ class Batch:
     Attributes:
         x0: Data samples, shape (B, ...), or None for data-free methods.
         x1: Gaussian noise of the same shape as a sample, shape (B, ...).
-        u: Uniform random numbers in [0, 1), shape (B, 8), for per-sample times and choices.
+        u: Uniform random numbers in [0, 1), shape (B, 8), for per-sample times and choices. Methods index it
+            with the named columns of this module, never with bare numbers:
+
+            ====  ==================  ============================================================================
+            col   name                use
+            ====  ==================  ============================================================================
+            0     ``U_T``             t (every method), the consistency-grid / DM anchor index
+            1     ``U_S``             s of (t, s) (flow maps, IMM), DM re-noise level; flow_matching's label
+                                      drop (``U_FM_LABEL_DROP``)
+            2     ``U_SELECT``        s = t choice, reflow pair / PeRFlow window / shortcut level, t = 1 groups
+                                      (IMM), CA re-noise level
+            3     ``U_AUX``           t = t_max rows (sCM, FACM), split point (SplitMeanFlow), s = 0 groups (IMM),
+                                      off-trajectory time (CDM)
+            4     ``U_CORNER``        (t_max, t_min) corner rows, CDM off-trajectory re-noise level
+            5     ``U_ZERO``          s = t_min rows, DMD regression-pair index
+            6     ``U_FAKE``          fake-score re-noise level (DMD family)
+            7     ``U_LABEL_DROP``    label drop (flow-map methods)
+            ====  ==================  ============================================================================
         cond: Class labels, shape (B,), -1 meaning unconditional, or None.
     """
 
@@ -63,8 +95,11 @@ class Method(nn.Module):
         description: One line shown by ``fewstep methods``.
         config_class: The dataclass of this method's hyper-parameters.
         parameterization: The flow-map parameterization of the student this method trains.
-        needs_teacher: Whether a teacher is required (False for training from data alone).
-        needs_data: Whether batches must carry data x0.
+        needs_teacher: Whether a teacher is required whatever the config (False for training from data alone).
+        needs_data: Whether batches must carry data x0 whatever the config.
+
+    Whether a run uses a teacher or data is decided in one place, :meth:`uses_teacher` / :meth:`uses_data` of
+    the config (defaults: the two class attributes); methods whose needs depend on their config override those.
         sampler: The default multi-step sampler (:class:`~fewstep.sampling.spec.SamplerSpec`): deterministic
             jumps on a uniform grid unless the method was trained for another (consistency students: gamma=1).
 
@@ -88,7 +123,7 @@ class Method(nn.Module):
             config = self.config_class()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        if self.needs_teacher and teacher is None:
+        if type(self).needs_teacher and teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher")
         self.config = config
         self.student = student
@@ -96,7 +131,17 @@ class Method(nn.Module):
             teacher.eval()
             teacher.requires_grad_(False)
         # stored outside the module tree: the teacher is never trained, saved with the student, or cast
-        self.__dict__["teacher"] = teacher
+        set_unregistered(self, "teacher", teacher)
+
+    @classmethod
+    def uses_teacher(cls, config: Any) -> bool:
+        """Whether a run of this method with ``config`` uses a teacher (built by the run builder)."""
+        return cls.needs_teacher
+
+    @classmethod
+    def uses_data(cls, config: Any) -> bool:
+        """Whether a run of this method with ``config`` needs data batches x0 (checked by the trainer)."""
+        return cls.needs_data
 
     # ------------------------------------------------------------------ what the trainer calls
     def trainable(self) -> dict[str, nn.Module]:
@@ -119,11 +164,9 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ helpers for subclasses
     def velocity_target(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float = 1.0) -> Tensor:
-        """The frozen teacher's velocity (no gradient)."""
+        r"""The frozen teacher's velocity :math:`v_\phi(x, t, c; w)` (no gradient; :func:`teacher_velocity`)."""
         with torch.no_grad():
-            if hasattr(self.teacher, "velocity"):
-                return self.teacher.velocity(x, t, cond=cond, guidance=guidance).to(x.dtype)
-            return self.teacher(x, t, cond=cond).to(x.dtype)
+            return teacher_velocity(self.teacher, x, t, cond, guidance).to(x.dtype)
 
     @classmethod
     def make_config(cls, **overrides: Any) -> Any:

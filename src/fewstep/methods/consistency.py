@@ -28,14 +28,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
+from fewstep.core.paths import LinearPath
 from fewstep.sampling.samplers import time_grid
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.base import Batch, Method, MethodConfig, U_T
 from fewstep.methods.registry import register
 from fewstep.sampling.spec import CONSISTENCY
 
-__all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber", "ema_update",
+__all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber",
            "discretization_steps", "consistency_grid"]
 
 DISTANCES = ("l2", "pseudo_huber")
@@ -104,15 +106,6 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     return torch.sqrt(sq + c * c) - c
 
 
-def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
-    r"""In place :math:`\theta^- \leftarrow \mu\theta^- + (1-\mu)\theta` over parameters and float buffers."""
-    with torch.no_grad():
-        for pt, ps in zip(target.parameters(), source.parameters()):
-            pt.lerp_(ps, 1.0 - decay)
-        for bt, bs in zip(target.buffers(), source.buffers()):
-            bt.copy_(bs)
-
-
 def discretization_steps(step: int, cfg: ConsistencyConfig) -> int:
     r"""Number of intervals N(k): fixed, or iCT's :math:`\min(n_{min}2^{\lfloor k/K'\rfloor}, n_{max})`."""
     if cfg.n_schedule == "fixed":
@@ -174,8 +167,8 @@ class _ConsistencyBase(Method):
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if batch.x0 is None:
             raise ValueError(f"{self.name} needs data batches (x0) to form x_t = (1-t) x0 + t x1")
-        t, t_prev = self.times(batch.u[:, 0], step)
-        x_t = bcast(1 - t, batch.x0) * batch.x0 + bcast(t, batch.x0) * batch.x1
+        t, t_prev = self.times(batch.u[:, U_T], step)
+        x_t = LinearPath().interpolate(batch.x0, batch.x1, t)
         with torch.no_grad():
             x_prev = self.partner(x_t, t, t_prev, batch)
             target = self.target(x_prev, t_prev, torch.zeros_like(t), batch.cond)
@@ -188,7 +181,7 @@ class _ConsistencyBase(Method):
 
     def after_update(self, name: str, step: int) -> None:
         if name == "student":
-            ema_update(self.target, self.student, self.config.target_ema)
+            ema_update_(self.target, self.student, self.config.target_ema)
 
 
 @register
@@ -221,4 +214,4 @@ class ConsistencyTraining(_ConsistencyBase):
     def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
         """The same noise/data pair at the earlier time t'."""
         assert batch.x0 is not None
-        return bcast(1 - t_prev, batch.x0) * batch.x0 + bcast(t_prev, batch.x0) * batch.x1
+        return LinearPath().interpolate(batch.x0, batch.x1, t_prev)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fewstep.core.paths import LinearPath
 from fewstep.core.timesteps import sample_time
-from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.base import Batch, Method, MethodConfig, U_FM_LABEL_DROP, U_T
 from fewstep.methods.registry import register
 
 
@@ -54,10 +54,10 @@ class FlowMatching(Method):
         if batch.x0 is None:
             raise ValueError("flow_matching needs data batches (x0)")
         cfg = self.config
-        t = sample_time(batch.u[:, 0], cfg.time_sampler, mean=cfg.logit_mean, std=cfg.logit_std)
+        t = sample_time(batch.u[:, U_T], cfg.time_sampler, mean=cfg.logit_mean, std=cfg.logit_std)
         x_t, v = LinearPath().sample(batch.x0, batch.x1, t)
         cond = batch.cond
         if cond is not None and cfg.cond_drop > 0:
-            cond = torch.where(batch.u[:, 1] < cfg.cond_drop, torch.full_like(cond, -1), cond)
+            cond = torch.where(batch.u[:, U_FM_LABEL_DROP] < cfg.cond_drop, torch.full_like(cond, -1), cond)
         loss = ((self.student.velocity(x_t, t, cond) - v) ** 2).mean()
         return loss, {"loss": float(loss.detach())}

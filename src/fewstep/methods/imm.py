@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
-from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.core.paths import LinearPath
+from fewstep.methods.base import Batch, Method, MethodConfig, U_AUX, U_S, U_SELECT, U_T
 from fewstep.methods.registry import register
-from fewstep.methods.consistency import ema_update
 
 __all__ = ["IMMConfig", "IMM", "laplace_mmd2", "imm_r", "imm_weight"]
 
@@ -184,9 +184,9 @@ class IMM(Method):
         cfg = self.config
         m = cfg.group_size
         ug = u[: groups * m].reshape(groups, m, -1)[:, 0]
-        t = cfg.t_min + (1 - cfg.t_min) * ug[:, 0]
-        t = torch.where(ug[:, 2] < cfg.t_one_fraction, torch.ones_like(t), t)
-        s = torch.where(ug[:, 3] < cfg.s_zero_fraction, torch.zeros_like(t), t * ug[:, 1])
+        t = cfg.t_min + (1 - cfg.t_min) * ug[:, U_T]
+        t = torch.where(ug[:, U_SELECT] < cfg.t_one_fraction, torch.ones_like(t), t)
+        s = torch.where(ug[:, U_AUX] < cfg.s_zero_fraction, torch.zeros_like(t), t * ug[:, U_S])
         r = imm_r(s, t, cfg)
         return tuple(v.repeat_interleave(m) for v in (s, r, t))  # type: ignore[return-value]
 
@@ -199,8 +199,8 @@ class IMM(Method):
         groups = batch.size // m
         s, r, t = self.group_times(batch.u, groups)
         x0, x1, cond = batch.x0, batch.x1, batch.cond
-        x_t = bcast(1 - t, x0) * x0 + bcast(t, x0) * x1
-        x_r = bcast(1 - r, x0) * x0 + bcast(r, x0) * x1
+        x_t = LinearPath().interpolate(x0, x1, t)
+        x_r = LinearPath().interpolate(x0, x1, r)
         with torch.no_grad():
             y_r = self.target(x_r, r, s, cond)
         y_t = self.student(x_t, t, s, cond)
@@ -215,4 +215,4 @@ class IMM(Method):
 
     def after_update(self, name: str, step: int) -> None:
         if name == "student":
-            ema_update(self.target, self.student, self.config.target_ema)
+            ema_update_(self.target, self.student, self.config.target_ema)

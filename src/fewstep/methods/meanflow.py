@@ -15,7 +15,7 @@ no teacher is given). A fraction of the rows has s = t (plain flow matching on F
 with t from the sampler (``zero_fraction``, jumps to data) and a fraction sits exactly at the 1-step jump
 (t, s) = (1, 0) (``corner_fraction``). Optional training-time guidance from data
 (MeanFlow §4): :math:`v_g = \omega(x_1-x_0) + (1-\omega-\kappa)F_\theta(x,t,t,\varnothing) + \kappa F_\theta(x,t,t,c)`
-for t in [guidance_t_min, guidance_t_max]; with a teacher the teacher's CFG weight ``teacher_guidance`` is used
+for t in [guidance_t_min, guidance_t_max]; with a teacher the teacher's CFG weight ``guidance`` is used
 on that t-range instead.
 
 The shared machinery (time sampling, adaptive weight, teacher-or-data velocity, the student's JVP) lives in

@@ -41,8 +41,9 @@ from torch import Tensor
 from fewstep.methods._shared.pairs import teacher_velocity_fn
 from fewstep.sampling.samplers import ODE_METHODS, check_grid
 from fewstep.teachers.flowmap import TeacherFlowMap
+from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast, set_unregistered
-from fewstep.methods.base import Batch, Method
+from fewstep.methods.base import Batch, Method, U_SELECT, U_T
 from fewstep.methods.registry import register
 from fewstep.methods._shared.reflow_family import MAOptions, add_ma, ma_term
 
@@ -118,24 +119,28 @@ class Perflow(Method):
             raise ValueError(f"unknown PeRFlow solver {cfg.solver!r}; expected one of {ODE_METHODS}")
         if cfg.solve_steps < 1 or cfg.input_steps < 1:
             raise ValueError(f"solve_steps and input_steps must be >= 1; got {cfg.solve_steps}, {cfg.input_steps}")
-        self.needs_data = cfg.window_input == "data"
         self.grid = window_grid(cfg.num_windows, cfg.windows)
         v_fn = teacher_velocity_fn(teacher, cfg.guidance)
         set_unregistered(self, "window_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.solve_steps))
         set_unregistered(self, "input_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.input_steps))
 
+    @classmethod
+    def uses_data(cls, config: PerflowConfig) -> bool:
+        """Data batches are needed for ``window_input="data"`` (window starts are data noised to t_k)."""
+        return config.window_input == "data"
+
     def window_starts(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Per-row window (t_k, t_{k+1}) from ``u[:, 2]`` and the start point x_{t_k}."""
         x1, dt = batch.x1, batch.x1.dtype
         k_count = len(self.grid) - 1
-        k = (batch.u[:, 2] * k_count).long().clamp(0, k_count - 1).cpu()
+        k = (batch.u[:, U_SELECT] * k_count).long().clamp(0, k_count - 1).cpu()
         t_s = self.grid[k].to(x1.device, dt)
         t_e = self.grid[k + 1].to(x1.device, dt)
         cond = batch.cond
         if self.config.window_input == "data":
             if batch.x0 is None:
                 raise ValueError("perflow with window_input='data' needs data batches (x0)")
-            x_s = (1 - bcast(t_s, x1)) * batch.x0 + bcast(t_s, x1) * x1
+            x_s = LinearPath().interpolate(batch.x0, x1, t_s)
         else:
             with torch.no_grad():
                 x_s = self.input_map(x1, torch.ones_like(t_s), t_s, cond)
@@ -151,7 +156,7 @@ class Perflow(Method):
         x_s, t_s, t_e, cond = self.window_starts(batch)
         with torch.no_grad():
             x_e = self.window_map(x_s, t_s, t_e, cond)
-        x_t, t, target = window_targets(x_s, x_e, t_s, t_e, batch.u[:, 0])
+        x_t, t, target = window_targets(x_s, x_e, t_s, t_e, batch.u[:, U_T])
         loss = ((self.window_velocity(x_t, t, t_e, cond) - target) ** 2).mean()
         logs = {"loss_window": float(loss.detach())}
         return add_ma(loss, logs, ma_term(self.student, self.teacher, self.config, x_s, t_s, t_e, cond, step))

@@ -32,9 +32,10 @@ from typing import Any
 
 from torch import Tensor
 
+from fewstep.core.paths import LinearPath
 from fewstep.core.timesteps import sample_time
 from fewstep.methods._shared.reflow_family import PairMethod, PairOptions, add_ma
-from fewstep.methods.base import Batch
+from fewstep.methods.base import Batch, U_T
 from fewstep.methods.registry import register
 
 __all__ = ["ReflowConfig", "Reflow", "ReflowDistillConfig", "ReflowDistill"]
@@ -73,13 +74,12 @@ class Reflow(PairMethod):
         r""":math:`E\|v_\theta(x_t, t, c) - (x_1 - x_0)\|^2` with t from uniforms ``u``."""
         cfg = self.config
         t = sample_time(u, cfg.time_sampler, mean=cfg.logit_mean, std=cfg.logit_std)
-        tb = t.reshape(-1, *([1] * (x1.dim() - 1)))
-        x_t = (1 - tb) * x0 + tb * x1
+        x_t = LinearPath().interpolate(x0, x1, t)
         return ((self.student.velocity(x_t, t, cond) - (x1 - x0)) ** 2).mean()
 
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         x1, x0, cond = self.take_pairs(batch)
-        loss = self.pair_loss(x1, x0, cond, batch.u[:, 0])
+        loss = self.pair_loss(x1, x0, cond, batch.u[:, U_T])
         logs = {"loss_fm": float(loss.detach())}
         # MA window [t_min, 1]: x_1 ~ p_1 = N(0, I) exactly (the pair noise)
         return add_ma(loss, logs, self.ma_term(x1, 1.0, 0.0, cond, step))

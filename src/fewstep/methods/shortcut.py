@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
+from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.base import Batch, Method, MethodConfig, U_SELECT, U_T
 from fewstep.methods.registry import register
-from fewstep.methods.consistency import ema_update
 
 __all__ = ["ShortcutConfig", "Shortcut", "shortcut_target"]
 
@@ -59,11 +60,6 @@ class ShortcutConfig(MethodConfig):
     target_clip: float = 10.0
     fm_at_dmin: bool = False
     guidance: float = 1.0
-
-    @property
-    def use_teacher(self) -> bool:
-        """Whether the FM rows need the teacher (read by the run builder)."""
-        return self.target == "teacher"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.bootstrap_fraction <= 1.0:
@@ -125,6 +121,11 @@ class Shortcut(Method):
             raise ValueError(f"shortcut trains an 'average_velocity' student; got {student.parameterization!r}")
         self.target_net = copy.deepcopy(student).requires_grad_(False)
 
+    @classmethod
+    def uses_teacher(cls, config: ShortcutConfig) -> bool:
+        """The FM rows use the teacher's velocity when ``target="teacher"``."""
+        return config.target == "teacher"
+
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if batch.x0 is None:
             raise ValueError("shortcut needs data batches (x0) to form x_t = (1-t) x0 + t x1")
@@ -132,15 +133,15 @@ class Shortcut(Method):
         n_b = int(round(cfg.bootstrap_fraction * batch.size))
         d_min = 2.0 ** (-cfg.levels)
         # --- self-consistency rows: level k, trained step 2d = 2^-k, t = j * 2d with j in {1..2^k}
-        k = (u[:n_b, 2] * cfg.levels).long().clamp(max=cfg.levels - 1)
+        k = (u[:n_b, U_SELECT] * cfg.levels).long().clamp(max=cfg.levels - 1)
         two_d = torch.pow(2.0, -k.to(u.dtype))
-        j = (u[:n_b, 0] * torch.pow(2.0, k.to(u.dtype))).floor() + 1
+        j = (u[:n_b, U_T] * torch.pow(2.0, k.to(u.dtype))).floor() + 1
         t_b = (j * two_d).clamp(max=1.0)
         # --- flow-matching rows: t uniform on [d_min, 1] (or (0, 1]), s = t or t - d_min
         lo = d_min if cfg.fm_at_dmin else 0.0
-        t_f = lo + (1.0 - lo) * u[n_b:, 0]
+        t_f = lo + (1.0 - lo) * u[n_b:, U_T]
         t = torch.cat([t_b, t_f])
-        x_t = bcast(1 - t, x0) * x0 + bcast(t, x0) * x1
+        x_t = LinearPath().interpolate(x0, x1, t)
         with torch.no_grad():
             v = (x1 - x0)[n_b:]
             if cfg.target == "teacher" and n_b < batch.size:
@@ -161,4 +162,4 @@ class Shortcut(Method):
 
     def after_update(self, name: str, step: int) -> None:
         if name == "student":
-            ema_update(self.target_net, self.student, self.config.target_ema)
+            ema_update_(self.target_net, self.student, self.config.target_ema)

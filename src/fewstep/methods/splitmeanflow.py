@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fewstep.core.timesteps import sample_time
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch
+from fewstep.methods.base import Batch, U_AUX
 from fewstep.methods.registry import register
 from fewstep.methods._shared.flowmap_base import AverageVelocityConfig, AverageVelocityMethod
 from fewstep.methods._shared.flowmap_helpers import adaptive_weight, sq_norm
@@ -76,7 +76,7 @@ class SplitMeanFlow(AverageVelocityMethod):
         """SplitMeanFlow loss on one batch (see module docstring)."""
         cfg = self.config
         t, s, x_t, dx, cond = self.draw(batch)
-        lam = sample_time(batch.u[:, 3], cfg.split_sampler)
+        lam = sample_time(batch.u[:, U_AUX], cfg.split_sampler)
         r = s + lam * (t - s)
         boundary = t == s
         v = self.velocity(x_t, t, dx, cond)

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 __all__ = [
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "is_main_process",
     "barrier", "allreduce_gradients", "broadcast_module", "broadcast_string", "all_reduce_mean", "cleanup",
-    "rank_zero_print",
 ]
 
 
@@ -54,12 +53,6 @@ def get_local_rank() -> int:
 def is_main_process() -> bool:
     """True on rank 0: the only rank that logs, writes figures and checkpoints."""
     return get_rank() == 0
-
-
-def rank_zero_print(*args: object, **kwargs: object) -> None:
-    """``print`` on rank 0 only."""
-    if is_main_process():
-        print(*args, **kwargs)  # type: ignore[call-overload]
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fewstep.config.schema import TrainConfig
+from fewstep.core.ema import ema_update_
 
 __all__ = ["derive_seed", "lr_factor", "EMA"]
 
@@ -62,11 +63,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        """One EMA step toward ``module``'s current parameters (buffers are copied)."""
+        """One EMA step toward ``module``'s current parameters (:func:`~fewstep.core.ema.ema_update_`)."""
         for d, ema in self.copies.items():
-            de = self.effective_decay(d)
-            for pe, p in zip(ema.parameters(), module.parameters()):
-                pe.lerp_(p.detach().to(pe.dtype), 1.0 - de)
-            for be, b in zip(ema.buffers(), module.buffers()):
-                be.copy_(b)
+            ema_update_(ema, module, self.effective_decay(d))
         self.num_updates += 1

@@ -18,7 +18,7 @@ from fewstep.core.paths import LinearPath
 from fewstep.core.timesteps import TIME_SAMPLERS
 from fewstep.core.utils import bcast
 from fewstep.methods._shared.flowmap_helpers import sample_t_s
-from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.base import U_LABEL_DROP, Batch, Method, MethodConfig
 
 __all__ = ["FlowMapTrainConfig", "FlowMapTrainMethod", "AverageVelocityConfig", "AverageVelocityMethod"]
 
@@ -37,7 +37,7 @@ class FlowMapTrainConfig(MethodConfig):
         jvp_mode: ``func``, ``fd`` or ``autograd`` (see :mod:`fewstep.core.jvp`).
         jvp_eps: Finite-difference step for ``jvp_mode="fd"``.
         use_teacher: Use the teacher's velocity when a teacher is given (False: x1 - x0 from data).
-        teacher_guidance: Teacher CFG weight applied for t in [guidance_t_min, guidance_t_max].
+        guidance: Teacher CFG weight applied for t in [guidance_t_min, guidance_t_max].
         guidance_t_min: Lower end of the guided time range.
         guidance_t_max: Upper end of the guided time range.
         cond_drop: Probability of replacing a class label by the null label -1.
@@ -51,7 +51,7 @@ class FlowMapTrainConfig(MethodConfig):
     jvp_mode: str = "func"
     jvp_eps: float = 1e-3
     use_teacher: bool = True
-    teacher_guidance: float = 1.0
+    guidance: float = 1.0
     guidance_t_min: float = 0.0
     guidance_t_max: float = 1.0
     cond_drop: float = 0.1
@@ -79,7 +79,12 @@ class FlowMapTrainMethod(Method):
     @property
     def distilling(self) -> bool:
         """Whether the velocity comes from the teacher (True) or from data x1 - x0 (False)."""
-        return self.teacher is not None and bool(getattr(self.config, "use_teacher", True))
+        return self.teacher is not None and bool(self.config.use_teacher)
+
+    @classmethod
+    def uses_teacher(cls, config: FlowMapTrainConfig) -> bool:
+        """A teacher is used when ``use_teacher`` is set (default): distillation instead of training from data."""
+        return cls.needs_teacher or bool(config.use_teacher)
 
     def noisy_input(self, batch: Batch, t: Tensor) -> tuple[Tensor, Tensor]:
         """Return (x_t, x1 - x0) for x_t = (1-t) x0 + t x1; needs data."""
@@ -88,10 +93,10 @@ class FlowMapTrainMethod(Method):
         return LinearPath().sample(batch.x0, batch.x1, t)
 
     def drop_labels(self, batch: Batch) -> Tensor | None:
-        """Class labels with a fraction ``cond_drop`` replaced by -1 (uses u[:, 7])."""
+        """Class labels with a fraction ``cond_drop`` replaced by -1 (column ``U_LABEL_DROP``)."""
         cond = batch.cond
         if cond is not None and self.config.cond_drop > 0:
-            cond = torch.where(batch.u[:, 7] < self.config.cond_drop, torch.full_like(cond, -1), cond)
+            cond = torch.where(batch.u[:, U_LABEL_DROP] < self.config.cond_drop, torch.full_like(cond, -1), cond)
         return cond
 
     def in_guidance_range(self, t: Tensor) -> Tensor:
@@ -102,7 +107,7 @@ class FlowMapTrainMethod(Method):
         r"""The velocity v in every target: teacher :math:`v_\phi` (CFG on the guided t-range) or x1 - x0."""
         if not self.distilling:
             return dx
-        w = self.config.teacher_guidance
+        w = self.config.guidance
         v = self.velocity_target(x_t, t, cond)
         if cond is not None and w != 1.0:
             v_g = self.velocity_target(x_t, t, cond, guidance=w)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fewstep.core.timesteps import sample_time
 from fewstep.core.utils import bcast
+from fewstep.methods.base import U_AUX, U_CORNER, U_S, U_SELECT, U_T, U_ZERO
 
 if TYPE_CHECKING:
     from fewstep.methods._shared.flowmap_base import FlowMapTrainConfig
@@ -74,18 +75,18 @@ def sample_t_s(u: Tensor, kind: str, mean: float, std: float, equal_fraction: fl
     if not all(0.0 <= f <= 1.0 for f in (equal_fraction, corner_fraction, zero_fraction)):
         raise ValueError(f"equal_fraction, corner_fraction and zero_fraction must lie in [0, 1]; got "
                          f"{equal_fraction}, {corner_fraction}, {zero_fraction}")
-    a = sample_time(u[:, 0], kind, t_min, t_max, mean, std)
-    b = sample_time(u[:, 1], kind, t_min, t_max, mean, std)
+    a = sample_time(u[:, U_T], kind, t_min, t_max, mean, std)
+    b = sample_time(u[:, U_S], kind, t_min, t_max, mean, std)
     t, s = torch.maximum(a, b), torch.minimum(a, b)
-    s = torch.where(u[:, 2] < equal_fraction, t, s)
+    s = torch.where(u[:, U_SELECT] < equal_fraction, t, s)
     if zero_fraction > 0:
         if u.shape[1] < 6:
             raise ValueError(f"zero_fraction > 0 needs uniforms u of shape (B, >=6); got {tuple(u.shape)}")
-        s = torch.where(u[:, 5] < zero_fraction, torch.full_like(s, t_min), s)
+        s = torch.where(u[:, U_ZERO] < zero_fraction, torch.full_like(s, t_min), s)
     if corner_fraction > 0:
         if u.shape[1] < 5:
             raise ValueError(f"corner_fraction > 0 needs uniforms u of shape (B, >=5); got {tuple(u.shape)}")
-        corner = u[:, 4] < corner_fraction
+        corner = u[:, U_CORNER] < corner_fraction
         t = torch.where(corner, torch.full_like(t, t_max), t)
         s = torch.where(corner, torch.full_like(s, t_min), s)
     return t, s
@@ -100,7 +101,7 @@ def consistency_time(u: Tensor, cfg: FlowMapTrainConfig, t_one_fraction: float) 
     """
     if not 0.0 <= t_one_fraction <= 1.0:
         raise ValueError(f"t_one_fraction must lie in [0, 1]; got {t_one_fraction}")
-    t = sample_time(u[:, 0], cfg.time_sampler, cfg.t_min, cfg.t_max, cfg.logit_mean, cfg.logit_std)
+    t = sample_time(u[:, U_T], cfg.time_sampler, cfg.t_min, cfg.t_max, cfg.logit_mean, cfg.logit_std)
     if t_one_fraction > 0:
-        t = torch.where(u[:, 3] < t_one_fraction, torch.full_like(t, cfg.t_max), t)
+        t = torch.where(u[:, U_AUX] < t_one_fraction, torch.full_like(t, cfg.t_max), t)
     return t

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from fewstep.sampling.samplers import ODE_METHODS, solve, solve_adaptive
 from fewstep.teachers.base import as_velocity_fn
 
 __all__ = ["PairSolver", "Pairs", "StalePairsError", "teacher_fingerprint", "teacher_velocity_fn",
-           "generate_pairs", "load_pairs", "ensure_pairs", "solver_from_dict", "FORMAT"]
+           "generate_pairs", "load_pairs", "ensure_pairs", "FORMAT"]
 
 FORMAT = "fewstep-pairs-v1"
 SOLVERS: tuple[str, ...] = (*ODE_METHODS, "adaptive")
@@ -322,11 +322,3 @@ def ensure_pairs(teacher: Any, folder: str | Path, n: int, solver: PairSolver | 
                               guidance=float(kwargs.get("guidance", 1.0)))
     return generate_pairs(teacher, folder, n, solver=solver, seed=seed, allow_stale=allow_stale, **kwargs)
 
-
-def solver_from_dict(d: dict[str, Any]) -> PairSolver:
-    """Build a :class:`PairSolver` from a config dict, naming unknown keys."""
-    allowed = set(asdict(PairSolver()))
-    unknown = set(d) - allowed
-    if unknown:
-        raise ValueError(f"unknown pair solver key(s) {sorted(unknown)}; allowed {sorted(allowed)}")
-    return PairSolver(**d)

@@ -15,7 +15,7 @@ from torch import Tensor
 from fewstep.core.utils import set_unregistered
 from fewstep.methods._shared.alignment import MA_MODES, ma_loss
 from fewstep.methods._shared.pairs import PairSolver, Pairs, ensure_pairs, generate_pairs, teacher_fingerprint
-from fewstep.methods.base import Batch, Method, MethodConfig
+from fewstep.methods.base import Batch, Method, MethodConfig, U_SELECT
 
 __all__ = ["MAOptions", "PairOptions", "PairMethod", "ma_term", "add_ma"]
 
@@ -198,7 +198,7 @@ class PairMethod(Method):
         if self.pairs is None:
             self.prepare({})
         assert self.pairs is not None
-        x1, x0, c = self.pairs.take(batch.u[:, 2])
+        x1, x0, c = self.pairs.take(batch.u[:, U_SELECT])
         dev, dt = batch.x1.device, batch.x1.dtype
         return x1.to(dev, dt), x0.to(dev, dt), (c.to(dev) if c is not None else None)
 
