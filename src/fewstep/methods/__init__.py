@@ -12,6 +12,7 @@ from fewstep.methods.registry import METHODS, get_method, list_methods, register
 from fewstep.methods import flow_matching  # noqa: E402,F401
 from fewstep.methods import consistency  # noqa: E402,F401
 from fewstep.methods import dmd  # noqa: E402,F401
+from fewstep.methods import dmd2  # noqa: E402,F401
 from fewstep.methods import ddmd  # noqa: E402,F401
 from fewstep.methods import cdm  # noqa: E402,F401
 from fewstep.methods import reflow  # noqa: E402,F401

@@ -37,10 +37,10 @@ import torch
 from torch import Tensor
 
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch
+from fewstep.methods.base import Batch, U_AUX, U_CORNER
 from fewstep.methods.registry import register
-from fewstep.methods.ddmd import DecoupledDMD, DecoupledDMDConfig
-from fewstep.methods._shared.dm import dynamic_schedule, fixed_schedule, renoise_time
+from fewstep.methods._shared.ca_dm import CADMConfig, CADMMethod
+from fewstep.methods._shared.dm import dynamic_schedule, fixed_schedule, renoise, renoise_time
 
 __all__ = ["CDM", "CDMConfig"]
 
@@ -49,8 +49,8 @@ PERTURBATIONS: tuple[str, ...] = ("euler", "gaussian")
 
 
 @dataclass
-class CDMConfig(DecoupledDMDConfig):
-    """Hyper-parameters of CDM (see also :class:`DecoupledDMDConfig`).
+class CDMConfig(CADMConfig):
+    """Hyper-parameters of CDM (see also :class:`~fewstep.methods._shared.ca_dm.CADMConfig`).
 
     Attributes:
         schedule: ``dynamic`` (random length, continuous times) or ``fixed`` (uniform n_steps grid).
@@ -74,7 +74,7 @@ class CDMConfig(DecoupledDMDConfig):
 
 
 @register
-class CDM(DecoupledDMD):
+class CDM(CADMMethod):
     """CDM: CA + DM on a dynamic continuous schedule, plus off-trajectory DM on extrapolated latents."""
 
     name = "cdm"
@@ -106,18 +106,17 @@ class CDM(DecoupledDMD):
         r"""Euler :math:`x_\sigma + (\sigma_s - \sigma) v_\sigma` or Gaussian :math:`(1-\sigma_s) x_0 + \sigma_s\epsilon` (no gradient)."""
         if self.config.perturbation == "euler":
             return (x + bcast(sigma_s - sigma, x) * velocity).detach()
-        eps = torch.randn_like(x0)
-        return ((1 - bcast(sigma_s, x0)) * x0.detach() + bcast(sigma_s, x0) * eps).detach()
+        return renoise(x0.detach(), sigma_s, torch.randn_like(x0)).detach()
 
     def student_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config
         a = self.anchor(batch, grad=True)
         loss, logs = self.ca_dm_loss(a, batch)
         if cfg.off_trajectory and cfg.cdm_weight != 0:
-            sigma_s = renoise_time(batch.u[:, 3], "uniform", t_min=cfg.t_min, t_max=cfg.t_max)
+            sigma_s = renoise_time(batch.u[:, U_AUX], "uniform", t_min=cfg.t_min, t_max=cfg.t_max)
             x_s = self.off_trajectory_point(a.x, a.sigma, a.velocity, a.x0, sigma_s)
             x0_s = self.student(x_s, sigma_s, torch.zeros_like(sigma_s), cond=batch.cond)
-            cdm, _, _ = self.dm_term(x0_s, sigma_s, batch.u[:, 4], batch.cond)
+            cdm, _, _ = self.dm_term(x0_s, sigma_s, batch.u[:, U_CORNER], batch.cond)
             loss = loss + cfg.cdm_weight * cdm
             logs["cdm_loss"] = float(cdm.detach())
         logs["loss"] = float(loss.detach())

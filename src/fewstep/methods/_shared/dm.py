@@ -29,10 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
+from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast
+from fewstep.teachers.base import teacher_velocity
 
 __all__ = ["RENOISE_KINDS", "Anchor", "renoise_time", "renoise", "teacher_x0", "fake_x0", "normaliser", "dm_loss",
-           "ca_loss", "fake_score_loss", "make_fake_score", "ema_merge", "fixed_schedule", "dynamic_schedule",
+           "ca_loss", "fake_score_loss", "make_fake_score", "fixed_schedule", "dynamic_schedule",
            "backward_simulate", "anchor_index", "dm_terms"]
 
 RENOISE_KINDS: tuple[str, ...] = ("uniform", "uniform_capped")
@@ -73,21 +75,14 @@ def renoise(x0: Tensor, tau: Tensor, eps: Tensor) -> Tensor:
     r"""Forward noising on the linear path, :math:`x_\tau = (1-\tau) x_0 + \tau \epsilon` (tau of shape (B,))."""
     if eps.shape != x0.shape:
         raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}; got {tuple(eps.shape)}")
-    tb = bcast(tau.to(x0.dtype), x0)
-    return (1 - tb) * x0 + tb * eps
+    return LinearPath().interpolate(x0, eps, tau)
 
 
 def teacher_x0(teacher: Callable[..., Tensor], x: Tensor, tau: Tensor, cond: Tensor | None,
                guidance: float = 1.0) -> Tensor:
     r"""Real teacher x0-prediction :math:`\hat x_0 = x - \tau v(x,\tau,c;w)` (linear path), without gradient."""
     with torch.no_grad():
-        if guidance != 1.0:
-            v = teacher.velocity(x, tau, cond=cond, guidance=guidance)  # type: ignore[attr-defined]
-        elif hasattr(teacher, "velocity"):
-            v = teacher.velocity(x, tau, cond=cond)  # type: ignore[attr-defined]
-        else:
-            v = teacher(x, tau, cond=cond)
-        return x - bcast(tau, x) * v.to(x.dtype)
+        return x - bcast(tau, x) * teacher_velocity(teacher, x, tau, cond, guidance).to(x.dtype)
 
 
 def fake_x0(fake: nn.Module, x: Tensor, tau: Tensor, cond: Tensor | None) -> Tensor:
@@ -179,18 +174,6 @@ def make_fake_score(student: nn.Module) -> FlowMap:
     fake = FlowMap(copy.deepcopy(student.net), "velocity")
     fake.requires_grad_(True)
     return fake
-
-
-@torch.no_grad()
-def ema_merge(target: nn.Module, source: nn.Module, decay: float) -> None:
-    r"""CDM's fake-teacher merge :math:`\theta_{ft} \leftarrow d\,\theta_{ft} + (1-d)\,\theta_{stu}` (same architecture)."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"EMA decay must lie in [0, 1]; got {decay}")
-    tp, sp = dict(target.named_parameters()), dict(source.named_parameters())
-    if tp.keys() != sp.keys():
-        raise ValueError("EMA merge needs networks with identical parameter names")
-    for k, p in tp.items():
-        p.mul_(decay).add_(sp[k].detach(), alpha=1.0 - decay)
 
 
 def fixed_schedule(n_steps: int) -> Tensor:
