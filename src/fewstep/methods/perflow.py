@@ -1,4 +1,4 @@
-r"""PeRFlow (piecewise rectified flow, methods.md §1.6) with optional marginal alignment per window.
+r"""PeRFlow (piecewise rectified flow, Yan et al. 2024; docs/methods.md §3) with optional marginal alignment per window.
 
 Windows :math:`1 = t_0 > t_1 > \dots > t_K = 0` (uniform, or a given list). Per example a window k is drawn,
 its start :math:`x_{t_k}` is either data noised to :math:`t_k` (``window_input: data``; the true marginal
@@ -14,7 +14,7 @@ regresses the constant window velocity at linearly interpolated points:
 
 :math:`L_{MA}` (:mod:`fewstep.methods._shared.alignment`) has the gradient of :math:`KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}})` for
 the student's window map; summed over windows these are the local terms of the telescoping bound
-TV(q_0, p_0) <= sum_k eps_k (methods.md §1.3).
+TV(q_0, p_0) <= sum_k eps_k (docs/methods.md §5).
 
 Student parameterization. The regression target is :math:`F_\theta(x_t, t, t_{k+1})`, i.e. the flow map
 :math:`f_{t\to t_{k+1}}(x_t) = x_t - (t - t_{k+1})F_\theta` lands on the window end from every point of the chord.

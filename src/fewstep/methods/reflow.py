@@ -1,6 +1,6 @@
 r"""Reflow (k-rectified flow) with optional marginal alignment, and the one-step "+distill" student.
 
-``reflow`` (methods.md §1.7): on cached teacher pairs :math:`(x_1, x_0 = \mathrm{ODE}_T(x_1))`, with
+``reflow`` (Liu et al. 2023; docs/methods.md §3): on cached teacher pairs :math:`(x_1, x_0 = \mathrm{ODE}_T(x_1))`, with
 :math:`x_t = (1-t)x_0 + t x_1`,
 
 .. math::
