@@ -66,8 +66,19 @@ def save_sd3_folder(root: Path, shift: float = 3.0, n_prompts: int = 6, with_vae
     rows = {"encoder_hidden_states": torch.randn(n_prompts, TOKENS, EHS_DIM, generator=g),
             "pooled_projections": torch.randn(n_prompts, POOL_DIM, generator=g)}
     null = {"encoder_hidden_states": torch.zeros(1, TOKENS, EHS_DIM), "pooled_projections": torch.zeros(1, POOL_DIM)}
-    cond = save_condition_table(root / "sd3-cond", rows, null, shard_size=4)
+    latents = torch.randn(n_prompts, 4, 8, 8, generator=g)  # stand-in data x0 for data-based methods
+    cond = save_condition_table(root / "sd3-cond", rows, null, latents=latents, shard_size=4)
     return root / "sd3", cond
+
+
+def save_latents_folder(root: Path, shape: tuple[int, ...], n: int = 8) -> Path:
+    """A condition folder with latents only (data x0 for an unconditional / class-conditional teacher)."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": torch.randn(n, *shape, generator=torch.Generator().manual_seed(5))},
+              str(root / "cond-00000.safetensors"))
+    return root
 
 
 def save_unet_folder(root: Path, prediction_type: str = "epsilon") -> Path:

@@ -7,6 +7,7 @@ Commands::
     fewstep distill --method NAME [--config F.yaml] [--run-dir D] [--resume | --overwrite] [section.key=value ...]
     fewstep sample RUN_DIR [--nfe 4 | --grid 1,0.5,0] [--gamma G] [--n 1000] [--label L] [--out samples]
     fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000] [--gamma G] [--grid uniform|edm]   metrics with the teacher's
+    fewstep export RUN_DIR --format diffusers OUT [--nfe K]   a diffusers folder (student of a diffusers teacher)
     fewstep demo                                      ring8: reflow vs reflow+MA vs the teacher's Euler
     fewstep diagnose tv [args ...]                    diagnostics: fewstep.evaluation.diagnose.main_tv(["tv", args ...])
 
@@ -227,6 +228,17 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
                                   "default: the run's sampler")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``fewstep export RUN --format diffusers OUT`` (fewstep.integrations.diffusers.export.export_run)."""
+    import torch
+
+    from fewstep.integrations.diffusers.export import export_run
+
+    torch.set_num_threads(args.threads)
+    export_run(args.run_dir, args.out, nfe=args.nfe, ema=not args.raw, components=args.components)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``fewstep`` command."""
     p = argparse.ArgumentParser(prog="fewstep", description="Distill flow-matching teachers into few-step students.")
@@ -264,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--raw", action="store_true")
     e.add_argument("--out")
     e.set_defaults(fn=cmd_eval)
+    x = sub.add_parser("export", help="write a run's student in another library's format (diffusers)")
+    x.add_argument("run_dir")
+    x.add_argument("--format", required=True, choices=["diffusers"])
+    x.add_argument("out", help="output folder (new or empty)")
+    x.add_argument("--nfe", type=int, default=1, help="default number of steps recorded with the export")
+    x.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights")
+    x.add_argument("--components", choices=["copy", "link", "none"], default="copy",
+                   help="the teacher pipeline's other components (vae, text encoders): copy, symlink or omit")
+    x.set_defaults(fn=cmd_export)
     m = sub.add_parser("demo", help="ring8 demo: reflow vs reflow+MA vs teacher Euler (< 3 min on 2 cores)")
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--steps", type=int, default=None)

@@ -77,8 +77,12 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu") -> nn.
         if not cfg.path:
             raise ValueError("teacher.kind='run' needs teacher.path (a run folder of `fewstep train-teacher`)")
         teacher = ModuleTeacher.from_flowmap(load_run_student(cfg.path, ema=True))
+    elif cfg.kind == "diffusers":
+        from fewstep.integrations.diffusers.build import build_diffusers_teacher
+
+        teacher = build_diffusers_teacher(cfg.path, dict(cfg.kwargs))
     else:
-        raise ValueError(f"unknown teacher.kind {cfg.kind!r}; expected preset, json or run")
+        raise ValueError(f"unknown teacher.kind {cfg.kind!r}; expected preset, json, run or diffusers")
     teacher = teacher.to(device).eval().requires_grad_(False)
     return teacher
 
@@ -88,6 +92,10 @@ def build_dataset(name: str, kwargs: dict[str, Any], teacher: nn.Module | None) 
     from fewstep.data.datasets import MixtureDataset, get_dataset
     from fewstep.teachers.gmm import GaussianMixtureTeacher
 
+    if type(getattr(teacher, "inner", teacher)).__name__ == "DiffusersTeacher":
+        from fewstep.integrations.diffusers.build import build_diffusers_dataset
+
+        return build_diffusers_dataset(name, kwargs, teacher)
     if name == "teacher":
         inner = getattr(teacher, "inner", teacher)
         if not isinstance(inner, GaussianMixtureTeacher):
@@ -142,7 +150,13 @@ def build_method(cfg: RunConfig, device: str | torch.device | None = None) -> tu
     if teacher is not None and cfg.teacher.guidance != 1.0 and not used_w:
         teacher = GuidedTeacher(teacher, cfg.teacher.guidance)
     num_classes = getattr(dataset, "num_classes", None)
-    student = build_student(cfg.student, method_cls, tuple(dataset.event_shape), num_classes)
+    if cfg.student.kind == "teacher":  # a copy of the (diffusers) teacher's own network
+        from fewstep.integrations.diffusers.build import build_teacher_student
+
+        student = build_teacher_student(teacher, cfg.student.parameterization or method_cls.parameterization,
+                                        dict(cfg.student.options))
+    else:
+        student = build_student(cfg.student, method_cls, tuple(dataset.event_shape), num_classes)
     if cfg.student.init_from:
         src = load_run_student(cfg.student.init_from, ema=True)
         student.load_state_dict(src.state_dict())

@@ -33,10 +33,10 @@ __all__ = [
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 AMP_MODES = ("off", "bf16", "fp16")
-TEACHER_KINDS = ("preset", "json", "run")
+TEACHER_KINDS = ("preset", "json", "run", "diffusers")
 PARAMETERIZATIONS = ("", "average_velocity", "consistency", "velocity")
 ACTIVATIONS = ("silu", "gelu")
-STUDENT_KINDS = ("mlp", "unet", "dit")  # fewstep.networks.factory.NETWORK_KINDS
+STUDENT_KINDS = ("mlp", "unet", "dit", "teacher")  # NETWORK_KINDS + a copy of a diffusers teacher
 #: Fewest samples an evaluation may use: below this, MMD² and W2 are dominated by estimator noise.
 MIN_EVAL_SAMPLES = 100
 
@@ -52,6 +52,8 @@ class TeacherConfig:
         path: JSON file or run folder (kind=json / run).
         conditional: Load the class-conditional version of the preset.
         guidance: Classifier-free guidance weight w of the teacher velocity (1 = no guidance).
+        kwargs: Options of the teacher kind (kind=diffusers: ``DiffusersTeacher.from_pretrained`` options,
+            e.g. ``{dtype: bfloat16, subfolder: transformer}``; see docs/diffusers.md).
     """
 
     kind: str = "preset"
@@ -59,6 +61,7 @@ class TeacherConfig:
     path: str = ""
     conditional: bool = False
     guidance: float = 1.0
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass

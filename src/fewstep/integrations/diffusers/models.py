@@ -93,7 +93,11 @@ def load_component(folder: Path, dtype: torch.dtype | None = None, config_name: 
         raise ValueError(f"{str(folder)!r}: unknown diffusers class {name!r} (diffusers {diffusers.__version__})")
     if config_name == "scheduler_config.json":
         return cls.from_pretrained(str(folder))
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    kw: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        kw["low_cpu_mem_usage"] = False  # the default needs accelerate (and warns without it)
     return cls.from_pretrained(str(folder), **kw)
 
 
