@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fewstep.core.paths import AffinePath, get_path
-from fewstep.core.utils import TimeLike, bcast
+from fewstep.core.utils import TimeLike
 from fewstep.teachers.base import Teacher
 
 __all__ = ["GaussianMixtureTeacher"]
@@ -237,9 +237,8 @@ class GaussianMixtureTeacher(Teacher):
         x0 = self.means.cpu()[comp] + std[..., 0]
         if float(t) > 0:
             tt = torch.full((n,), float(t), dtype=torch.float64)
-            a, s, _, _ = self.path.coefficients(tt)
             x1 = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-            x0 = bcast(a, x0) * x0 + bcast(s, x0) * x1
+            x0 = self.path.interpolate(x0, x1, tt)
         out = x0.reshape(n, *self.event_shape).to(dtype=dtype, device=self.means.device)
         return (out, comp) if return_components else out
 
