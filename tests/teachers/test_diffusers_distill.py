@@ -48,21 +48,30 @@ def _sd3_teacher_cfg(folder: Path, guidance: float = 2.0) -> dict:
     return {"kind": "diffusers", "path": str(folder), "guidance": guidance}
 
 
-def _check_methods(sd3, tmp_path, steps):
+def _check_methods(sd3, tmp_path, steps, methods=tuple(METHOD_CFG)) -> dict[str, Path]:
     folder, cond = sd3
-    for method in METHOD_CFG:
-        run = _distill(tmp_path, _sd3_teacher_cfg(folder), {"name": "embeddings", "kwargs": {"path": str(cond)}},
-                       method, steps)
-        rows = [r for r in (run / "metrics.csv").read_text().splitlines()[1:] if r]
-        assert len(rows) >= steps and "nan" not in (run / "metrics.csv").read_text()
-        out = tmp_path / f"samples-{method}"
-        assert main(["sample", str(run), "--nfe", "2", "--n", "3", "--label", "1", "--out", str(out)]) == 0
-        x = torch.from_numpy(__import__("numpy").load(out.with_suffix(".npy")))
-        assert x.shape == (3, 4, 8, 8) and bool(torch.isfinite(x).all())
+    runs = {}
+    for method in methods:
+        run = _distill(tmp_path, _sd3_teacher_cfg(folder, 1.0 if method == "cd" else 2.0),
+                       {"name": "embeddings", "kwargs": {"path": str(cond)}}, method, steps)
+        text = (run / "metrics.csv").read_text()
+        assert len([r for r in text.splitlines()[1:] if r]) >= steps and "nan" not in text
+        runs[method] = run
+    out = tmp_path / "samples"
+    assert main(["sample", str(runs[methods[0]]), "--nfe", "2", "--n", "3", "--label", "1", "--out", str(out)]) == 0
+    x = torch.from_numpy(__import__("numpy").load(out.with_suffix(".npy")))
+    assert x.shape == (3, 4, 8, 8) and bool(torch.isfinite(x).all())
+    return runs
 
 
-def test_distill_reflow_meanflow_cd_dmd2_through_cli(sd3, tmp_path):
-    _check_methods(sd3, tmp_path, steps=2)
+@pytest.fixture(scope="module")
+def runs(sd3, tmp_path_factory):
+    """One `fewstep distill` run (2 steps) per method: reflow, meanflow, cd (teacher unguided), dmd2 (guidance 2)."""
+    return _check_methods(sd3, tmp_path_factory.mktemp("runs"), steps=2)
+
+
+def test_distill_reflow_meanflow_cd_dmd2_through_cli(runs):
+    assert sorted(runs) == sorted(METHOD_CFG)
 
 
 @pytest.mark.slow
@@ -70,10 +79,9 @@ def test_distill_20_steps_each(sd3, tmp_path):
     _check_methods(sd3, tmp_path, steps=20)
 
 
-def test_export_reload_reproduces_samples_and_diffusers_euler_one_step(sd3, tmp_path):
+def test_export_reload_reproduces_samples_and_diffusers_euler_one_step(sd3, runs, tmp_path):
     folder, cond = sd3
-    run_dir = _distill(tmp_path, _sd3_teacher_cfg(folder), {"name": "embeddings", "kwargs": {"path": str(cond)}},
-                       "meanflow", 2)
+    run_dir = runs["meanflow"]
     with torch.no_grad():  # make the gap embedding matter (2 training steps barely move it)
         run = load_run(run_dir)
         for gap in run.student(ema=True).net.gaps.values():
@@ -105,11 +113,10 @@ def test_export_reload_reproduces_samples_and_diffusers_euler_one_step(sd3, tmp_
     assert json.loads((out / "fewstep_student" / "student.json").read_text())["diffusers_euler_exact"] is False
 
 
-def test_consistency_student_equals_diffusers_stochastic_euler(sd3, tmp_path):
+def test_consistency_student_equals_diffusers_stochastic_euler(sd3, runs, tmp_path):
     """A cd student (gamma = 1) at 2 steps = FlowMatchEuler with stochastic_sampling on the same generator."""
     folder, cond = sd3
-    run_dir = _distill(tmp_path, _sd3_teacher_cfg(folder, 1.0), {"name": "embeddings", "kwargs": {"path": str(cond)}},
-                       "cd", 1)
+    run_dir = runs["cd"]
     out = tmp_path / "export-cd"
     assert main(["export", str(run_dir), "--format", "diffusers", str(out), "--nfe", "2"]) == 0
     run = load_run(run_dir)
@@ -162,11 +169,10 @@ def test_config_errors_are_one_line(sd3, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_export_reloads_in_a_fresh_process(sd3, tmp_path):
+def test_export_reloads_in_a_fresh_process(sd3, runs, tmp_path):
     """A fresh interpreter (no fewstep state) loads the export and reproduces the run's 2-step samples."""
     folder, cond = sd3
-    run_dir = _distill(tmp_path, _sd3_teacher_cfg(folder), {"name": "embeddings", "kwargs": {"path": str(cond)}},
-                       "meanflow", 2)
+    run_dir = runs["meanflow"]
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--format", "diffusers", str(out), "--nfe", "2"]) == 0
     x1 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
