@@ -98,7 +98,10 @@ def load_component(folder: Path, dtype: torch.dtype | None = None, config_name: 
         import accelerate  # noqa: F401
     except ImportError:
         kw["low_cpu_mem_usage"] = False  # the default needs accelerate (and warns without it)
-    return cls.from_pretrained(str(folder), **kw)
+    model = cls.from_pretrained(str(folder), **kw)
+    if dtype is not None and not getattr(cls, "_keep_in_fp32_modules", None):
+        model = model.to(dtype)  # diffusers 0.42 without accelerate loads the weights in float32 regardless
+    return model
 
 
 def event_shape_of(model: nn.Module) -> tuple[int, ...] | None:
