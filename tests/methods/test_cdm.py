@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher, small_teacher
+from _fixtures import class_batch as batch
+from _fixtures import student_net as _student_net
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
 from fewstep.methods._shared.dm import fixed_schedule
 from fewstep.sampling.samplers import sample_flowmap
-
-from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher, small_teacher
-from _fixtures import class_batch as batch
-from _fixtures import student_net as _student_net
 
 torch.set_num_threads(1)
 
@@ -70,7 +69,8 @@ def test_schedule_switch() -> None:
     assert short == {3, 4, 5}
 
 
-@pytest.mark.parametrize("bad,match", [(dict(schedule="cosine"), "schedule"), (dict(perturbation="heun"), "perturbation"),
+@pytest.mark.parametrize("bad,match", [(dict(schedule="cosine"), "schedule"),
+                                       (dict(perturbation="heun"), "perturbation"),
                                        (dict(inner_min=0.9, inner_max=0.5), "inner_min"), (dict(n_max=0), "n_max"),
                                        (dict(n_min=6, n_max=5), "n_min")])
 def test_config_errors(bad: dict, match: str) -> None:

@@ -8,16 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+from _fixtures import ExactNet
+from _fixtures import make_batch as batch64
+from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
-from fewstep.core.ema import ema_update_
 from fewstep.methods.consistency import ConsistencyConfig, consistency_grid, discretization_steps, pseudo_huber
 from fewstep.networks.mlp import MLP
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 from fewstep.teachers.presets import load_preset
-
-from _fixtures import ExactNet
-from _fixtures import make_batch as batch64
 
 torch.set_num_threads(1)
 

@@ -8,15 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher
+from _fixtures import class_batch as batch
+from _fixtures import student_net as _student_net
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
 from fewstep.methods._shared.dm import ca_loss, dm_loss, normaliser, renoise, teacher_x0
 from fewstep.sampling.samplers import sample_flowmap, solve_adaptive
 from fewstep.teachers import GaussianMixtureTeacher
-
-from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher
-from _fixtures import class_batch as batch
-from _fixtures import student_net as _student_net
 
 torch.set_num_threads(1)
 

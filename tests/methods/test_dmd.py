@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import Tensor, nn
 
+from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher, small_teacher, student_net
+from _fixtures import class_batch as batch
 from fewstep.methods import get_method
 from fewstep.methods._shared.dm import (
     backward_simulate,
@@ -19,9 +20,6 @@ from fewstep.methods._shared.dm import (
 )
 from fewstep.sampling.samplers import sample_flowmap
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
-
-from _fixtures import TeacherAsFake, assert_losses_finite, ring_teacher, small_teacher, student_net
-from _fixtures import class_batch as batch
 
 torch.set_num_threads(1)
 

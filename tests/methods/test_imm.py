@@ -8,15 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from _fixtures import ExactNet
+from _fixtures import make_batch as batch64
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.imm import IMMConfig, imm_r, imm_weight, laplace_mmd2
 from fewstep.networks.mlp import MLP
 from fewstep.teachers import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
-
-from _fixtures import ExactNet
-from _fixtures import make_batch as batch64
 
 torch.set_num_threads(1)
 
@@ -95,8 +94,8 @@ def test_v_loss_at_exact_flowmap_vanishes_as_r_to_t(smooth) -> None:
     """With all pairs (V-statistic) the loss at the exact map -> 0 as the gap t - r -> 0 (y_r -> y_t)."""
     cls = get_method("imm")
     b = batch64(smooth, 128, 0)
-    vals = [float(cls(FlowMap(ExactNet(smooth, tol=1e-8), "average_velocity"), None, cls.make_config(k=k, target_ema=0.0))
-                  .loss("student", b, 0)[0]) for k in (2, 5, 8)]
+    exact = FlowMap(ExactNet(smooth, tol=1e-8), "average_velocity")
+    vals = [float(cls(exact, None, cls.make_config(k=k, target_ema=0.0)).loss("student", b, 0)[0]) for k in (2, 5, 8)]
     assert vals[0] > vals[1] > vals[2] and vals[2] < 0.2 * vals[0], vals
 
 
@@ -158,7 +157,8 @@ def test_corner_fractions_draw_t_one_and_s_zero_groups() -> None:
     u = torch.rand(4 * 5000, 8, generator=torch.Generator().manual_seed(2))
     s, r, t = m.group_times(u, 5000)
     tg, sg, rg = t[::4], s[::4], r[::4]
-    assert torch.equal(t.reshape(-1, 4), tg[:, None].expand(-1, 4)) and torch.equal(s.reshape(-1, 4), sg[:, None].expand(-1, 4))
+    assert torch.equal(t.reshape(-1, 4), tg[:, None].expand(-1, 4))
+    assert torch.equal(s.reshape(-1, 4), sg[:, None].expand(-1, 4))
     assert abs(float((tg == 1.0).float().mean()) - 0.3) < 0.02
     assert abs(float((sg == 0.0).float().mean()) - 0.5) < 0.02
     corner = (tg == 1.0) & (sg == 0.0)

@@ -13,16 +13,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from _fixtures import exact_student, make_batch, train_and_measure
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
-from fewstep.methods.base import Batch
 from fewstep.methods._shared.flowmap_helpers import adaptive_weight, sample_t_s, tangent_normalize, warmup_ratio
+from fewstep.methods.base import Batch
 from fewstep.methods.meanflow import MeanFlow
 from fewstep.networks.mlp import MLP
 from fewstep.teachers.flowmap import TeacherFlowMap
 from fewstep.teachers.presets import load_preset
-
-from _fixtures import exact_student, make_batch, train_and_measure
 
 torch.set_num_threads(1)
 

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
+from fewstep.methods._shared.pairs import PairSolver, generate_pairs
 from fewstep.methods.base import Batch
 from fewstep.networks.mlp import MLP
-from fewstep.methods._shared.pairs import PairSolver, generate_pairs
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 from fewstep.teachers.presets import load_preset
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _fixtures import exact_student, make_batch, train_and_measure
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.jvp import jvp
+from fewstep.core.timesteps import sample_time
 from fewstep.methods.scm import SCM, TimeWeighting
 from fewstep.networks.mlp import MLP
 from fewstep.teachers.presets import load_preset
-from fewstep.core.timesteps import sample_time
-from _fixtures import exact_student, make_batch, train_and_measure
 
 torch.set_num_threads(1)
 

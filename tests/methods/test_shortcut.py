@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 
+from _fixtures import ExactNet
+from _fixtures import make_batch as batch64
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.shortcut import shortcut_target
 from fewstep.networks.mlp import MLP
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 from fewstep.teachers.presets import load_preset
-
-from _fixtures import ExactNet
-from _fixtures import make_batch as batch64
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import fewstep.methods._shared.flowmap_base as flowmap_base
+from _fixtures import exact_student, make_batch, train_and_measure
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.splitmeanflow import SplitMeanFlow
 from fewstep.networks.mlp import MLP
 from fewstep.teachers.presets import load_preset
-from _fixtures import exact_student, make_batch, train_and_measure
 
 torch.set_num_threads(1)
 
@@ -78,7 +78,8 @@ def test_no_jvp_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     teacher = load_preset("ring8").double()
     torch.manual_seed(0)
     student = FlowMap(MLP(2, hidden=16, depth=1), "average_velocity").double()
-    loss, _ = SplitMeanFlow(student, teacher, SplitMeanFlow.make_config()).loss("student", make_batch(teacher, 32, 5), 0)
+    method = SplitMeanFlow(student, teacher, SplitMeanFlow.make_config())
+    loss, _ = method.loss("student", make_batch(teacher, 32, 5), 0)
     loss.backward()
     assert all(p.grad is not None for p in student.parameters()) and float(loss) > 0
 

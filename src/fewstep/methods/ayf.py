@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch
-from fewstep.methods.registry import register
 from fewstep.methods._shared.flowmap_base import AverageVelocityConfig, AverageVelocityMethod
 from fewstep.methods._shared.flowmap_helpers import adaptive_weight, sq_norm, tangent_normalize, warmup_ratio
+from fewstep.methods.base import Batch
+from fewstep.methods.registry import register
 
 __all__ = ["AYFConfig", "AYFEulerian", "AYFLagrangian"]
 

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.utils import set_unregistered
-from fewstep.teachers.base import teacher_velocity
 from fewstep.sampling.spec import DETERMINISTIC, SamplerSpec
+from fewstep.teachers.base import teacher_velocity
 
 __all__ = ["Batch", "Method", "MethodConfig", "U_COLUMNS", "U_T", "U_S", "U_SELECT", "U_AUX", "U_CORNER", "U_ZERO",
            "U_FAKE", "U_LABEL_DROP", "U_FM_LABEL_DROP"]

@@ -1,6 +1,7 @@
 r"""CDM: continuous-time distribution matching (Liu et al. 2026, arXiv 2605.06376).
 
-The student is a velocity model, :math:`\hat x_0^S = f_{\sigma\to0}(x_\sigma) = x_\sigma - \sigma u_\theta(x_\sigma,\sigma)`.
+The student is a velocity model,
+:math:`\hat x_0^S = f_{\sigma\to0}(x_\sigma) = x_\sigma - \sigma u_\theta(x_\sigma,\sigma)`.
 Each student step draws a schedule, backward-simulates the student to a random anchor
 :math:`(x_\sigma, \sigma, v_\sigma)` and minimises
 
@@ -37,10 +38,10 @@ import torch
 from torch import Tensor
 
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch, U_AUX, U_CORNER
-from fewstep.methods.registry import register
 from fewstep.methods._shared.ca_dm import CADMConfig, CADMMethod
 from fewstep.methods._shared.dm import dynamic_schedule, fixed_schedule, renoise, renoise_time
+from fewstep.methods.base import U_AUX, U_CORNER, Batch
+from fewstep.methods.registry import register
 
 __all__ = ["CDM", "CDMConfig"]
 
@@ -103,7 +104,10 @@ class CDM(CADMMethod):
 
     def off_trajectory_point(self, x: Tensor, sigma: Tensor, velocity: Tensor, x0: Tensor,
                              sigma_s: Tensor) -> Tensor:
-        r"""Euler :math:`x_\sigma + (\sigma_s - \sigma) v_\sigma` or Gaussian :math:`(1-\sigma_s) x_0 + \sigma_s\epsilon` (no gradient)."""
+        r"""The off-trajectory point (no gradient).
+
+        Euler :math:`x_\sigma + (\sigma_s - \sigma) v_\sigma` or Gaussian :math:`(1-\sigma_s) x_0 + \sigma_s\epsilon`.
+        """
         if self.config.perturbation == "euler":
             return (x + bcast(sigma_s - sigma, x) * velocity).detach()
         return renoise(x0.detach(), sigma_s, torch.randn_like(x0)).detach()

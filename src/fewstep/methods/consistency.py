@@ -16,7 +16,8 @@ Distances: :math:`d = \|a-b\|^2` (``l2``) or pseudo-Huber :math:`\sqrt{\|a-b\|^2
 Weights: :math:`w = 1` (``uniform``) or :math:`w = 1/(t - t')` (``inv_dt``, iCT). The target network
 :math:`\theta^- \leftarrow \mu\theta^- + (1-\mu)\theta` after every update (μ = ``target_ema``; μ = 0 is iCT's
 :math:`\theta^- = \mathrm{sg}(\theta)`). N(k) is fixed or iCT's curriculum
-:math:`N(k) = \min(n_{min} 2^{\lfloor k/K'\rfloor}, n_{max})`, :math:`K' = \lfloor K/(\log_2(n_{max}/n_{min})+1)\rfloor`.
+:math:`N(k) = \min(n_{min} 2^{\lfloor k/K'\rfloor}, n_{max})`,
+:math:`K' = \lfloor K/(\log_2(n_{max}/n_{min})+1)\rfloor`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from torch import Tensor
 from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.paths import LinearPath
-from fewstep.sampling.samplers import time_grid
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch, Method, MethodConfig, U_T
+from fewstep.methods.base import U_T, Batch, Method, MethodConfig
 from fewstep.methods.registry import register
+from fewstep.sampling.samplers import time_grid
 from fewstep.sampling.spec import CONSISTENCY
 
 __all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.methods._shared.dm_base import DMConfig, DistributionMatchingMethod
+from fewstep.methods._shared.dm_base import DistributionMatchingMethod, DMConfig
 from fewstep.methods.base import U_ZERO, Batch
 from fewstep.methods.registry import register
 from fewstep.sampling.samplers import sample_flowmap, solve_adaptive

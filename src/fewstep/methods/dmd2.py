@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fewstep.methods._shared.dm_base import DMConfig, DistributionMatchingMethod
+from fewstep.methods._shared.dm_base import DistributionMatchingMethod, DMConfig
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
 

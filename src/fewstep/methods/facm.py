@@ -43,11 +43,11 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from fewstep.core.utils import bcast
+from fewstep.methods._shared.flowmap_base import FlowMapTrainConfig, FlowMapTrainMethod
+from fewstep.methods._shared.flowmap_helpers import consistency_time
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
 from fewstep.sampling.spec import CONSISTENCY
-from fewstep.methods._shared.flowmap_base import FlowMapTrainConfig, FlowMapTrainMethod
-from fewstep.methods._shared.flowmap_helpers import consistency_time
 
 __all__ = ["FACMConfig", "FACM", "ANCHORS"]
 

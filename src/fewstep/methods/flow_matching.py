@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fewstep.core.paths import LinearPath
 from fewstep.core.timesteps import sample_time
-from fewstep.methods.base import Batch, Method, MethodConfig, U_FM_LABEL_DROP, U_T
+from fewstep.methods.base import U_FM_LABEL_DROP, U_T, Batch, Method, MethodConfig
 from fewstep.methods.registry import register
 
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.paths import LinearPath
-from fewstep.methods.base import Batch, Method, MethodConfig, U_AUX, U_S, U_SELECT, U_T
+from fewstep.methods.base import U_AUX, U_S, U_SELECT, U_T, Batch, Method, MethodConfig
 from fewstep.methods.registry import register
 
 __all__ = ["IMMConfig", "IMM", "laplace_mmd2", "imm_r", "imm_weight"]
@@ -149,7 +149,10 @@ def imm_r(s: Tensor, t: Tensor, cfg: IMMConfig) -> Tensor:
 
 
 def imm_weight(t: Tensor, b: float = 2.0, a: int = 1) -> Tensor:
-    r""":math:`w = \tfrac12\,\mathrm{sigmoid}(b-\lambda_t)\,\frac{2}{t(1-t)}\,\frac{(1-t)^a}{(1-t)^2+t^2}`, finite on [0,1]."""
+    r"""IMM's weight, finite on [0, 1]:
+
+    :math:`w = \tfrac12\,\mathrm{sigmoid}(b-\lambda_t)\,\frac{2}{t(1-t)}\,\frac{(1-t)^a}{(1-t)^2+t^2}`.
+    """
     t = t.clamp(1e-6, 1 - 1e-6)
     lam = 2 * torch.log((1 - t) / t)
     return 0.5 * torch.sigmoid(b - lam) * (2 / (t * (1 - t))) * (1 - t) ** a / ((1 - t) ** 2 + t**2)

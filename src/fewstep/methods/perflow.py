@@ -12,7 +12,8 @@ regresses the constant window velocity at linearly interpolated points:
         + \lambda L_{MA}([t_{k+1}, t_k]),\qquad
     x_t = x_{t_k} + \frac{t - t_k}{t_{k+1} - t_k}(x_{t_{k+1}} - x_{t_k}),\ t \sim U(t_{k+1}, t_k).
 
-:math:`L_{MA}` (:mod:`fewstep.methods._shared.alignment`) has the gradient of :math:`KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}})` for
+:math:`L_{MA}` (:mod:`fewstep.methods._shared.alignment`) has the gradient of
+:math:`KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}})` for
 the student's window map; summed over windows these are the local terms of the telescoping bound
 TV(q_0, p_0) <= sum_k eps_k (docs/methods.md §5).
 
@@ -38,14 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.methods._shared.pairs import teacher_velocity_fn
-from fewstep.sampling.samplers import ODE_METHODS, check_grid
-from fewstep.teachers.flowmap import TeacherFlowMap
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast, set_unregistered
-from fewstep.methods.base import Batch, Method, U_SELECT, U_T
-from fewstep.methods.registry import register
+from fewstep.methods._shared.pairs import teacher_velocity_fn
 from fewstep.methods._shared.reflow_family import MAOptions, add_ma, ma_term
+from fewstep.methods.base import U_SELECT, U_T, Batch, Method
+from fewstep.methods.registry import register
+from fewstep.sampling.samplers import ODE_METHODS, check_grid
+from fewstep.teachers.flowmap import TeacherFlowMap
 
 __all__ = ["PerflowConfig", "Perflow", "window_grid", "window_targets"]
 

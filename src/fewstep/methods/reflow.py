@@ -7,7 +7,8 @@ r"""Reflow (k-rectified flow) with optional marginal alignment, and the one-step
     L = E_{t,(x_1,x_0)}\|v_\theta(x_t, t, c) - (x_1 - x_0)\|^2
         + \lambda\, L_{MA}\big([t_{min}, 1]\big),
 
-where :math:`L_{MA}` (:mod:`fewstep.methods._shared.alignment`) has the gradient of :math:`KL(\Phi_\theta \# p_1 \,\|\, p_{t_{min}})`
+where :math:`L_{MA}` (:mod:`fewstep.methods._shared.alignment`) has the gradient of
+:math:`KL(\Phi_\theta \# p_1 \,\|\, p_{t_{min}})`
 for the student's window map :math:`\Phi_\theta` (by default its one-step jump, the map it samples with at
 1 NFE). :math:`\lambda=0` is plain reflow. The FM-on-pairs loss is minimised by
 :math:`v^*(x,t) = E[x_1 - x_0 \mid x_t = x]` (the rectified field), not by the teacher velocity; it is zero only
@@ -35,7 +36,7 @@ from torch import Tensor
 from fewstep.core.paths import LinearPath
 from fewstep.core.timesteps import sample_time
 from fewstep.methods._shared.reflow_family import PairMethod, PairOptions, add_ma
-from fewstep.methods.base import Batch, U_T
+from fewstep.methods.base import U_T, Batch
 from fewstep.methods.registry import register
 
 __all__ = ["ReflowConfig", "Reflow", "ReflowDistillConfig", "ReflowDistill"]

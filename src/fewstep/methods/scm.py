@@ -32,14 +32,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fewstep.networks.mlp import SinusoidalEmbedding
 from fewstep.core.utils import bcast, count_dims
+from fewstep.methods._shared.flowmap_base import FlowMapTrainConfig, FlowMapTrainMethod
+from fewstep.methods._shared.flowmap_helpers import (
+    adaptive_weight,
+    consistency_time,
+    sq_norm,
+    tangent_normalize,
+    warmup_ratio,
+)
 from fewstep.methods.base import Batch
 from fewstep.methods.registry import register
+from fewstep.networks.mlp import SinusoidalEmbedding
 from fewstep.sampling.spec import CONSISTENCY
-from fewstep.methods._shared.flowmap_base import FlowMapTrainConfig, FlowMapTrainMethod
-from fewstep.methods._shared.flowmap_helpers import adaptive_weight, consistency_time, sq_norm, tangent_normalize, \
-    warmup_ratio
 
 __all__ = ["SCMConfig", "SCM", "TimeWeighting", "WEIGHTINGS"]
 
@@ -156,7 +161,8 @@ class SCM(FlowMapTrainMethod):
             self._cache = (t.detach(), err.detach() / count_dims(x_t))
         else:
             loss = err.mean()
-        return loss, {"loss": float(loss.detach()), "mse": float(err.detach().mean()), "tangent_norm": float(sq_norm(g).sqrt().mean()),
+        return loss, {"loss": float(loss.detach()), "mse": float(err.detach().mean()),
+                      "tangent_norm": float(sq_norm(g).sqrt().mean()),
                       "warmup_r": r}
 
     def _weighting_loss(self) -> tuple[Tensor, dict[str, float]]:

@@ -33,7 +33,7 @@ from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch, Method, MethodConfig, U_SELECT, U_T
+from fewstep.methods.base import U_SELECT, U_T, Batch, Method, MethodConfig
 from fewstep.methods.registry import register
 
 __all__ = ["ShortcutConfig", "Shortcut", "shortcut_target"]

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from fewstep.core.timesteps import sample_time
 from fewstep.core.utils import bcast
-from fewstep.methods.base import Batch, U_AUX
-from fewstep.methods.registry import register
 from fewstep.methods._shared.flowmap_base import AverageVelocityConfig, AverageVelocityMethod
 from fewstep.methods._shared.flowmap_helpers import adaptive_weight, sq_norm
+from fewstep.methods.base import U_AUX, Batch
+from fewstep.methods.registry import register
 
 __all__ = ["SplitMeanFlowConfig", "SplitMeanFlow"]
 

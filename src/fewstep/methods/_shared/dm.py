@@ -1,7 +1,8 @@
 r"""Shared pieces of the distribution-matching family (DMD, DMD2, decoupled DMD, CDM).
 
 Notation (linear path, t=1 noise): the student's data prediction at an anchor :math:`(x_\sigma, \sigma)` is
-:math:`\hat x_0^S = f_{\sigma\to 0}(x_\sigma)`; it is re-noised as :math:`x_\tau = (1-\tau)\,sg(\hat x_0^S) + \tau\epsilon`
+:math:`\hat x_0^S = f_{\sigma\to 0}(x_\sigma)`; it is re-noised as
+:math:`x_\tau = (1-\tau)\,sg(\hat x_0^S) + \tau\epsilon`
 and the frozen real teacher and the online fake score give x0-predictions
 :math:`\hat x_0^{r} = x_\tau - \tau v_{real}(x_\tau,\tau)`, :math:`\hat x_0^{f} = x_\tau - \tau v_{fake}(x_\tau,\tau)`.
 
@@ -92,7 +93,10 @@ def fake_x0(fake: nn.Module, x: Tensor, tau: Tensor, cond: Tensor | None) -> Ten
 
 
 def normaliser(x0_real: Tensor, x0_student: Tensor, floor: float) -> Tensor:
-    r"""Per-sample DMD2 normaliser :math:`n = \max(\mathrm{mean}|\hat x_0^{r} - sg(\hat x_0^S)|, \text{floor})`, shape (B,)."""
+    r"""Per-sample DMD2 normaliser :math:`n = \max(\mathrm{mean}|\hat x_0^{r} - sg(\hat x_0^S)|, \text{floor})`.
+
+    Returns shape (B,).
+    """
     if floor <= 0:
         raise ValueError(f"the normaliser floor must be positive; got {floor}")
     return _flat_mean((x0_real - x0_student.detach()).abs()).clamp(min=floor)
@@ -102,7 +106,8 @@ def dm_loss(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, floor: float =
             convention: str = "dmd2") -> tuple[Tensor, Tensor]:
     r"""Distribution-matching loss in x0 space.
 
-    :math:`g = (\hat x_0^f - \hat x_0^r)/n`; ``dmd2``: :math:`L = \tfrac12\,\mathrm{mean}(\hat x_0^S - sg(\hat x_0^S - g))^2`;
+    :math:`g = (\hat x_0^f - \hat x_0^r)/n`;
+    ``dmd2``: :math:`L = \tfrac12\,\mathrm{mean}(\hat x_0^S - sg(\hat x_0^S - g))^2`;
     ``cdm``: :math:`L = \mathrm{mean}(\hat x_0^S - sg(\hat x_0^S + \Delta))^2` with :math:`\Delta = -g`
     (same direction, twice the gradient).
 
@@ -149,7 +154,9 @@ def ca_loss(x0_student: Tensor, x0_cond: Tensor, x0_uncond: Tensor, scale: float
 
 
 def fake_score_loss(fake: nn.Module, x0: Tensor, tau: Tensor, eps: Tensor, cond: Tensor | None) -> Tensor:
-    r"""Flow matching of the fake score on student samples: :math:`\mathrm{mean}\|v_{fake}(x_\tau,\tau,c) - (\epsilon - x_0)\|^2`.
+    r"""Flow matching of the fake score on student samples.
+
+    :math:`L = \mathrm{mean}\|v_{fake}(x_\tau,\tau,c) - (\epsilon - x_0)\|^2`.
 
     Args:
         fake: Velocity network with ``velocity(x, t, cond)`` (a FlowMap with parameterization "velocity").
@@ -222,7 +229,9 @@ class Anchor:
 
 def backward_simulate(student: Callable[..., Tensor], noise: Tensor, schedule: Tensor, index: Tensor,
                       cond: Tensor | None = None, grad: bool = True) -> Anchor:
-    r"""Run :math:`x_{\sigma_{j+1}} = f_{\sigma_j\to\sigma_{j+1}}(x_{\sigma_j})` from noise without gradient up to a per-sample anchor.
+    r"""Backward simulation: run :math:`x_{\sigma_{j+1}} = f_{\sigma_j\to\sigma_{j+1}}(x_{\sigma_j})` from noise.
+
+    The steps run without gradient up to a per-sample anchor.
 
     Args:
         student: Flow map ``f(x, t, s, cond)``.
@@ -238,7 +247,8 @@ def backward_simulate(student: Callable[..., Tensor], noise: Tensor, schedule: T
     sched = torch.as_tensor(schedule, dtype=torch.float64)
     n = sched.numel() - 1
     if sched.dim() != 1 or n < 1 or not bool((sched[1:] < sched[:-1]).all()) or float(sched[-1]) != 0.0:
-        raise ValueError(f"a student schedule must be a strictly decreasing 1-D sequence ending at 0; got {sched.tolist()}")
+        raise ValueError("a student schedule must be a strictly decreasing 1-D sequence ending at 0; "
+                         f"got {sched.tolist()}")
     if index.shape != (noise.shape[0],) or bool((index < 0).any()) or bool((index >= n).any()):
         raise ValueError(f"anchor indices must have shape ({noise.shape[0]},) with values in [0, {n - 1}]")
     x = noise
@@ -264,6 +274,9 @@ def anchor_index(u: Tensor, n_steps: int) -> Tensor:
 
 def dm_terms(teacher: Any, fake: nn.Module, x0_student: Tensor, tau: Tensor, cond: Tensor | None,
              guidance: float = 1.0) -> tuple[Tensor, Tensor]:
-    r"""Re-noise :math:`x_\tau = (1-\tau)sg(\hat x_0^S) + \tau\epsilon` (fresh ε) and return (x̂0^real(w), x̂0^fake) there."""
+    r"""Re-noise :math:`x_\tau = (1-\tau)sg(\hat x_0^S) + \tau\epsilon` (fresh ε).
+
+    Returns (x̂0^real(w), x̂0^fake) at :math:`x_\tau`.
+    """
     x_tau = renoise(x0_student.detach(), tau, torch.randn_like(x0_student))
     return teacher_x0(teacher, x_tau, tau, cond, guidance), fake_x0(fake, x_tau, tau, cond)

@@ -14,8 +14,17 @@ from torch import Tensor, nn
 
 from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
-from fewstep.methods._shared.dm import (Anchor, anchor_index, backward_simulate, dm_loss, dm_terms, fake_score_loss,
-                                        fixed_schedule, make_fake_score, renoise_time)
+from fewstep.methods._shared.dm import (
+    Anchor,
+    anchor_index,
+    backward_simulate,
+    dm_loss,
+    dm_terms,
+    fake_score_loss,
+    fixed_schedule,
+    make_fake_score,
+    renoise_time,
+)
 from fewstep.methods.base import U_FAKE, U_S, U_T, Batch, Method, MethodConfig
 
 __all__ = ["DMConfig", "DistributionMatchingMethod", "FAKE_SAMPLES"]
@@ -75,7 +84,8 @@ class DistributionMatchingMethod(Method):
         if not 0.0 <= cfg.fake_ema < 1.0:
             raise ValueError(f"fake_ema must lie in [0, 1); got {cfg.fake_ema}")
         if cfg.fake_samples not in FAKE_SAMPLES:
-            raise ValueError(f"config key fake_samples={cfg.fake_samples!r} is not valid; expected one of {FAKE_SAMPLES}")
+            raise ValueError(f"config key fake_samples={cfg.fake_samples!r} is not valid; "
+                             f"expected one of {FAKE_SAMPLES}")
         self.fake = fake if fake is not None else make_fake_score(student)
 
     def trainable(self) -> dict[str, nn.Module]:

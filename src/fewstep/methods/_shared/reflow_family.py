@@ -14,8 +14,8 @@ from torch import Tensor
 
 from fewstep.core.utils import set_unregistered
 from fewstep.methods._shared.alignment import MA_MODES, ma_loss
-from fewstep.methods._shared.pairs import PairSolver, Pairs, ensure_pairs, generate_pairs, teacher_fingerprint
-from fewstep.methods.base import Batch, Method, MethodConfig, U_SELECT
+from fewstep.methods._shared.pairs import Pairs, PairSolver, ensure_pairs, generate_pairs, teacher_fingerprint
+from fewstep.methods.base import U_SELECT, Batch, Method, MethodConfig
 
 __all__ = ["MAOptions", "PairOptions", "PairMethod", "ma_term", "add_ma"]
 
