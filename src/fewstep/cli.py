@@ -155,6 +155,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     png = save_figure(res.x, out.with_suffix(".png"), f"{Path(args.run_dir).name}: {res.nfe} NFE")
     if png is not None:
         print(f"wrote {png}")
+    if args.decode:  # latent students of a diffusers teacher whose folder has a VAE
+        decode = getattr(run.teacher, "decode", None)
+        if decode is None:
+            raise ValueError("--decode needs a teacher with a VAE (teacher.kind=diffusers with a vae folder)")
+        dec = out.parent / f"{out.name}-decoded.npy"
+        np.save(dec, decode(res.x).numpy())
+        print(f"wrote {dec} (decoded through the teacher's VAE)")
     return 0
 
 
@@ -265,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=int, default=None, help="class label 0..K-1 for conditional students (moons, "
                                                            "spirals are conditional by default)")
     s.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
+    s.add_argument("--decode", action="store_true", help="also decode latents through the teacher's VAE (diffusers)")
     s.add_argument("--out", help="output path without suffix")
     s.set_defaults(fn=cmd_sample)
     e = sub.add_parser("eval", help="metrics of a run beside the teacher's own (Euler, adaptive, exact floor)")

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from _diffusers_fixtures import diffusers, save_latents_folder, save_sd3_folder, save_unet_folder
+from _diffusers_fixtures import diffusers, save_dit_folder, save_latents_folder, save_sd3_folder, save_unet_folder
 from fewstep.cli import main
 from fewstep.config.build import load_run
 from fewstep.integrations.diffusers import ConditionTable
@@ -58,9 +59,11 @@ def _check_methods(sd3, tmp_path, steps, methods=tuple(METHOD_CFG)) -> dict[str,
         assert len([r for r in text.splitlines()[1:] if r]) >= steps and "nan" not in text
         runs[method] = run
     out = tmp_path / "samples"
-    assert main(["sample", str(runs[methods[0]]), "--nfe", "2", "--n", "3", "--label", "1", "--out", str(out)]) == 0
-    x = torch.from_numpy(__import__("numpy").load(out.with_suffix(".npy")))
+    assert main(["sample", str(runs[methods[0]]), "--nfe", "2", "--n", "3", "--label", "1", "--out", str(out),
+                 "--decode"]) == 0
+    x = torch.from_numpy(np.load(out.with_suffix(".npy")))
     assert x.shape == (3, 4, 8, 8) and bool(torch.isfinite(x).all())
+    assert np.load(tmp_path / "samples-decoded.npy").shape == (3, 3, 8, 8)  # through the folder's tiny VAE
     return runs
 
 
@@ -136,20 +139,27 @@ def test_consistency_student_equals_diffusers_stochastic_euler(sd3, runs, tmp_pa
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_vp_unet_teacher_distills_and_exports(tmp_path):
-    folder = save_unet_folder(tmp_path)
-    lat = save_latents_folder(tmp_path / "lat", (3, 8, 8))
-    run_dir = _distill(tmp_path, {"kind": "diffusers", "path": str(folder)},
-                       {"name": "embeddings", "kwargs": {"path": str(lat)}}, "meanflow", 1)
-    out = tmp_path / "export-unet"
+@pytest.mark.parametrize("which", ["unet", "dit"])
+def test_vp_teachers_distill_and_export(tmp_path, which):
+    """UNet2DModel (DDPM eps, latents as data, meanflow) and class-conditional DiT (labels only, guided dmd2)."""
+    if which == "unet":
+        teacher = {"kind": "diffusers", "path": str(save_unet_folder(tmp_path))}
+        data = {"name": "embeddings", "kwargs": {"path": str(save_latents_folder(tmp_path / "lat", (3, 8, 8)))}}
+        method, shape, cond = "meanflow", (3, 8, 8), None
+    else:
+        teacher = {"kind": "diffusers", "path": str(save_dit_folder(tmp_path)), "guidance": 2.0}
+        data, method, shape, cond = {"name": "teacher"}, "dmd2", (4, 8, 8), torch.tensor([3, 9])
+    run_dir = _distill(tmp_path, teacher, data, method, 1)
+    out = tmp_path / f"export-{which}"
     assert main(["export", str(run_dir), "--format", "diffusers", str(out)]) == 0
-    assert (out / "unet" / "config.json").is_file()
+    assert (out / ("unet" if which == "unet" else "transformer") / "config.json").is_file()
     run = load_run(run_dir)
-    x1 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x1 = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
     flowmap, meta = load_exported(out)
-    assert meta["diffusers_euler_exact"] is False
-    torch.testing.assert_close(sample_with(flowmap, x1, run.sampler, 2).x,
-                               sample_with(run.student(ema=True), x1, run.sampler, 2).x, rtol=1e-5, atol=1e-5)
+    assert meta["diffusers_euler_exact"] is False  # VP teachers: sample with sample_exported
+    torch.testing.assert_close(sample_with(flowmap, x1, run.sampler, 2, cond=cond).x,
+                               sample_with(run.student(ema=True), x1, run.sampler, 2, cond=cond).x,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_config_errors_are_one_line(sd3, tmp_path, capsys):
