@@ -38,7 +38,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write: Writes the complete new content to the path it is given (e.g. a safetensors ``save_file``).
 
     Raises:
-        Whatever ``write`` raises; the temporary file is removed first and ``path`` keeps its old content.
+        Exception: whatever ``write`` raises; the temporary file is removed first and ``path`` keeps its old
+            content.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -75,6 +75,12 @@ RK_METHODS: tuple[str, ...] = tuple(TABLEAUS)
 def get_tableau(method: str | ButcherTableau) -> ButcherTableau:
     """The tableau of ``method`` (a name from :data:`TABLEAUS` or a tableau).
 
+    Args:
+        method: A method name (``euler``, ``heun``, ``rk4``) or a :class:`ButcherTableau`, returned as is.
+
+    Returns:
+        The :class:`ButcherTableau`.
+
     Raises:
         ValueError: for an unknown method name.
     """

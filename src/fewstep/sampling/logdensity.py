@@ -24,8 +24,9 @@ NFE convention: one forward evaluation of the velocity field (with its divergenc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -86,6 +87,9 @@ def make_probes(x: Tensor, k: int, generator: torch.Generator | None = None, kin
         k: Number of probes (>= 1).
         generator: Optional CPU generator.
         kind: ``rademacher`` (entries ±1, lowest variance) or ``gaussian`` (N(0, 1)).
+
+    Returns:
+        The probes, shape (k, *x.shape).
     """
     if k < 1:
         raise ValueError(f"number of probes k must be >= 1, got {k}")
@@ -157,6 +161,9 @@ def divergence(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor | fl
         method: ``exact`` or ``hutchinson``.
         probes: Hutchinson probes, shape (K, *x.shape) (see :func:`make_probes`).
         create_graph: Keep the graph so the result is differentiable (w.r.t. x and parameters).
+
+    Returns:
+        The divergence per row, shape (batch,).
     """
     tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     tt = tt.expand(x.shape[0]) if tt.dim() == 0 else tt
@@ -187,6 +194,9 @@ def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor |
         rtol: Relative tolerance (adaptive methods).
         atol: Absolute tolerance (adaptive methods).
         **kwargs: Passed to the velocity field (cond, guidance, ...).
+
+    Returns:
+        The :class:`LogDensityResult` at grid[-1].
     """
     g = check_grid(grid, order="monotone")
     lp = torch.as_tensor(log_p_start, dtype=x.dtype, device=x.device)
@@ -256,6 +266,9 @@ def sample_with_logdensity(velocity_fn: Callable[..., Tensor], x1: Tensor, grid:
         x1: Noise at grid[0] (normally t=1), shape (batch, ...).
         grid: Decreasing times, or an int n for the uniform n-step grid from 1 to 0.
         **kw: Passed to :func:`ode_logdensity` (method, divergence, probes, create_graph, cond, ...).
+
+    Returns:
+        The :class:`LogDensityResult`: samples at grid[-1] and their :math:`\log q`.
     """
     g = time_grid(grid) if isinstance(grid, int) else check_grid(grid, order="monotone")
     if float(g[0]) != 1.0 or not bool((g[1:] < g[:-1]).all()):
@@ -277,6 +290,9 @@ def likelihood(velocity_fn: Callable[..., Tensor], x0: Tensor, grid: Tensor | li
             (use with an adaptive ``method``).
         method: ``dopri5`` (adaptive, default) or euler/heun/rk4 on the grid.
         **kw: Passed to :func:`ode_logdensity` (divergence, probes, rtol, atol, create_graph, cond, ...).
+
+    Returns:
+        The :class:`LogDensityResult`: ``log_q`` of the input points and ``x`` their noise image at t=1.
     """
     if grid is None:
         if method in FIXED_METHODS:

@@ -9,8 +9,9 @@ guidance) or :meth:`FlowMap.velocity`. A flow map is any callable ``f(x, t, s, c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,6 +79,9 @@ def time_grid(n_steps: int, t_start: float = 1.0, t_end: float = 0.0, kind: str 
         kind: ``uniform`` or ``edm``.
         rho: EDM exponent.
 
+    Returns:
+        The float64 grid, shape (n_steps + 1,).
+
     Raises:
         ValueError: for n_steps < 1, times outside [0, 1], t_start == t_end, an unknown kind, or an increasing
             ``edm`` grid.
@@ -106,6 +110,13 @@ def check_grid(grid: Tensor | list[float], order: str = "decreasing") -> Tensor:
 
     A grid is 1-D with at least two points inside [0, 1] and strictly ``decreasing`` (sampling: t=1 noise ->
     t=0 data), strictly ``increasing`` (data -> noise), or strictly ``monotone`` (either).
+
+    Args:
+        grid: The times, a 1-D sequence or tensor.
+        order: ``decreasing`` (default), ``increasing`` or ``monotone``.
+
+    Returns:
+        The grid as a float64 tensor.
 
     Raises:
         ValueError: naming the violated rule.
@@ -143,6 +154,9 @@ def solve(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor | list[flo
             :mod:`fewstep.sampling.integrators`.
         return_trajectory: Keep the state at every grid point.
         **kwargs: Passed to the velocity field (e.g. cond, guidance).
+
+    Returns:
+        The :class:`SampleResult` at grid[-1].
     """
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS} (or use solve_adaptive)")
@@ -172,6 +186,9 @@ def solve_adaptive(velocity_fn: Callable[..., Tensor], x: Tensor, t_start: float
         return_trajectory: Return states at ``n_save`` evenly spaced times.
         n_save: Number of saved times when a trajectory is requested.
         **kwargs: Passed to the velocity field.
+
+    Returns:
+        The :class:`SampleResult` at t_end.
     """
     from torchdiffeq import odeint
 
@@ -203,6 +220,9 @@ def sample_flowmap(flowmap: Callable[..., Tensor], x: Tensor, grid: Tensor | lis
         grid: Decreasing times, or an int n for the uniform n-step grid from 1 to 0 (1 = one step).
         cond: Optional class labels.
         return_trajectory: Keep the state at every grid point.
+
+    Returns:
+        The :class:`SampleResult` at grid[-1].
     """
     g = time_grid(grid) if isinstance(grid, int) else check_grid(grid)
     fn = NFECounter(flowmap)
@@ -215,7 +235,20 @@ def sample_flowmap(flowmap: Callable[..., Tensor], x: Tensor, grid: Tensor | lis
 
 
 def renoise(x_s: Tensor, s: float, t: float, generator: torch.Generator | None = None) -> Tensor:
-    r"""Forward kernel of the linear path from s to t >= s: :math:`x_t = \frac{1-t}{1-s}x_s + \sqrt{t^2 - (\frac{1-t}{1-s}s)^2}\,z`."""
+    r"""Forward kernel of the linear path from s to t >= s, with :math:`z \sim \mathcal N(0, I)`:
+
+    .. math::
+        x_t = \tfrac{1-t}{1-s}\,x_s + \sqrt{t^2 - (\tfrac{1-t}{1-s}s)^2}\,z .
+
+    Args:
+        x_s: Points at time s.
+        s: Current time, 0 <= s < 1.
+        t: Target time, s <= t <= 1.
+        generator: Optional CPU generator for z.
+
+    Returns:
+        Points at time t.
+    """
     if t < s or s >= 1:
         raise ValueError(f"renoise needs 0 <= s <= t <= 1 and s < 1; got s={s}, t={t}")
     a = (1 - t) / (1 - s)

@@ -59,6 +59,9 @@ class Teacher(nn.Module, ABC):
             t: Times in [0, 1], scalar or shape (batch,).
             cond: Optional class labels, shape (batch,), -1 for unconditional rows.
             guidance: Guidance weight w.
+
+        Returns:
+            The velocity, shape (batch, *event_shape).
         """
         tt = self._check(x, t, cond)
         if cond is None or guidance == 1.0:
