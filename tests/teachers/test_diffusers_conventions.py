@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _diffusers_fixtures import (diffusers, save_dit_folder, save_sd3_folder, save_unet_folder,  # noqa: F401
-                                 tiny_sd3)
+from _diffusers_fixtures import diffusers, save_dit_folder, save_sd3_folder, save_unet_folder, tiny_sd3  # noqa: F401
 from fewstep.integrations.diffusers import ConditionTable, DiffusersTeacher, VPConvention
 from fewstep.sampling.samplers import solve
 

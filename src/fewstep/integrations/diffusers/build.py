@@ -51,6 +51,14 @@ def build_diffusers_dataset(name: str, kwargs: dict[str, Any], teacher: nn.Modul
     """``teacher``: no data, uniform class labels (class-conditional) or none; ``embeddings``: a condition folder
     (``kwargs.path``) whose table is attached to the teacher and whose rows are drawn uniformly.
 
+    Args:
+        name: ``data.name``.
+        kwargs: ``data.kwargs``.
+        teacher: The diffusers teacher (or a guided wrapper).
+
+    Returns:
+        A :class:`LabelDataset` or :class:`ConditionDataset`.
+
     Raises:
         ValueError: for another name, a missing path, or a text model without embeddings.
     """

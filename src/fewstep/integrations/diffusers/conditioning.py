@@ -20,8 +20,9 @@ writes one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,7 +65,7 @@ class ConditionTable:
                                      f"{', '.join(map(str, tensors[k].shape[1:]))})")
                 self.null[k] = v
 
-    def __deepcopy__(self, memo: dict) -> "ConditionTable":
+    def __deepcopy__(self, memo: dict) -> ConditionTable:
         return self  # read-only and shared: EMA copies and fake-score networks must not duplicate it
 
     def __len__(self) -> int:
@@ -93,7 +94,7 @@ class ConditionTable:
         return out
 
     @classmethod
-    def load(cls, folder: str | Path) -> tuple["ConditionTable", Tensor | None]:
+    def load(cls, folder: str | Path) -> tuple[ConditionTable, Tensor | None]:
         """(table, latents or None) from a folder written by :func:`save_condition_table`."""
         root = Path(folder)
         shards = sorted(root.glob("cond-*.safetensors"))
@@ -101,7 +102,7 @@ class ConditionTable:
             raise ValueError(f"{str(root)!r} is not a condition folder (no cond-*.safetensors shards)")
         parts = [load_file(str(p)) for p in shards]
         names = set(parts[0])
-        for p, d in zip(shards, parts):
+        for p, d in zip(shards, parts, strict=True):
             if set(d) != names:
                 raise ValueError(f"shard {p.name} has tensors {sorted(d)}; the first shard has {sorted(names)}")
         merged = {k: torch.cat([d[k] for d in parts]) for k in sorted(names)}
@@ -123,6 +124,9 @@ def save_condition_table(folder: str | Path, tensors: Mapping[str, Tensor], null
         null: The unconditional row (e.g. the pipeline's ``encode_prompt("")``), leading size 1.
         latents: Optional data latents (N, *event_shape) stored with the rows (the data x0 of row i).
         shard_size: Rows per shard.
+
+    Returns:
+        The folder.
     """
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +158,7 @@ class Conditioner:
             raise ValueError(f"unknown conditioning kind {kind!r}")
         self.kind, self._num_classes, self.null_class, self.table = kind, num_classes, null_class, table
 
-    def __deepcopy__(self, memo: dict) -> "Conditioner":
+    def __deepcopy__(self, memo: dict) -> Conditioner:
         return Conditioner(self.kind, self._num_classes, self.null_class, self.table)
 
     @property
@@ -165,7 +169,8 @@ class Conditioner:
             return None if self.table is None else len(self.table)
         return None
 
-    def kwargs(self, cond: Tensor | dict | None, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    def kwargs(self, cond: Tensor | dict | None, batch: int, device: torch.device,
+               dtype: torch.dtype) -> dict[str, Any]:
         """Model keyword arguments for ids ``cond`` (None = unconditional for every row).
 
         A dict ``cond`` is taken as the model's keyword arguments themselves (e.g. ``encoder_hidden_states``

@@ -4,13 +4,16 @@ fewstep's path is :math:`x_t = (1-t)x_0 + t x_1` with velocity :math:`v = \hat x
 
 **Flow matching** (``FlowMatchEulerDiscreteScheduler``: SD3, Flux, SANA, ...). diffusers writes
 :math:`x_\sigma = (1-\sigma)x_0 + \sigma\,\epsilon` and its model predicts :math:`\epsilon - x_0`, and the
-scheduler steps :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\,\mathrm{out}` (``FlowMatchEulerDiscreteScheduler.step``). So :math:`t = \sigma` and the output *is* fewstep's velocity; the model is called with
-``timestep = T_{train}\cdot t`` (``T_train = num_train_timesteps = 1000``; models that multiply by 1000
+scheduler steps :math:`x_{\sigma'} = x_\sigma + (\sigma' - \sigma)\,\mathrm{out}`
+(``FlowMatchEulerDiscreteScheduler.step``). So :math:`t = \sigma` and the output *is* fewstep's velocity; the model is
+called with ``timestep = T_{train}\cdot t`` (``T_train = num_train_timesteps = 1000``; models that multiply by 1000
 internally, such as Flux, get ``timestep = t``). The scheduler's ``shift`` changes only the sampling grid
-:math:`\sigma \mapsto s\sigma/(1+(s-1)\sigma)`, never the time map (the teacher's ``sampling_grid`` reads the scheduler's own sigmas).
+:math:`\sigma \mapsto s\sigma/(1+(s-1)\sigma)`, never the time map (the teacher's ``sampling_grid`` reads the
+scheduler's own sigmas).
 
 **Discrete VP** (DDPM / DDIM / Euler schedulers with ``alphas_cumprod``; epsilon, v or sample prediction).
-Step k has :math:`z_k = a_k x_0 + b_k\epsilon` with :math:`a_k = \sqrt{\bar\alpha_k}`, :math:`b_k = \sqrt{1-\bar\alpha_k}`.
+Step k has :math:`z_k = a_k x_0 + b_k\epsilon` with :math:`a_k = \sqrt{\bar\alpha_k}`,
+:math:`b_k = \sqrt{1-\bar\alpha_k}`.
 Every affine path is the linear path after a change of time and scale: with :math:`\tau = b/(a+b)`,
 :math:`z/(a+b) = (1-\tau)x_0 + \tau\epsilon`. So fewstep's time t maps to the VP state with the same
 signal-to-noise ratio, :math:`\lambda(t) = 2\log\frac{1-t}{t} = \log\frac{a^2}{b^2}`, and
@@ -24,9 +27,9 @@ log-SNRs :math:`\lambda_k = \log(\bar\alpha_k/(1-\bar\alpha_k))` (exact at the i
 gives k). The model's :math:`(\hat x_0, \hat\epsilon)` give :math:`v = \hat\epsilon - \hat x_0`. On this map DDIM
 with eta = 0 *is* the Euler method: from :math:`x_t = (1-t)\hat x_0 + t\hat\epsilon` one Euler step to t' gives
 :math:`(1-t')\hat x_0 + t'\hat\epsilon = z_{k'}/(a_{k'}+b_{k'})`, DDIM's update. A discrete schedule covers only
-:math:`t \in [\tau_0, \tau_{T-1}]` (e.g. [0.0099, 0.9937] for the linear betas 1e-4..0.02 over 1000 steps): outside it the model
-is called at the clamped time (as :class:`~fewstep.teachers.module.ModuleTeacher` does), so the velocity on
-:math:`t > \tau_{T-1}` is the one at :math:`\tau_{T-1}` (the schedule's non-zero terminal SNR).
+:math:`t \in [\tau_0, \tau_{T-1}]` (e.g. [0.0099, 0.9937] for the linear betas 1e-4..0.02 over 1000 steps):
+outside it the model is called at the clamped time (as :class:`~fewstep.teachers.module.ModuleTeacher` does), so
+the velocity on :math:`t > \tau_{T-1}` is the one at :math:`\tau_{T-1}` (the schedule's non-zero terminal SNR).
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ class VPConvention:
         return x / n, self.timestep(t)
 
     def x0_eps(self, out: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        r""":math:`(\hat x_0, \hat\epsilon)` from the model output (diffusers' formulas, scheduling_ddim.py ``step``)."""
+        r""":math:`(\hat x_0, \hat\epsilon)` from the model output (the formulas of ``DDIMScheduler.step``)."""
         a, b, n = self._ab(t, x)
         z = x / n
         if self.prediction_type == "epsilon":
@@ -154,7 +157,7 @@ class VPConvention:
         return eps - x0
 
     def to_model_output(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        r"""Inverse of :meth:`to_velocity`: :math:`\hat x_0 = x - t v`, :math:`\hat\epsilon = x + (1-t)v` -> the output."""
+        r"""Inverse of :meth:`to_velocity`: :math:`\hat x_0 = x - tv`, :math:`\hat\epsilon = x + (1-t)v` -> output."""
         a, b, n = self._ab(t, x)
         tc = bcast(self.clamp(t), x)
         x0, eps = x - tc * v, x + (1 - tc) * v
@@ -178,6 +181,14 @@ class VPConvention:
 def convention_from_scheduler(scheduler: Any, timestep_scale: float | None = None,
                               prediction_type: str | None = None) -> FlowConvention | VPConvention:
     """The convention of a diffusers scheduler instance (flow matching by class name, else VP by alphas_cumprod).
+
+    Args:
+        scheduler: A diffusers scheduler.
+        timestep_scale: Flow models: model timestep per unit t (default num_train_timesteps).
+        prediction_type: VP models: override of the scheduler's prediction type.
+
+    Returns:
+        A :class:`FlowConvention` or :class:`VPConvention`.
 
     Raises:
         ValueError: when the scheduler is neither a flow-matching scheduler nor has ``alphas_cumprod``.

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
 from fewstep.integrations.diffusers.conventions import FlowConvention
-from fewstep.integrations.diffusers.models import (DiffusersDenoiser, conditioner_for, load_component)
+from fewstep.integrations.diffusers.models import DiffusersDenoiser, conditioner_for, load_component
 from fewstep.integrations.diffusers.student import DiffusersFlowMapNet
 from fewstep.sampling.samplers import SampleResult
 from fewstep.sampling.spec import SamplerSpec, sample_with
@@ -65,6 +65,9 @@ def export_student(student: FlowMap, teacher: nn.Module, out: str | Path, sample
         sampler: The student's multi-step sampler (default deterministic, uniform grid).
         nfe: Default number of steps recorded in ``student.json``.
         components: Other pipeline components of the teacher folder: ``copy``, ``link`` (symlinks) or ``none``.
+
+    Returns:
+        The output folder.
 
     Raises:
         ValueError: for a student that is not a diffusers student, a non-empty ``out`` or a bad option.
@@ -144,6 +147,13 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> tup
     ``cond`` of the returned flow map is a dict of the model's keyword arguments (``encoder_hidden_states``,
     ``pooled_projections``, ``class_labels`` ...) or, for class-conditional models, a LongTensor of labels.
 
+    Args:
+        folder: An export folder.
+        device: Where to put the flow map.
+
+    Returns:
+        (flow map in eval mode without gradients, the parsed ``student.json``).
+
     Raises:
         ValueError: when the folder is not a fewstep export.
     """
@@ -184,7 +194,8 @@ def export_run(run_dir: str | Path, out: str | Path, nfe: int | None = None, ema
 
     run = load_run(run_dir)
     if run.teacher is None:
-        raise ValueError(f"run {str(run_dir)!r} has no teacher; --format diffusers exports students of diffusers teachers")
+        raise ValueError(f"run {str(run_dir)!r} has no teacher; --format diffusers exports students of diffusers "
+                         "teachers")
     student = run.student(ema=ema)
     k = int(nfe) if nfe is not None else 1
     path = export_student(student, run.teacher, out, run.sampler, k, components)

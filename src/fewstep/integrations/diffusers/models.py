@@ -37,7 +37,8 @@ def _diffusers() -> Any:
     try:
         import diffusers
     except ImportError:
-        raise ImportError("the diffusers integration needs the optional extra: pip install 'fewstep[diffusers]'") from None
+        raise ImportError("the diffusers integration needs the optional extra: "
+                          "pip install 'fewstep[diffusers]'") from None
     return diffusers
 
 
@@ -53,6 +54,14 @@ class DiffusersFolder:
 
 def resolve_folder(path: str | Path, subfolder: str | None = None, scheduler: str | None = None) -> DiffusersFolder:
     """Locate denoiser / scheduler / VAE folders (see the module docstring).
+
+    Args:
+        path: The folder given as ``teacher.path``.
+        subfolder: Denoiser sub-folder, or None to search ``transformer`` / ``unet`` / the folder itself.
+        scheduler: An explicit scheduler folder, or None.
+
+    Returns:
+        The located folders.
 
     Raises:
         ValueError: when the path holds no diffusers model.
@@ -170,7 +179,8 @@ class DiffusersDenoiser(nn.Module):
         if out.shape[1] == 2 * x.shape[1]:  # learned variance (DiT, IDDPM U-Nets): keep the mean prediction
             out = out[:, : x.shape[1]]
         if out.shape != x.shape:
-            raise ValueError(f"{type(self.model).__name__} returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+            raise ValueError(f"{type(self.model).__name__} returned shape {tuple(out.shape)} for input "
+                             f"{tuple(x.shape)}")
         return out.to(x.dtype)
 
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:

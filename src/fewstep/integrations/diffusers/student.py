@@ -162,6 +162,9 @@ def student_from_teacher(teacher: nn.Module, parameterization: str = "average_ve
         gap_scale: Multiplier of h = t - s in the gap embeddings.
         gradient_checkpointing: Enable the diffusers model's gradient checkpointing (memory for compute).
 
+    Returns:
+        The student flow map (trainable, float32).
+
     Raises:
         ValueError: when the teacher is not a diffusers teacher.
     """

@@ -11,17 +11,23 @@ guidance is :meth:`Teacher.velocity`'s :math:`v_u + w(v_c - v_u)` with the null 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fewstep.core.paths import LinearPath
-from fewstep.integrations.diffusers.conditioning import ConditionTable, Conditioner
+from fewstep.integrations.diffusers.conditioning import Conditioner, ConditionTable
 from fewstep.integrations.diffusers.conventions import FlowConvention, VPConvention, convention_from_scheduler
-from fewstep.integrations.diffusers.models import (DiffusersDenoiser, conditioner_for, event_shape_of,
-                                                   load_component, resolve_folder)
+from fewstep.integrations.diffusers.models import (
+    DiffusersDenoiser,
+    conditioner_for,
+    event_shape_of,
+    load_component,
+    resolve_folder,
+)
 from fewstep.teachers.base import Teacher
 
 __all__ = ["DiffusersTeacher", "DTYPES"]
@@ -69,7 +75,7 @@ class DiffusersTeacher(Teacher):
     def from_pretrained(cls, path: str | Path, subfolder: str | None = None, scheduler: str | None = None,
                         dtype: str | torch.dtype | None = None, null_class: int | None = None,
                         event_shape: Sequence[int] | None = None, timestep_scale: float | None = None,
-                        prediction_type: str | None = None, load_vae: bool = True) -> "DiffusersTeacher":
+                        prediction_type: str | None = None, load_vae: bool = True) -> DiffusersTeacher:
         """Load from a local ``save_pretrained`` folder (pipeline, model + scheduler, or model + ``scheduler`` option).
 
         Args:
@@ -82,6 +88,9 @@ class DiffusersTeacher(Teacher):
             timestep_scale: Flow models: model timestep per unit t.
             prediction_type: VP models: override of the scheduler's prediction type.
             load_vae: Load the pipeline's VAE for decoding, when there is one.
+
+        Returns:
+            The frozen teacher.
 
         Raises:
             ValueError: for a folder without a model or without a scheduler, or an unknown dtype.
@@ -119,6 +128,9 @@ class DiffusersTeacher(Teacher):
     def attach_conditioning(self, table: ConditionTable | None) -> None:
         """Give a text-conditional teacher its table of precomputed embeddings (ids index its rows).
 
+        Args:
+            table: The table, or None (no-op).
+
         Raises:
             ValueError: when the model takes no embeddings but a table is given.
         """
@@ -146,6 +158,12 @@ class DiffusersTeacher(Teacher):
 
     def decode(self, latents: Tensor) -> Tensor:
         r"""Images from latents through the VAE: ``vae.decode(x / scaling_factor + shift_factor)`` (in [-1, 1]).
+
+        Args:
+            latents: Latents of the teacher's event shape, shape (batch, C, H, W).
+
+        Returns:
+            Decoded images, float32.
 
         Raises:
             ValueError: when the folder had no VAE.
