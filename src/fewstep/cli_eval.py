@@ -77,7 +77,14 @@ def save_figure(x: Tensor, path: Path, title: str, ref: Tensor | None = None) ->
     flat = x.reshape(x.shape[0], -1).detach().cpu().float()
     r = None if ref is None else ref.reshape(ref.shape[0], -1).detach().cpu().float()
     d = flat.shape[1]
-    if d == 64:
+    if x.dim() == 4 and d != 64:  # (n, C, H, W) images: a grid of the first 64 (channel 0 or RGB)
+        from fewstep.benchmarks.image_bench import image_mosaic
+
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(image_mosaic(x[:64]), cmap="gray_r", vmin=-1, vmax=1)
+        ax.axis("off")
+        ax.set_title(title)
+    elif d == 64:
         k = min(64, flat.shape[0])
         cols = int(math.ceil(math.sqrt(k)))
         rows = int(math.ceil(k / cols))
@@ -203,6 +210,8 @@ def _samples(student: Any, spec: Any, k: int, n: int, seed: int, x1: Tensor) -> 
 def _eval_data(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Learned teacher: every sampler scored against held-out data with density-free metrics."""
     from fewstep.config.build import build_dataset
+    from fewstep.data.images import IMAGE_DATASETS
+    from fewstep.evaluation.image_features import image_metrics
     from fewstep.evaluation.metrics import mmd2, sliced_w2, w2
     from fewstep.sampling.samplers import solve, solve_adaptive
 
@@ -222,6 +231,8 @@ def _eval_data(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> d
         out = {"mmd2": mmd2(x, ref), "w2": w2(x, ref)}
         if math.prod(event) > 2:
             out["sliced_w2"] = sliced_w2(x, ref, generator=torch.Generator().manual_seed(seed))
+        if run.config.data.name in IMAGE_DATASETS:  # classifier FD, precision, recall (evaluation.image_features)
+            out.update(image_metrics(run.config.data.name, x.float(), seed=seed))
         return out
 
     x1 = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed))
