@@ -246,7 +246,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     import copy
     import warnings
 
-    from fewstep.training.checkpoint import CheckpointError, list_checkpoints, load_latest
+    from fewstep.training.checkpoint import CheckpointError, list_checkpoints, load_latest, method_tensors
 
     root = Path(run_dir)
     cfg = read_run_config(root)
@@ -262,7 +262,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     for w in caught:
         warnings.warn(str(w.message), UserWarning, stacklevel=2)
     step, tensors, state = found
-    method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
+    method.load_state_dict(method_tensors(tensors))
     emas: dict[float, FlowMap] = {}
     for d in (state.get("ema") or {}).get("decays", []):
         m = copy.deepcopy(method.student)

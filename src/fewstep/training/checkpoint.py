@@ -32,10 +32,18 @@ from fewstep.training.optim import lr_factor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
            "verify_checkpoint", "atomic_write_bytes", "sha256_file", "CheckpointError", "flatten_tensors",
-           "unflatten_tensors", "trainer_state", "restore_trainer_state", "clear_run"]
+           "unflatten_tensors", "trainer_state", "restore_trainer_state", "clear_run", "METHOD_PREFIX",
+           "method_tensors"]
 
 TENSORS, STATE, COMPLETE = "tensors.safetensors", "state.json", "COMPLETE"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+METHOD_PREFIX = "method/"  #: key prefix of the method's state dict among a checkpoint's tensors
+
+
+def method_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The method's state dict from a checkpoint's tensors: the keys under :data:`METHOD_PREFIX`, prefix removed."""
+    n = len(METHOD_PREFIX)
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(METHOD_PREFIX)}
 
 
 class CheckpointError(RuntimeError):
@@ -218,7 +226,7 @@ def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     ``optim/<net>/state/<idx>/<name>``. JSON: step, seed, optimiser skeletons (param groups, scalar state),
     scheduler state (base LR and step), EMA update count, AMP scaler state, RNG states as lists, run config.
     """
-    tensors: dict[str, Tensor] = {f"method/{k}": v for k, v in trainer.method.state_dict().items()}
+    tensors: dict[str, Tensor] = {METHOD_PREFIX + k: v for k, v in trainer.method.state_dict().items()}
     if trainer.ema is not None:
         for d, m in trainer.ema.copies.items():
             tensors.update({f"ema/{d!r}/{k}": v for k, v in m.state_dict().items()})
@@ -239,7 +247,7 @@ def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def restore_trainer_state(trainer: Any, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
     """Inverse of :func:`trainer_state`: load weights, EMA, optimisers, scaler, RNG states and the step."""
-    trainer.method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
+    trainer.method.load_state_dict(method_tensors(tensors))
     if trainer.ema is not None and state.get("ema"):
         for d, m in trainer.ema.copies.items():
             pre = f"ema/{d!r}/"
