@@ -82,10 +82,9 @@ def save_latents_folder(root: Path, shape: tuple[int, ...], n: int = 8) -> Path:
 
 
 def save_unet_folder(root: Path, prediction_type: str = "epsilon") -> Path:
-    """unet/ + scheduler/ (DDPMScheduler, linear betas, 1000 steps, no clipping)."""
-    tiny_unet().save_pretrained(root / "ddpm" / "unet")
-    diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type,
-                            clip_sample=False).save_pretrained(root / "ddpm" / "scheduler")
+    """A DDPMPipeline folder: model_index.json, unet/ + scheduler/ (DDPMScheduler, linear betas, 1000 steps)."""
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(root / "ddpm")
     return root / "ddpm"
 
 

@@ -153,6 +153,11 @@ def test_vp_teachers_distill_and_export(tmp_path, which):
     out = tmp_path / f"export-{which}"
     assert main(["export", str(run_dir), "--format", "diffusers", str(out)]) == 0
     assert (out / ("unet" if which == "unet" else "transformer") / "config.json").is_file()
+    if which == "unet":  # a pipeline folder in, a pipeline folder out (its scheduler entry now DDIM)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+        assert type(pipe).__name__ == "DDPMPipeline" and type(pipe.scheduler).__name__ == "DDIMScheduler"
+        img = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+        assert img.shape == (1, 8, 8, 3)
     run = load_run(run_dir)
     x1 = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
     flowmap, meta = load_exported(out)
