@@ -309,6 +309,11 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"fewstep: warning: {message}\n"
 
 
+def _line(e: BaseException) -> str:
+    """An exception's message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(e).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status. User errors print one line and return 2; a diverged or corrupt run 1."""
     from fewstep.training.checkpoint import CheckpointError
@@ -319,13 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except FloatingPointError as e:
-        print(f"fewstep: error: training diverged: {e}", file=sys.stderr)
+        print(f"fewstep: error: training diverged: {_line(e)}", file=sys.stderr)
         return 1
     except CheckpointError as e:
-        print(f"fewstep: error: {e}", file=sys.stderr)
+        print(f"fewstep: error: {_line(e)}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, OSError) as e:  # OSError: FileNotFound, FileExists, Permission, IsADirectory
-        print(f"fewstep: error: {e}", file=sys.stderr)
+        print(f"fewstep: error: {_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fewstep: interrupted", file=sys.stderr)
@@ -333,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: one line, the traceback only on request
         if os.environ.get("FEWSTEP_DEBUG"):
             raise
-        print(f"fewstep: internal error: {type(e).__name__}: {e} (FEWSTEP_DEBUG=1 shows the traceback)",
+        print(f"fewstep: internal error: {type(e).__name__}: {_line(e)} (FEWSTEP_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
     finally:

@@ -221,6 +221,10 @@ def resolve_sampler(cfg: RunConfig, gamma: float | None = None, grid: str | None
     return SamplerSpec(gamma=float(g), grid=kind)
 
 
+#: Keys that older fewstep versions wrote into a run folder's config.yaml and that no longer exist (ignored there).
+RETIRED_KEYS: tuple[tuple[str, str], ...] = (("train", "num_workers"),)
+
+
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The :class:`RunConfig` stored in ``run_dir/config.yaml`` (errors name the folder)."""
     from fewstep.config.schema import read_yaml
@@ -233,6 +237,9 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     data = read_yaml(root / "config.yaml")
     if not isinstance(data, dict):
         raise ValueError(f"{str(root / 'config.yaml')!r} must contain a mapping")
+    for section, key in RETIRED_KEYS:  # run folders written before a key was removed stay loadable
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
     return from_dict(RunConfig, normalize_method_section(data))
 
 
