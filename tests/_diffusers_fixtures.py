@@ -81,6 +81,21 @@ def save_latents_folder(root: Path, shape: tuple[int, ...], n: int = 8) -> Path:
     return root
 
 
+def tiny_flux(seed: int = 0) -> torch.nn.Module:
+    """Flux MMDiT with a guidance embedder on (4, 8, 8) latents packed into 16 tokens of 16 channels."""
+    m = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=EHS_DIM,
+                                         pooled_projection_dim=POOL_DIM, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    return randomize(m, seed, std=0.1)
+
+
+def save_flux_folder(root: Path) -> Path:
+    """transformer/ (tiny Flux) + scheduler/ (FlowMatchEuler with resolution-dependent shifting, as Flux ships)."""
+    tiny_flux().save_pretrained(root / "flux" / "transformer")
+    diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).save_pretrained(root / "flux" / "scheduler")
+    return root / "flux"
+
+
 def save_unet_folder(root: Path, prediction_type: str = "epsilon") -> Path:
     """A DDPMPipeline folder: model_index.json, unet/ + scheduler/ (DDPMScheduler, linear betas, 1000 steps)."""
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)

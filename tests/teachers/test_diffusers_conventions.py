@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _diffusers_fixtures import diffusers, save_dit_folder, save_sd3_folder, save_unet_folder, tiny_sd3  # noqa: F401
+from _diffusers_fixtures import (diffusers, save_dit_folder, save_flux_folder, save_sd3_folder,  # noqa: F401
+                                 save_unet_folder, tiny_sd3)
 from fewstep.integrations.diffusers import ConditionTable, DiffusersTeacher, VPConvention
 from fewstep.sampling.samplers import solve
 
@@ -48,6 +49,34 @@ def test_flow_matching_euler_equals_scheduler_loop(tmp_path, guidance):
         ref = _flow_reference(teacher.model, sched, x1.clone(), rows["encoder_hidden_states"],
                               rows["pooled_projections"], guidance, null["encoder_hidden_states"],
                               null["pooled_projections"])
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_packed_guidance_distilled_euler_equals_scheduler_loop(tmp_path):
+    """Flux: timestep = sigma (x1000 inside), 2x2 packing, position ids, embedded guidance, dynamic shift mu."""
+    folder = save_flux_folder(tmp_path)
+    with pytest.raises(ValueError, match="embedded_guidance"):
+        DiffusersTeacher.from_pretrained(folder, event_shape=(4, 8, 8))
+    teacher = DiffusersTeacher.from_pretrained(folder, event_shape=(4, 8, 8), embedded_guidance=3.5)
+    g = torch.Generator().manual_seed(4)
+    ehs, pool = torch.randn(2, 5, 16, generator=g), torch.randn(2, 8, generator=g)
+    teacher.attach_conditioning(ConditionTable({"encoder_hidden_states": ehs, "pooled_projections": pool}))
+    x1 = torch.randn(2, 4, 8, 8, generator=g)
+    grid = teacher.sampling_grid(4, mu=0.8)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    sched.set_timesteps(4, mu=0.8)
+    ids = torch.zeros(4, 4, 3)
+    ids[..., 1] += torch.arange(4)[:, None]
+    ids[..., 2] += torch.arange(4)[None, :]
+    x = x1.view(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 16)  # FluxPipeline._pack_latents
+    with torch.no_grad():
+        ours = solve(teacher.velocity, x1, grid, cond=torch.tensor([0, 1])).x
+        for t in sched.timesteps:
+            out = teacher.model(x, timestep=t.expand(2) / 1000, guidance=torch.full((2,), 3.5), pooled_projections=pool,
+                                encoder_hidden_states=ehs, txt_ids=torch.zeros(5, 3), img_ids=ids.reshape(-1, 3)).sample
+            x = sched.step(out, t, x).prev_sample
+    ref = x.view(2, 4, 4, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(2, 4, 8, 8)  # _unpack_latents
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 

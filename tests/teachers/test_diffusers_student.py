@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _diffusers_fixtures import save_sd3_folder, save_unet_folder
+from _diffusers_fixtures import save_flux_folder, save_sd3_folder, save_unet_folder
 from fewstep.core.jvp import jvp
 from fewstep.integrations.diffusers import ConditionTable, DiffusersTeacher
 from fewstep.integrations.diffusers.student import student_from_teacher
@@ -60,16 +60,24 @@ def test_gap_embedding_makes_F_depend_on_s_and_folds_into_the_bias(sd3_teacher):
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
-@pytest.mark.parametrize("which", ["sd3", "unet"])
+@pytest.mark.parametrize("which", ["sd3", "unet", "flux"])
 def test_forward_mode_jvp_through_diffusers_models(sd3_teacher, tmp_path, which):
     """torch.func.jvp (tangent (v, 1, 0) on (x, t, s)) equals the double-backward JVP through attention, GroupNorm
-    (U-Net) and the VP time map."""
-    teacher = sd3_teacher if which == "sd3" else DiffusersTeacher.from_pretrained(save_unet_folder(tmp_path))
+    (U-Net), the VP time map and Flux's packing / rotary embeddings."""
+    if which == "sd3":
+        teacher = sd3_teacher
+    elif which == "unet":
+        teacher = DiffusersTeacher.from_pretrained(save_unet_folder(tmp_path))
+    else:
+        teacher = DiffusersTeacher.from_pretrained(save_flux_folder(tmp_path), event_shape=(4, 8, 8),
+                                                   embedded_guidance=3.5)
+        teacher.attach_conditioning(ConditionTable({"encoder_hidden_states": torch.randn(4, 5, 16),
+                                                    "pooled_projections": torch.randn(4, 8)}))
     f = student_from_teacher(teacher, "average_velocity")
     _perturb_gaps(f, 1)
     n = 2
     x = torch.randn(n, *teacher.event_shape)
-    c = torch.tensor([0, 3]) if which == "sd3" else None
+    c = None if which == "unet" else torch.tensor([0, 3])
     t, s = torch.tensor([0.8, 0.4]), torch.tensor([0.3, 0.0])
     v = torch.randn_like(x)
 

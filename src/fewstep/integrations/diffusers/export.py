@@ -115,6 +115,7 @@ def export_student(student: FlowMap, teacher: nn.Module, out: str | Path, sample
             "null_class": net.denoiser.conditioner.null_class, "gap_dim": net.gap_dim, "gap_scale": net.gap_scale,
             "timestep_scale": getattr(conv, "timestep_scale", None),
             "prediction_type": getattr(conv, "prediction_type", None),
+            "embedded_guidance": net.denoiser.embedded_guidance,
             "diffusers_euler_exact": diffusers_euler_exact(student.parameterization, nfe, spec.gamma)
             if isinstance(conv, FlowConvention) else False, "teacher": inner.source}
     (meta_dir / "student.json").write_text(json.dumps(meta, indent=1))
@@ -167,7 +168,8 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> tup
     model = load_component(root / meta["component"]).float().eval()
     sched = load_component(root / "scheduler", config_name="scheduler_config.json")
     conv = convention_from_scheduler(sched, meta.get("timestep_scale"), meta.get("prediction_type"))
-    den = DiffusersDenoiser(model, conv, conditioner_for(model, meta.get("null_class")))
+    den = DiffusersDenoiser(model, conv, conditioner_for(model, meta.get("null_class")),
+                            meta.get("embedded_guidance"))
     use_s = meta["parameterization"] == "average_velocity"
     net = DiffusersFlowMapNet(den, tuple(meta["event_shape"]), use_s, meta["gap_dim"], meta["gap_scale"])
     if use_s:

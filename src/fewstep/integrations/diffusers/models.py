@@ -150,13 +150,21 @@ class DiffusersDenoiser(nn.Module):
         model: The diffusers model (``ModelMixin``).
         convention: :class:`FlowConvention` or :class:`VPConvention`.
         conditioner: How ``cond`` ids become model keyword arguments.
+        embedded_guidance: Guidance-distilled models (Flux-dev's ``guidance_embeds``): the guidance value fed to
+            the model's guidance embedder.
     """
 
-    def __init__(self, model: nn.Module, convention: FlowConvention | VPConvention, conditioner: Conditioner) -> None:
+    def __init__(self, model: nn.Module, convention: FlowConvention | VPConvention, conditioner: Conditioner,
+                 embedded_guidance: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.convention = convention
         self.conditioner = conditioner
+        self.embedded_guidance = embedded_guidance
+        self.packed = type(model).__name__.startswith("Flux")
+        if self.packed and model.config.get("guidance_embeds") and embedded_guidance is None:
+            raise ValueError(f"{type(model).__name__} is guidance-distilled (guidance_embeds): set "
+                             "teacher.kwargs.embedded_guidance (e.g. 3.5)")
         self._accepts = set(inspect.signature(model.forward).parameters)
         for m in model.modules():
             if isinstance(m, nn.GroupNorm) and _contiguous_input not in m._forward_pre_hooks.values():
@@ -175,13 +183,31 @@ class DiffusersDenoiser(nn.Module):
         if unknown:
             raise ValueError(f"{type(self.model).__name__}.forward takes no argument(s) {sorted(unknown)} "
                              "(check the tensor names of the condition folder)")
-        out = self.model(z.to(dt), timestep=k, return_dict=False, **kw)[0]
+        if self.packed:
+            out = self._packed_call(z.to(dt), k, kw)
+        else:
+            out = self.model(z.to(dt), timestep=k, return_dict=False, **kw)[0]
         if out.shape[1] == 2 * x.shape[1]:  # learned variance (DiT, IDDPM U-Nets): keep the mean prediction
             out = out[:, : x.shape[1]]
         if out.shape != x.shape:
             raise ValueError(f"{type(self.model).__name__} returned shape {tuple(out.shape)} for input "
                              f"{tuple(x.shape)}")
         return out.to(x.dtype)
+
+    def _packed_call(self, z: Tensor, k: Tensor, kw: dict) -> Tensor:
+        """Flux: 2x2 patches packed into tokens (FluxPipeline._pack_latents), position ids, optional guidance."""
+        b, c, h, w = z.shape
+        tokens = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+        ids = torch.zeros(h // 2, w // 2, 3, device=z.device, dtype=z.dtype)
+        ids[..., 1] += torch.arange(h // 2, device=z.device, dtype=z.dtype)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=z.device, dtype=z.dtype)[None, :]
+        ehs = kw.get("encoder_hidden_states")
+        n_txt = 0 if ehs is None else ehs.shape[1]
+        extra = {"img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(n_txt, 3, device=z.device, dtype=z.dtype)}
+        if self.model.config.get("guidance_embeds"):
+            extra["guidance"] = torch.full((b,), float(self.embedded_guidance), device=z.device, dtype=torch.float32)
+        out = self.model(tokens, timestep=k, return_dict=False, **kw, **extra)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """v(x, t | cond) on fewstep's linear path."""

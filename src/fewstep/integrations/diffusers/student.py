@@ -179,7 +179,7 @@ def student_from_teacher(teacher: nn.Module, parameterization: str = "average_ve
         if not getattr(model, "_supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
         model.enable_gradient_checkpointing()
-    den = DiffusersDenoiser(model, inner.convention, inner.conditioner)
+    den = DiffusersDenoiser(model, inner.convention, inner.conditioner, inner.denoiser.embedded_guidance)
     net = DiffusersFlowMapNet(den, inner.event_shape, use_s=parameterization == "average_velocity",
                               gap_dim=gap_dim, gap_scale=gap_scale)
     return FlowMap(net, parameterization)

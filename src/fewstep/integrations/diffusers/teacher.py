@@ -47,6 +47,7 @@ class DiffusersTeacher(Teacher):
         vae: Optional ``AutoencoderKL`` for :meth:`decode`.
         timestep_scale: Flow models only: model timestep per unit t (default num_train_timesteps; Flux: 1).
         prediction_type: VP models only: override the scheduler's prediction type.
+        embedded_guidance: Guidance-distilled models (Flux-dev): value fed to the guidance embedder.
         source: The folder the teacher came from (recorded for export).
     """
 
@@ -54,7 +55,8 @@ class DiffusersTeacher(Teacher):
 
     def __init__(self, model: nn.Module, scheduler: Any, event_shape: Sequence[int] | None = None,
                  null_class: int | None = None, vae: nn.Module | None = None, timestep_scale: float | None = None,
-                 prediction_type: str | None = None, source: str = "") -> None:
+                 prediction_type: str | None = None, embedded_guidance: float | None = None,
+                 source: str = "") -> None:
         super().__init__()
         if timestep_scale is None and type(model).__name__.startswith("Flux"):
             timestep_scale = 1.0  # Flux multiplies the timestep by 1000 inside forward
@@ -63,7 +65,7 @@ class DiffusersTeacher(Teacher):
         if shape is None:
             raise ValueError(f"{type(model).__name__} has no in_channels/sample_size in its config: set "
                              "teacher.kwargs.event_shape")
-        self.denoiser = DiffusersDenoiser(model, convention, conditioner_for(model, null_class))
+        self.denoiser = DiffusersDenoiser(model, convention, conditioner_for(model, null_class), embedded_guidance)
         self.scheduler = scheduler
         self.event_shape = tuple(int(s) for s in shape)
         self.vae = vae
@@ -75,7 +77,8 @@ class DiffusersTeacher(Teacher):
     def from_pretrained(cls, path: str | Path, subfolder: str | None = None, scheduler: str | None = None,
                         dtype: str | torch.dtype | None = None, null_class: int | None = None,
                         event_shape: Sequence[int] | None = None, timestep_scale: float | None = None,
-                        prediction_type: str | None = None, load_vae: bool = True) -> DiffusersTeacher:
+                        prediction_type: str | None = None, load_vae: bool = True,
+                        embedded_guidance: float | None = None) -> DiffusersTeacher:
         """Load from a local ``save_pretrained`` folder (pipeline, model + scheduler, or model + ``scheduler`` option).
 
         Args:
@@ -88,6 +91,7 @@ class DiffusersTeacher(Teacher):
             timestep_scale: Flow models: model timestep per unit t.
             prediction_type: VP models: override of the scheduler's prediction type.
             load_vae: Load the pipeline's VAE for decoding, when there is one.
+            embedded_guidance: Guidance-distilled models (Flux-dev's ``guidance_embeds``): the guidance value.
 
         Returns:
             The frozen teacher.
@@ -106,7 +110,8 @@ class DiffusersTeacher(Teacher):
         model = load_component(where.model, dtype)
         sched = load_component(where.scheduler, config_name="scheduler_config.json")
         vae = load_component(where.vae) if (load_vae and where.vae is not None) else None
-        return cls(model, sched, event_shape, null_class, vae, timestep_scale, prediction_type, source=str(path))
+        return cls(model, sched, event_shape, null_class, vae, timestep_scale, prediction_type, embedded_guidance,
+                   source=str(path))
 
     # ------------------------------------------------------------------ the Teacher interface
     @property
