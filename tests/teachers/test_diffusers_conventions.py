@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _diffusers_fixtures import (diffusers, save_dit_folder, save_flux_folder, save_sd3_folder,  # noqa: F401
-                                 save_unet_folder, tiny_sd3)
+import _diffusers_fixtures as fx
 from fewstep.integrations.diffusers import ConditionTable, DiffusersTeacher, VPConvention
 from fewstep.sampling.samplers import solve
 
@@ -30,7 +29,7 @@ def _flow_reference(model, sched, x, ehs, pool, guidance, null_ehs, null_pool):
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_flow_matching_euler_equals_scheduler_loop(tmp_path, guidance):
-    folder, cond_dir = save_sd3_folder(tmp_path, shift=3.0)
+    folder, cond_dir = fx.save_sd3_folder(tmp_path, shift=3.0)
     teacher = DiffusersTeacher.from_pretrained(folder)
     table, _ = ConditionTable.load(cond_dir)
     teacher.attach_conditioning(table)
@@ -42,7 +41,7 @@ def test_flow_matching_euler_equals_scheduler_loop(tmp_path, guidance):
     assert grid[1] != pytest.approx(5 / 6, abs=1e-3)  # the shift moved the grid
     with torch.no_grad():
         ours = solve(teacher.velocity, x1, grid, cond=ids, guidance=guidance).x
-        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+        sched = fx.diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
         sched.set_timesteps(6)
         rows = table.rows(ids, torch.device("cpu"), torch.float32)
         null = table.rows(torch.full((3,), -1), torch.device("cpu"), torch.float32)
@@ -55,7 +54,7 @@ def test_flow_matching_euler_equals_scheduler_loop(tmp_path, guidance):
 
 def test_flux_packed_guidance_distilled_euler_equals_scheduler_loop(tmp_path):
     """Flux: timestep = sigma (x1000 inside), 2x2 packing, position ids, embedded guidance, dynamic shift mu."""
-    folder = save_flux_folder(tmp_path)
+    folder = fx.save_flux_folder(tmp_path)
     with pytest.raises(ValueError, match="embedded_guidance"):
         DiffusersTeacher.from_pretrained(folder, event_shape=(4, 8, 8))
     teacher = DiffusersTeacher.from_pretrained(folder, event_shape=(4, 8, 8), embedded_guidance=3.5)
@@ -64,7 +63,7 @@ def test_flux_packed_guidance_distilled_euler_equals_scheduler_loop(tmp_path):
     teacher.attach_conditioning(ConditionTable({"encoder_hidden_states": ehs, "pooled_projections": pool}))
     x1 = torch.randn(2, 4, 8, 8, generator=g)
     grid = teacher.sampling_grid(4, mu=0.8)
-    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    sched = fx.diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     sched.set_timesteps(4, mu=0.8)
     ids = torch.zeros(4, 4, 3)
     ids[..., 1] += torch.arange(4)[:, None]
@@ -96,10 +95,10 @@ def _ddim_loop(model, sched, z, guidance=1.0, labels=None, null=None):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_vp_unet_euler_equals_ddim(tmp_path, prediction_type):
     """DDIM (eta = 0) on a DDPM schedule = Euler on the linear path at t = tau_k, with x = z / (a_k + b_k)."""
-    teacher = DiffusersTeacher.from_pretrained(save_unet_folder(tmp_path, prediction_type))
+    teacher = DiffusersTeacher.from_pretrained(fx.save_unet_folder(tmp_path, prediction_type))
     conv = teacher.convention
     assert isinstance(conv, VPConvention) and teacher.num_classes is None
-    ddim = diffusers.DDIMScheduler.from_config(teacher.scheduler.config)
+    ddim = fx.diffusers.DDIMScheduler.from_config(teacher.scheduler.config)
     ddim.set_timesteps(8)
     z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     grid = conv.grid(ddim.timesteps)
@@ -114,9 +113,9 @@ def test_vp_unet_euler_equals_ddim(tmp_path, prediction_type):
 
 def test_dit_class_conditional_guided_euler_equals_ddim(tmp_path):
     """DiT: labels pass through, -1 -> the class-dropout token, CFG on epsilon = CFG on the velocity."""
-    teacher = DiffusersTeacher.from_pretrained(save_dit_folder(tmp_path))
+    teacher = DiffusersTeacher.from_pretrained(fx.save_dit_folder(tmp_path))
     assert teacher.num_classes == 10
-    ddim = diffusers.DDIMScheduler.from_config(teacher.scheduler.config)
+    ddim = fx.diffusers.DDIMScheduler.from_config(teacher.scheduler.config)
     ddim.set_timesteps(5)
     labels = torch.tensor([1, 7])
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -150,10 +149,10 @@ def test_bad_folders_give_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no diffusers model"):
         DiffusersTeacher.from_pretrained(tmp_path / "empty")
-    tiny_sd3().save_pretrained(tmp_path / "bare")
+    fx.tiny_sd3().save_pretrained(tmp_path / "bare")
     with pytest.raises(ValueError, match="no scheduler config"):
         DiffusersTeacher.from_pretrained(tmp_path / "bare")
-    folder, _ = save_sd3_folder(tmp_path)
+    folder, _ = fx.save_sd3_folder(tmp_path)
     teacher = DiffusersTeacher.from_pretrained(folder)
     with pytest.raises(ValueError, match="text-conditional"):
         teacher.velocity(torch.randn(1, 4, 8, 8), 0.5)
