@@ -91,3 +91,21 @@ def test_vae_decode(tmp_path):
     assert img.shape == (2, 3, 8, 8) and bool(torch.isfinite(img).all())
     with pytest.raises(ValueError, match="has no VAE"):
         DiffusersTeacher.from_pretrained(folder, load_vae=False).decode(torch.randn(1, 4, 8, 8))
+
+
+def test_teacher_latents_become_the_rows_data(tmp_path):
+    from fewstep.integrations.diffusers.conditioning import add_teacher_latents
+    from fewstep.sampling.samplers import solve
+
+    folder, cond = save_sd3_folder(tmp_path)
+    teacher = DiffusersTeacher.from_pretrained(folder)
+    table = ConditionTable.load(cond)[0]
+    teacher.attach_conditioning(table)
+    add_teacher_latents(teacher, cond, steps=3, guidance=2.0, seed=1, batch_size=4)
+    table2, latents = ConditionTable.load(cond)
+    assert latents.shape == (6, 4, 8, 8) and (cond / "null.safetensors").is_file()
+    torch.testing.assert_close(table2.tensors["encoder_hidden_states"], table.tensors["encoder_hidden_states"])
+    x1 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = solve(teacher.velocity, x1[4:5], teacher.sampling_grid(3), cond=torch.tensor([4]), guidance=2.0).x
+    torch.testing.assert_close(latents[4:5], ref, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["ConditionTable", "Conditioner", "save_condition_table", "ConditionDataset", "LabelDataset"]
+__all__ = ["ConditionTable", "Conditioner", "save_condition_table", "ConditionDataset", "LabelDataset",
+           "add_teacher_latents"]
 
 LATENTS = "latents"
 
@@ -227,3 +228,43 @@ class ConditionDataset:
         idx = torch.randint(0, self.size, (n,), generator=generator)
         x0 = None if self.latents is None else self.latents[idx].float()
         return x0, (idx if self.table is not None else None)
+
+
+@torch.no_grad()
+def add_teacher_latents(teacher: Any, folder: str | Path, steps: int = 28, guidance: float = 1.0, seed: int = 0,
+                        batch_size: int = 16, **grid_kwargs: Any) -> Path:
+    """Give every row of a condition folder a teacher sample as its data latent (for data-based methods).
+
+    Row i gets :math:`x_0^{(i)}` = the teacher's Euler solve of its velocity (guidance w) on its scheduler's
+    ``steps``-step grid (``teacher.sampling_grid``) from noise drawn with ``seed``; the folder is rewritten with
+    the latents stored next to the rows (``shard_size`` = the first shard's rows).
+
+    Args:
+        teacher: A :class:`~fewstep.integrations.diffusers.teacher.DiffusersTeacher` with the folder's table attached.
+        folder: The condition folder.
+        steps: Teacher sampling steps.
+        guidance: CFG weight of the teacher (needs the null row when != 1).
+        seed: Seed of the noise.
+        batch_size: Rows solved at once.
+        **grid_kwargs: Passed to ``set_timesteps`` (e.g. ``mu`` for resolution-dependent shifting).
+
+    Returns:
+        The folder.
+    """
+    from fewstep.sampling.samplers import solve
+
+    table, _ = ConditionTable.load(folder)
+    first = load_file(str(sorted(Path(folder).glob("cond-*.safetensors"))[0]))
+    shard = int(next(iter(first.values())).shape[0])
+    grid = teacher.sampling_grid(steps, **grid_kwargs)
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(len(table), *teacher.event_shape, generator=g)
+    p = next(teacher.parameters())
+    out = []
+    for i in range(0, len(table), batch_size):
+        ids = torch.arange(i, min(i + batch_size, len(table)))
+        x = x1[ids].to(p.device)
+        out.append(solve(teacher.velocity, x, grid, cond=ids.to(p.device), guidance=guidance).x.cpu())
+    for f in Path(folder).glob("cond-*.safetensors"):
+        f.unlink()
+    return save_condition_table(folder, table.tensors, None, latents=torch.cat(out), shard_size=shard)
