@@ -115,11 +115,11 @@ class DiffusersFlowMapNet(nn.Module):
             return self.denoiser.velocity(x, t, cond)
         h = t - s
         handles = []
-        modules = dict(self.denoiser.model.named_modules())
+        model = self.denoiser.model
         for key, gap in self.gaps.items():
             def hook(mod: nn.Module, args: Any, out: Tensor, gap: nn.Module = gap) -> Tensor:
                 return out + gap(h).to(out.dtype)
-            handles.append(modules[key.replace("__", ".")].register_forward_hook(hook))
+            handles.append(model.get_submodule(key.replace("__", ".")).register_forward_hook(hook))
         try:
             return self.denoiser.velocity(x, t, cond)
         finally:
@@ -133,10 +133,9 @@ class DiffusersFlowMapNet(nn.Module):
         The model then computes :math:`F(x, t, t - h)` without hooks, for any t: the plain diffusers model of a
         one-step (h = 1) average-velocity student. Undo with :meth:`unfold_gap`.
         """
-        modules = dict(self.denoiser.model.named_modules())
         offsets = {}
         for key, gap in self.gaps.items():
-            m = modules[key.replace("__", ".")]
+            m = self.denoiser.model.get_submodule(key.replace("__", "."))
             e = gap(torch.tensor([float(h)], device=m.linear_2.bias.device))[0]
             m.linear_2.bias.add_(e.to(m.linear_2.bias.dtype))
             offsets[key] = e.detach().cpu()
@@ -145,9 +144,8 @@ class DiffusersFlowMapNet(nn.Module):
     @torch.no_grad()
     def unfold_gap(self, offsets: dict[str, Tensor]) -> None:
         """Subtract the offsets returned by :meth:`fold_gap`."""
-        modules = dict(self.denoiser.model.named_modules())
         for key, e in offsets.items():
-            b = modules[key.replace("__", ".")].linear_2.bias
+            b = self.denoiser.model.get_submodule(key.replace("__", ".")).linear_2.bias
             b.sub_(e.to(b.device, b.dtype))
 
 
