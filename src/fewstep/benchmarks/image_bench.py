@@ -47,7 +47,7 @@ def _data_name(run_dir: str | Path) -> str:
 
 
 def teacher_rows(run_dir: str | Path, n: int | None = None, seed: int = 0, steps: Sequence[int] = (1, 2, 4, 8, 16),
-                 guidance: float = 1.0, rtol: float = 1e-4) -> list[dict[str, Any]]:
+                 guidance: float = 1.0, rtol: float = 1e-4, split: str = "all") -> list[dict[str, Any]]:
     """Metrics of a flow-matching run used as teacher: Euler with each step count and adaptive dopri5."""
     name = _data_name(run_dir)
     teacher = build_teacher(TeacherConfig(kind="run", path=str(run_dir)))
@@ -57,15 +57,16 @@ def teacher_rows(run_dir: str | Path, n: int | None = None, seed: int = 0, steps
     for k in steps:
         with torch.no_grad():
             res = solve(teacher.velocity, x1, int(k), method="euler", cond=cond, guidance=guidance)
-        rows.append({"sampler": f"Euler {k}", "nfe": res.nfe, **image_metrics(name, res.x, cond, seed=seed)})
+        rows.append({"sampler": f"Euler {k}", "nfe": res.nfe, **image_metrics(name, res.x, cond, seed=seed, split=split)})
     with torch.no_grad():
         res = solve_adaptive(teacher.velocity, x1, rtol=rtol, atol=rtol, cond=cond, guidance=guidance)
-    rows.append({"sampler": f"dopri5 (rtol {rtol:g})", "nfe": res.nfe, **image_metrics(name, res.x, cond, seed=seed)})
+    rows.append({"sampler": f"dopri5 (rtol {rtol:g})", "nfe": res.nfe,
+                 **image_metrics(name, res.x, cond, seed=seed, split=split)})
     return rows
 
 
 def student_rows(run_dir: str | Path, nfe: Sequence[int] = (1, 2, 4), n: int | None = None,
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int = 0, split: str = "all") -> list[dict[str, Any]]:
     """Metrics of a distilled run's EMA student with its own sampler at each NFE."""
     run = load_run(run_dir)
     name = run.config.data.name
@@ -76,7 +77,7 @@ def student_rows(run_dir: str | Path, nfe: Sequence[int] = (1, 2, 4), n: int | N
     for k in nfe:
         x = sample_with(student, x1, run.sampler, nfe=int(k), cond=cond, seed=seed).x
         rows.append({"sampler": f"{run.config.method.name} {k}", "nfe": int(k), "steps": run.step,
-                     **image_metrics(name, x, cond, seed=seed)})
+                     **image_metrics(name, x, cond, seed=seed, split=split)})
     return rows
 
 
@@ -176,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("configs", nargs="+")
     m.add_argument("--steps", type=int, default=5)
     m.add_argument("--set", nargs="*", default=[], help="overrides applied to every config")
+    for q in (t, s):
+        q.add_argument("--split", default="all", choices=["all", "test"], help="reference images (test = held out)")
     for q in (t, s, g, m):
         q.add_argument("--out", required=True)
         q.add_argument("--n", type=int, default=None)
@@ -185,11 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.cmd == "teacher":
-        rows = teacher_rows(a.run, a.n, a.seed, a.steps, a.guidance)
+        rows = teacher_rows(a.run, a.n, a.seed, a.steps, a.guidance, split=a.split)
         name = _data_name(a.run)
-        text = markdown(rows, fd_floor(name, a.n or FLOOR_N[name]))
+        text = markdown(rows, fd_floor(name, a.n or FLOOR_N[name], split=a.split))
     elif a.cmd == "students":
-        rows = [r for run in a.runs for r in student_rows(run, a.nfe, a.n, a.seed)]
+        rows = [r for run in a.runs for r in student_rows(run, a.nfe, a.n, a.seed, a.split)]
         text = markdown(rows)
     elif a.cmd == "grid":
         cols: dict[str, Tensor] = {}

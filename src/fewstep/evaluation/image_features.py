@@ -148,34 +148,45 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     return float(precision), float(recall)
 
 
-def _reference(name: str, n: int, seed: int, exclude: Tensor | None = None) -> Tensor:
-    x, _ = real_images(name, "all")
+def _reference(name: str, n: int, seed: int, split: str = "all") -> Tensor:
+    x, _ = real_images(name, split)
+    if n > x.shape[0]:
+        raise ValueError(f"{name} has only {x.shape[0]} {split} images; asked for {n} reference images")
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1_000_003 + seed))
-    if exclude is not None:
-        perm = perm[~torch.isin(perm, exclude)]
-    if n > perm.shape[0]:
-        raise ValueError(f"{name} has only {perm.shape[0]} reference images; asked for {n}")
     return x[perm[:n]]
 
 
-def fd_floor(name: str, n: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Real-vs-real floor: FD, precision and recall between two disjoint random halves of the real images of
-    ``name`` (``n`` each, default :data:`FLOOR_N`), the values a perfect sampler gets at that sample size."""
+def fd_floor(name: str, n: int | None = None, seed: int = 0, split: str = "all") -> dict[str, float]:
+    """Real-vs-real floor: FD, precision and recall at sample size ``n`` (default :data:`FLOOR_N`).
+
+    ``split="all"``: two disjoint random halves of all real images (what a perfect sampler gets against a
+    reference drawn from all images). ``split="test"``: ``n`` random train images against the held-out test
+    images (what a sampler that reproduces its training images gets against the test reference).
+    """
     _check_name(name)
     n = int(n or FLOOR_N[name])
-    x, _ = real_images(name, "all")
-    if not 2 <= n <= x.shape[0] // 2:
-        raise ValueError(f"floor sample size must lie in [2, {x.shape[0] // 2}] for {name}; got {n}")
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    a, b = features(name, x[perm[:n]]), features(name, x[perm[n:2 * n]])
+    gen = torch.Generator().manual_seed(seed)
+    if split == "test":
+        xtr, _ = real_images(name, "train")
+        a_img, b_img = xtr[torch.randperm(xtr.shape[0], generator=gen)[:n]], _reference(name, n, seed, "test")
+    elif split == "all":
+        x, _ = real_images(name, "all")
+        if not 2 <= n <= x.shape[0] // 2:
+            raise ValueError(f"floor sample size must lie in [2, {x.shape[0] // 2}] for {name}; got {n}")
+        perm = torch.randperm(x.shape[0], generator=gen)
+        a_img, b_img = x[perm[:n]], x[perm[n:2 * n]]
+    else:
+        raise ValueError(f"unknown floor split {split!r}; expected 'all' or 'test'")
+    a, b = features(name, a_img), features(name, b_img)
     p, r = precision_recall(b, a)
     return {"fd": frechet_distance(a.double(), b.double()), "precision": p, "recall": r}
 
 
 def image_metrics(name: str, x: Tensor, labels: Tensor | None = None, n_ref: int | None = None,
-                  seed: int = 0) -> dict[str, float]:
-    """FD, precision, recall (vs ``n_ref`` real images, default len(x)) and, given ``labels``, class accuracy."""
-    ref = _reference(name, int(n_ref or x.shape[0]), seed)
+                  seed: int = 0, split: str = "all") -> dict[str, float]:
+    """FD, precision, recall (vs ``n_ref`` real images of ``split``, default len(x)) and, given ``labels``,
+    class accuracy."""
+    ref = _reference(name, int(n_ref or x.shape[0]), seed, split)
     fx, fr = features(name, x), features(name, ref)
     p, r = precision_recall(fr, fx)
     out = {"fd": frechet_distance(fx.double(), fr.double()), "precision": p, "recall": r}
