@@ -209,7 +209,8 @@ def test_partial_grid_needs_the_explicit_flag(fm_run: Path, tmp_path: Path) -> N
     assert json.loads((tmp_path / "p.json").read_text())["times"] == [1.0, 0.5]
 
 
-def test_mixture_json_with_nan_or_strings_is_refused_at_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mixture_json_with_nan_or_strings_is_refused_at_load(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     for i, w in enumerate(([float("nan")], ["a"])):
         f = tmp_path / f"m{i}.json"
         f.write_text(json.dumps({"weights": w, "means": [[0.0, 0.0]], "covariances": [[[1.0, 0.0], [0.0, 1.0]]]}))
@@ -278,3 +279,13 @@ def test_help_says_moons_and_spirals_are_conditional(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["train-teacher", "--help"])
     assert "class-conditional by default" in " ".join(capsys.readouterr().out.split())
+
+
+def test_bad_input_table_lists_at_least_60_cases_none_a_traceback() -> None:
+    from fewstep.benchmarks.bad_input import CASES
+
+    assert len(CASES) >= 60
+    rows = [r for r in (Path(__file__).resolve().parents[1] / "docs" / "bad_input.md").read_text().splitlines()
+            if r.startswith("| ") and r.split("|")[1].strip().isdigit()]
+    assert len(rows) == len(CASES)
+    assert all(r.rstrip().endswith(("| clear error |", "| ok (runs) |")) for r in rows)

@@ -27,7 +27,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "build_parser", "DIAGNOSTICS"]
 
@@ -143,6 +146,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not bool(torch.isfinite(res.x).all()):
         raise FloatingPointError(f"the student at ckpt-{run.step} produced NaN/inf samples (a diverged run)")
     out = Path(args.out or Path(args.run_dir) / f"samples-nfe{res.nfe}")
+    bad = next((p for p in [out.parent, *out.parent.parents] if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise NotADirectoryError(f"--out {str(out)!r}: {str(bad)!r} is a file, not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out.with_suffix(".npy"), res.x.numpy())
     meta = {"run_dir": str(args.run_dir), "checkpoint_step": run.step, "ema": not args.raw and bool(run.ema_students),
@@ -173,7 +179,7 @@ def _labels(student: object, label: int | None, n: int) -> "torch.Tensor | None"
     if label is None:
         if k:
             warnings.warn(f"this student is class-conditional ({k} classes) and no --label was given: sampling "
-                          "the unconditional (null-class) model", UserWarning)
+                          "the unconditional (null-class) model", UserWarning, stacklevel=2)
         return None
     if not k:
         raise ValueError(f"--label {label}: this student is unconditional (trained without labels)")

@@ -131,17 +131,19 @@ CASES: list[tuple[str, list[str] | str, str]] = [
     ("demo --steps 0", ["demo", "--steps", "0", "--out", "{w}/demo"], "error"),
     ("library: student input of the wrong event shape",
      "f = FlowMap(MLP(2, hidden=8, depth=1)); f(torch.randn(4, 3), 1.0, 0.0)", "error"),
-    ("library: integer student input", "f = FlowMap(MLP(2, hidden=8, depth=1)); f(torch.ones(4, 2, dtype=torch.long), 1.0, 0.0)",
-     "error"),
+    ("library: integer student input",
+     "f = FlowMap(MLP(2, hidden=8, depth=1)); f(torch.ones(4, 2, dtype=torch.long), 1.0, 0.0)", "error"),
     ("library: float64 student input (cast)", "f = FlowMap(MLP(2, hidden=8, depth=1)); "
      "print(f(torch.randn(4, 2, dtype=torch.float64), 1.0, 0.0).dtype)", "ok"),
-    ("library: s > t for a flow map", "f = FlowMap(MLP(2, hidden=8, depth=1)); f(torch.randn(4, 2), 0.2, 0.7)", "error"),
+    ("library: s > t for a flow map", "f = FlowMap(MLP(2, hidden=8, depth=1)); f(torch.randn(4, 2), 0.2, 0.7)",
+     "error"),
     ("library: teacher.sample(-1)", "load_preset('ring8').sample(-1)", "error"),
     ("library: fewstep.train(threads=0)", "fewstep.train('cd', steps=1, threads=0)", "error"),
 ]
 
-LIB_PRELUDE = ("import sys, torch, fewstep\nfrom fewstep.core.flowmap import FlowMap\nfrom fewstep.networks.mlp import MLP\n"
-               "from fewstep.teachers.presets import load_preset\ntry:\n    {code}\nexcept (ValueError, TypeError) as e:\n"
+LIB_PRELUDE = ("import sys, torch, fewstep\nfrom fewstep.core.flowmap import FlowMap\n"
+               "from fewstep.networks.mlp import MLP\nfrom fewstep.teachers.presets import load_preset\n"
+               "try:\n    {code}\nexcept (ValueError, TypeError) as e:\n"
                "    print(f'{{type(e).__name__}}: {{e}}', file=sys.stderr); sys.exit(2)\n")
 
 
@@ -171,18 +173,48 @@ def _fixtures(w: Path) -> None:
     (w / "pd.json").write_text(json.dumps({**mix, "covariances": [[[1.0, 2.0], [2.0, 1.0]]]}))
 
 
-def run_case(argv: list[str] | str, w: Path, timeout: float = 300.0) -> tuple[int, str, bool]:
-    """Run one case in a fresh process in ``w``; returns (rc, last non-empty output line, traceback seen)."""
-    if isinstance(argv, str):
-        cmd = [sys.executable, "-c", LIB_PRELUDE.format(code=argv)]
+def run_case(argv: list[str] | str, w: Path, fresh: bool = False, timeout: float = 300.0) -> tuple[int, str, bool]:
+    """Run one case in ``w``; returns (rc, last non-empty output line, traceback seen).
+
+    In-process by default (``fewstep.cli.main`` with stdout/stderr captured; an exception escaping ``main`` is
+    exactly what would print a traceback), or in a fresh ``python -m fewstep.cli`` process when ``fresh``.
+    """
+    if fresh or isinstance(argv, str):
+        if isinstance(argv, str):
+            cmd = [sys.executable, "-c", LIB_PRELUDE.format(code=argv)]
+        else:
+            cmd = [sys.executable, "-m", "fewstep.cli", *[a.format(w=w) for a in argv]]
+        env = {**os.environ, "PYTHONWARNINGS": "default"}
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=w, timeout=timeout, env=env)
+        out, err, rc = p.stdout, p.stderr, p.returncode
     else:
-        cmd = [sys.executable, "-m", "fewstep.cli", *[a.format(w=w) for a in argv]]
-    env = {**os.environ, "PYTHONWARNINGS": "default"}
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=w, timeout=timeout, env=env)
-    text = (p.stderr.strip() or p.stdout.strip())
+        import contextlib
+        import io
+        import traceback
+        import warnings
+
+        from fewstep.cli import main as cli_main
+
+        so, se = io.StringIO(), io.StringIO()
+        cwd = os.getcwd()
+        os.chdir(w)
+        try:
+            with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se), warnings.catch_warnings():
+                warnings.simplefilter("default")
+                try:
+                    rc = int(cli_main([a.format(w=w) for a in argv]) or 0)
+                except SystemExit as e:  # argparse
+                    rc = e.code if isinstance(e.code, int) else 1
+                except BaseException:  # noqa: BLE001 - what a user would see as a traceback
+                    traceback.print_exc()
+                    rc = 1
+        finally:
+            os.chdir(cwd)
+        out, err = so.getvalue(), se.getvalue()
+    text = err.strip() or out.strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     last = lines[-1].replace(str(w), "W") if lines else ""
-    return p.returncode, last, "Traceback (most recent call last)" in p.stdout + p.stderr
+    return rc, last, "Traceback (most recent call last)" in out + err
 
 
 def _verdict(rc: int, last: str, tb: bool, expect: str) -> str:
@@ -200,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="docs/bad_input.md")
     p.add_argument("--only", type=int, nargs="*", default=None, help="run only these case numbers (1-based)")
+    p.add_argument("--fresh", action="store_true", help="every CLI case in a fresh process (slow: one torch import "
+                                                        "per case)")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     rows, bad = [], 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,17 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         for i, (what, case, expect) in enumerate(CASES, 1):
             if args.only and i not in args.only:
                 continue
-            rc, last, tb = run_case(case, w)
+            rc, last, tb = run_case(case, w, fresh=args.fresh)
             verdict = _verdict(rc, last, tb, expect)
             bad += not verdict.startswith(("clear", "ok"))
             shown = ("python: " + case) if isinstance(case, str) else "fewstep " + " ".join(case)
-            shown = shown.replace("{w}", "W").replace(" ".join(SMALL), "<small>").replace(" ".join(SMALL[:-1]), "<small>")
+            shown = shown.replace("{w}", "W").replace(" ".join(SMALL), "<small>")
+            shown = shown.replace(" ".join(SMALL[:-1]), "<small>")
             shown = shown.replace("|", "\\|")
             rows.append(f"| {i} | {what} | `{shown}` | {rc} | {last.replace('|', chr(92) + '|')} | {verdict} |")
             print(rows[-1], flush=True)
     head = ["# Bad input and faults: what the user sees", "",
-            "Every case below was run through the `fewstep` command line in a fresh process (library cases: a short "
-            "Python snippet that prints the exception a script would catch). rc = exit status; message = the last "
+            "Every case below was run through the `fewstep` command line (`fewstep.cli.main` with its output captured, "
+            "or a fresh process with `--fresh`; library cases: a short Python snippet in a fresh process that prints "
+            "the exception a script would catch). rc = exit status; message = the last "
             "line of the output. `W` is the scratch folder with tiny fixture runs; `<small>` stands for "
             f"`{' '.join(SMALL)}`. {len(rows)} cases, {bad} not a clear one-line error or success; none ends in a "
             "traceback." if bad == 0 else f"{bad} cases need work.", "",

@@ -27,7 +27,8 @@ from fewstep.config.typed import check_value, from_dict, to_dict
 __all__ = [
     "TeacherConfig", "DataConfig", "StudentConfig", "MethodSection", "TrainConfig", "EvalConfig", "SamplerConfig",
     "RunConfig", "MIN_EVAL_SAMPLES",
-    "from_dict", "to_dict", "load_config", "read_yaml", "normalize_method_section", "apply_overrides", "save_config", "check_value",
+    "from_dict", "to_dict", "load_config", "read_yaml", "normalize_method_section", "apply_overrides", "save_config",
+    "check_value",
 ]
 
 OPTIMIZERS = ("adam", "adamw")
@@ -256,7 +257,8 @@ class SamplerConfig:
         if self.gamma is not None and not (0.0 <= self.gamma <= 1.0):
             raise ValueError(f"invalid value for config key 'sampler.gamma': {self.gamma!r}; must lie in [0, 1]")
         if self.grid and self.grid not in GRID_KINDS:
-            raise ValueError(f"invalid value for config key 'sampler.grid': {self.grid!r}; expected one of {GRID_KINDS}")
+            raise ValueError(f"invalid value for config key 'sampler.grid': {self.grid!r}; "
+                             f"expected one of {GRID_KINDS}")
 
 
 @dataclass

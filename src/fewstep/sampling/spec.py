@@ -76,7 +76,8 @@ DETERMINISTIC = SamplerSpec()
 CONSISTENCY = SamplerSpec(gamma=1.0)
 
 
-def resolve_grid(spec: SamplerSpec, nfe: int | None = None, grid: Any = None, allow_nonzero_end: bool = False) -> Tensor:
+def resolve_grid(spec: SamplerSpec, nfe: int | None = None, grid: Any = None,
+                 allow_nonzero_end: bool = False) -> Tensor:
     """The time grid: an explicit decreasing ``grid`` (checked) or ``spec.times(nfe)``.
 
     An explicit grid must start at 1 and end at 0 unless ``allow_nonzero_end`` (a grid that stops early returns
