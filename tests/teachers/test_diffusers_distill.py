@@ -199,4 +199,4 @@ def test_export_reloads_in_a_fresh_process(sd3, runs, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True)
     run = load_run(run_dir)
     ref = sample_with(run.student(ema=True), x1, run.sampler, 2, cond=torch.tensor([0, 4])).x
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), ref, rtol=1e-5, atol=1e-5)
