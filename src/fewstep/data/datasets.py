@@ -26,7 +26,7 @@ from fewstep.teachers.gmm import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
 
 __all__ = ["Dataset", "MixtureDataset", "TensorDataset", "CheckerboardDataset", "MoonsDataset",
-           "SpiralsDataset", "DigitsDataset", "DATASETS", "get_dataset"]
+           "SpiralsDataset", "DigitsDataset", "DATASETS", "get_dataset", "register_dataset"]
 
 
 def _check_n(n: int) -> None:
@@ -269,9 +269,14 @@ DATASETS: dict[str, str] = {
     "spirals": "two interleaved spirals of radius 2, noise 0.05, labels 0/1",
     "digits": "sklearn's real 8x8 digits in [-1,1], 64-D (image=True: (1,8,8)), labels 0-9, split train/test/all",
     "digits_gmm": "exact samples of the digits preset mixture (64-D, labels 0-9)",
-    "digits8": "sklearn's real 8x8 digits as (1,8,8) images in [-1,1], labels 0-9 (fewstep.data.images)",
-    "digits16": "digits upsampled to (1,16,16) + 8 deterministic affine copies each, [-1,1], labels 0-9",
 }
+
+
+def register_dataset(name: str, factory: Callable[..., Dataset], description: str) -> None:
+    """Make ``name`` a dataset of :func:`get_dataset` (modules such as :mod:`fewstep.data.images` register theirs;
+    ``fewstep.data`` imports them, so the names exist whenever this module is imported)."""
+    _FACTORIES[name] = factory
+    DATASETS[name] = description
 
 
 def get_dataset(name: str | Path, **kwargs: Any) -> Dataset:
@@ -287,10 +292,6 @@ def get_dataset(name: str | Path, **kwargs: Any) -> Dataset:
     key = str(name)
     if key in _FACTORIES:
         factory = _FACTORIES[key]
-    elif key in ("digits8", "digits16"):  # image sets live in fewstep.data.images (imported lazily: no cycle)
-        from fewstep.data.images import Digits16Dataset, digits8
-
-        factory = digits8 if key == "digits8" else Digits16Dataset
     elif key.lower().endswith(".json") or Path(key).is_file():
         def factory(conditional: bool | None = None, path: str | None = None) -> Dataset:
             return MixtureDataset(load_preset(key, conditional=bool(conditional), path=path), conditional)

@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from fewstep.data.datasets import DigitsDataset, TensorDataset
+from fewstep.data.datasets import DigitsDataset, TensorDataset, register_dataset
 
 __all__ = ["Digits16Dataset", "digits8", "augmented_digits16", "real_images", "IMAGE_DATASETS"]
 
@@ -87,3 +87,9 @@ def real_images(name: str, split: str = "all") -> tuple[Tensor, Tensor]:
     if name == "digits16":
         return augmented_digits16(split)
     raise ValueError(f"unknown image set {name!r}; expected one of {sorted(IMAGE_DATASETS)}")
+
+
+register_dataset("digits8", digits8, "sklearn's real 8x8 digits as (1,8,8) images in [-1,1], labels 0-9 "
+                 "(fewstep.data.images)")
+register_dataset("digits16", Digits16Dataset, "digits upsampled to (1,16,16) + 7 deterministic affine copies each, "
+                 "[-1,1], labels 0-9")
