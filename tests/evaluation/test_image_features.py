@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from fewstep.data.images import real_images
-from fewstep.evaluation.image_features import (FLOOR_N, fd_floor, features, frechet_image_distance, image_metrics,
-                                               load_classifier, precision_recall, train_classifier)
+from fewstep.evaluation.image_features import (
+    FLOOR_N,
+    fd_floor,
+    features,
+    frechet_image_distance,
+    image_metrics,
+    load_classifier,
+    precision_recall,
+    train_classifier,
+)
 
 torch.set_num_threads(1)
 
@@ -24,7 +32,8 @@ def test_shipped_classifier_accuracy_matches_metadata() -> None:
 def test_classifier_training_is_deterministic() -> None:
     a, acc_a = train_classifier("digits8", seed=3, epochs=1)
     b, acc_b = train_classifier("digits8", seed=3, epochs=1)
-    assert acc_a == acc_b and all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert acc_a == acc_b and all(torch.equal(p, q) for p, q in pairs)
 
 
 def test_fd_sits_at_its_floor_for_two_halves_of_real_data() -> None:

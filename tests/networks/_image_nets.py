@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -70,8 +70,8 @@ def check_jvp_matches_fd(make: Callable[..., nn.Module], shape: tuple[int, ...])
     for tan in tangents:
         _, dF = torch.func.jvp(fn, (x, t, s), tan)
         eps = 1e-6
-        plus = fn(*(p + eps * v for p, v in zip((x, t, s), tan)))
-        minus = fn(*(p - eps * v for p, v in zip((x, t, s), tan)))
+        plus = fn(*(p + eps * v for p, v in zip((x, t, s), tan, strict=True)))
+        minus = fn(*(p - eps * v for p, v in zip((x, t, s), tan, strict=True)))
         fd = (plus - minus) / (2 * eps)
         assert float(dF.detach().abs().max()) > 1e-3
         assert torch.allclose(dF.detach(), fd.detach(), rtol=1e-5, atol=1e-6)

@@ -6,8 +6,13 @@ import functools
 
 import pytest
 import torch
-from _image_nets import (check_compile_graph, check_conditioning, check_jvp_matches_fd, check_shapes_and_identity,
-                         randomize)
+from _image_nets import (
+    check_compile_graph,
+    check_conditioning,
+    check_jvp_matches_fd,
+    check_shapes_and_identity,
+    randomize,
+)
 
 from fewstep.networks.dit import DiT, sincos_pos_embed_2d
 from fewstep.networks.factory import build_network

@@ -19,8 +19,9 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,7 +58,8 @@ def teacher_rows(run_dir: str | Path, n: int | None = None, seed: int = 0, steps
     for k in steps:
         with torch.no_grad():
             res = solve(teacher.velocity, x1, int(k), method="euler", cond=cond, guidance=guidance)
-        rows.append({"sampler": f"Euler {k}", "nfe": res.nfe, **image_metrics(name, res.x, cond, seed=seed, split=split)})
+        rows.append({"sampler": f"Euler {k}", "nfe": res.nfe,
+                     **image_metrics(name, res.x, cond, seed=seed, split=split)})
     with torch.no_grad():
         res = solve_adaptive(teacher.velocity, x1, rtol=rtol, atol=rtol, cond=cond, guidance=guidance)
     rows.append({"sampler": f"dopri5 (rtol {rtol:g})", "nfe": res.nfe,

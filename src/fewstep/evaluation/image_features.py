@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,8 @@ def _check_name(name: str) -> tuple[int, int, int]:
     return IMAGE_DATASETS[name]
 
 
-def train_classifier(name: str, seed: int = 0, epochs: int | None = None, batch_size: int = 64) -> tuple[ImageClassifier, float]:
+def train_classifier(name: str, seed: int = 0, epochs: int | None = None,
+                     batch_size: int = 64) -> tuple[ImageClassifier, float]:
     """Train the classifier of image set ``name`` with Adam (lr 2e-3, weight decay 1e-4) on its train split,
     one thread and fixed seeds (deterministic); returns (net in eval mode, test-split accuracy)."""
     shape = _check_name(name)
@@ -118,7 +119,8 @@ def features(name: str, x: Tensor, batch: int = 1024) -> Tensor:
     """Classifier features (n, 64) of images ``x`` (n, C, H, W) of set ``name`` (float32, CPU)."""
     shape = _check_name(name)
     if tuple(x.shape[1:]) != shape:
-        raise ValueError(f"{name} features need images of shape (n, {', '.join(map(str, shape))}); got {tuple(x.shape)}")
+        raise ValueError(f"{name} features need images of shape (n, {', '.join(map(str, shape))}); "
+                         f"got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images contain NaN or inf")
     net, _ = load_classifier(name)

@@ -18,8 +18,7 @@ image (F = 0 at initialisation). Attributes ``event_shape``, ``num_classes`` and
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

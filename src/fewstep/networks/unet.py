@@ -7,8 +7,8 @@ up-path with skip connections (nearest upsampling + 3x3 convolution) and GroupNo
 weights start at zero (so F = 0 at initialisation). Self-attention runs at the lowest resolution.
 
 Every residual block adds the projected conditioning vector
-:math:`e = \mathrm{MLP}_t(\phi(t)) + \mathrm{MLP}_h(\phi(t-s)) + E[c]` (:class:`~fewstep.networks._blocks.ConditionEmbedding`)
-to its hidden activations:
+:math:`e = \mathrm{MLP}_t(\phi(t)) + \mathrm{MLP}_h(\phi(t-s)) + E[c]`
+(:class:`~fewstep.networks._blocks.ConditionEmbedding`) to its hidden activations:
 :math:`h \leftarrow x + \mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(\mathrm{conv}(\mathrm{SiLU}(\mathrm{GN}(x))) + W e)))`.
 The null label -1 selects the extra row of E (classifier-free guidance). The call signature and attributes
 (``event_shape``, ``num_classes``, ``use_s``) are those of :class:`fewstep.networks.mlp.MLP`, so a
@@ -17,7 +17,7 @@ The null label -1 selects the extra row of E (classifier-free guidance). The cal
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
