@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -70,8 +71,15 @@ def _write_run_config(run_dir: Path, method: Any, teacher: Any, dataset: Any, me
     import warnings
 
     from fewstep.config.build import resolve_sampler
-    from fewstep.config.schema import (DataConfig, MethodSection, RunConfig, SamplerConfig, StudentConfig,
-                                       TeacherConfig, save_config)
+    from fewstep.config.schema import (
+        DataConfig,
+        MethodSection,
+        RunConfig,
+        SamplerConfig,
+        StudentConfig,
+        TeacherConfig,
+        save_config,
+    )
 
     if not isinstance(method, str) or not (teacher is None or isinstance(teacher, str)) or \
             not (dataset is None or isinstance(dataset, str)):

@@ -26,8 +26,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -171,7 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels(student: object, label: int | None, n: int) -> "torch.Tensor | None":
+def _labels(student: object, label: int | None, n: int) -> torch.Tensor | None:
     """Class labels for sampling: checked against the student's classes; warns for a conditional one without."""
     import torch
 

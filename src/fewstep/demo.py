@@ -62,14 +62,13 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, seed: 
         ``{"rows": {label: {nfe: {metric: value}}}, "files": {...}, "seconds": ...}``.
     """
     from fewstep.config.build import build_run, resolve_sampler
-    from fewstep.config.schema import SamplerConfig
-    from fewstep.sampling.spec import sample_with
-    from fewstep.training.checkpoint import clear_run
-    from fewstep.training.callbacks import save_sample_figure
-    from fewstep.config.schema import load_config, save_config
+    from fewstep.config.schema import SamplerConfig, load_config, save_config
     from fewstep.evaluation.evaluate import noise, reference_samples
     from fewstep.sampling.samplers import solve, solve_adaptive
+    from fewstep.sampling.spec import sample_with
     from fewstep.teachers.presets import load_preset
+    from fewstep.training.callbacks import save_sample_figure
+    from fewstep.training.checkpoint import clear_run
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fewstep.evaluation.diagnose import diagnose_tv, main_tv
 from fewstep.core.flowmap import VelocityFlowMap
+from fewstep.evaluation.diagnose import diagnose_tv, main_tv
 from fewstep.teachers import GaussianMixtureTeacher, TeacherFlowMap
 from fewstep.teachers.presets import load_preset
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from fewstep import VelocityFlowMap
-from fewstep.evaluation.evaluate import (evaluate_flowmap, evaluate_samples, evaluate_velocity_solver, noise,
-                                reference_samples, teacher_endpoint)
+from fewstep.evaluation.evaluate import (
+    evaluate_flowmap,
+    evaluate_samples,
+    evaluate_velocity_solver,
+    noise,
+    reference_samples,
+    teacher_endpoint,
+)
 from fewstep.teachers import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
 

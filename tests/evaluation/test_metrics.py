@@ -8,8 +8,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from fewstep.evaluation.metrics import (coupling_error, frechet_distance, kl_tv_importance, mean_loglik, mmd2, mode_coverage,
-                             sliced_w2, straightness, w2)
+from fewstep.evaluation.metrics import (
+    coupling_error,
+    frechet_distance,
+    kl_tv_importance,
+    mean_loglik,
+    mmd2,
+    mode_coverage,
+    sliced_w2,
+    straightness,
+    w2,
+)
 from fewstep.teachers.presets import load_preset
 
 torch.set_num_threads(1)

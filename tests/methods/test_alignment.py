@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from fewstep.core.utils import as_time, bcast
 from fewstep.methods._shared.alignment import ma_loss, window_logdensity
 from fewstep.teachers import GaussianMixtureTeacher
-from fewstep.core.utils import as_time, bcast
 
 torch.set_num_threads(1)
 DT = torch.float64

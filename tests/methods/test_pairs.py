@@ -9,9 +9,15 @@ import pytest
 import torch
 
 from fewstep.core.flowmap import FlowMap
+from fewstep.methods._shared.pairs import (
+    PairSolver,
+    StalePairsError,
+    ensure_pairs,
+    generate_pairs,
+    load_pairs,
+    teacher_fingerprint,
+)
 from fewstep.networks.mlp import MLP
-from fewstep.methods._shared.pairs import (PairSolver, StalePairsError, ensure_pairs, generate_pairs, load_pairs,
-                           teacher_fingerprint)
 from fewstep.sampling.samplers import solve_adaptive
 from fewstep.teachers.presets import load_preset
 

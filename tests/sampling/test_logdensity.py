@@ -9,8 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from fewstep import MLP, FlowMap
-from fewstep.sampling.logdensity import (divergence, flowmap_logdensity, jump_logdet, likelihood, make_probes, ode_logdensity,
-                                sample_with_logdensity, standard_normal_logprob)
+from fewstep.sampling.logdensity import (
+    divergence,
+    flowmap_logdensity,
+    jump_logdet,
+    likelihood,
+    make_probes,
+    ode_logdensity,
+    sample_with_logdensity,
+    standard_normal_logprob,
+)
 from fewstep.teachers.presets import load_preset
 
 torch.set_num_threads(1)

@@ -13,8 +13,15 @@ from torch import Tensor
 from _core_helpers import assert_moments, mixture_moments
 from fewstep.core.flowmap import FlowMap, VelocityFlowMap
 from fewstep.networks.mlp import MLP
-from fewstep.sampling.samplers import (check_grid, gamma_sample, renoise, sample_flowmap, solve, solve_adaptive,
-                              time_grid)
+from fewstep.sampling.samplers import (
+    check_grid,
+    gamma_sample,
+    renoise,
+    sample_flowmap,
+    solve,
+    solve_adaptive,
+    time_grid,
+)
 from fewstep.teachers import TeacherFlowMap
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset

@@ -16,9 +16,18 @@ import torch
 from safetensors.torch import load_file
 
 from _trainer_helpers import make_trainer, two_net_method
-from fewstep.training.checkpoint import (COMPLETE, CheckpointError, flatten_tensors, list_checkpoints, load_latest,
-                                prune_checkpoints, save_checkpoint, sha256_file, unflatten_tensors,
-                                verify_checkpoint)
+from fewstep.training.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    flatten_tensors,
+    list_checkpoints,
+    load_latest,
+    prune_checkpoints,
+    save_checkpoint,
+    sha256_file,
+    unflatten_tensors,
+    verify_checkpoint,
+)
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parents[1]

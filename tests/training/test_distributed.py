@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _trainer_helpers import flat_state, make_trainer, two_net_method
 import fewstep.training.distributed as D
+from _trainer_helpers import flat_state, make_trainer, two_net_method
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parents[1]

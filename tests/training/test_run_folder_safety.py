@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from _trainer_helpers import ShiftedGaussian
 from fewstep.training.checkpoint import CheckpointError, list_checkpoints
 from fewstep.training.trainer import TrainConfig, Trainer
-
-from _trainer_helpers import ShiftedGaussian
 
 torch.set_num_threads(1)
 

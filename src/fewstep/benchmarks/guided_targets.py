@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.benchmarks.dmd_experiments import references, score, summarise
 from fewstep.sampling.samplers import solve
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
-from fewstep.benchmarks.dmd_experiments import references, score, summarise
 
 __all__ = ["tilted_log_density", "sample_tilted"]
 

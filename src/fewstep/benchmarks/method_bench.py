@@ -30,20 +30,21 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
 from torch import Tensor
 
 from fewstep.core.flowmap import FlowMap
+from fewstep.core.utils import set_unregistered
 from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
 from fewstep.networks.mlp import MLP
 from fewstep.sampling.spec import CONSISTENCY, DETERMINISTIC, SamplerSpec, sample_with
 from fewstep.teachers.gmm import GaussianMixtureTeacher
-from fewstep.core.utils import set_unregistered
 
 __all__ = ["parse_overrides", "method_config", "train_method", "time_steps", "evaluate", "evaluate_mid", "run", "merge",
            "main"]

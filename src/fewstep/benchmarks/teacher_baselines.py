@@ -26,8 +26,14 @@ from typing import Any
 
 import torch
 
-from fewstep.evaluation.evaluate import evaluate_samples, evaluate_velocity_solver, noise, reference_samples, teacher_endpoint
 from fewstep.evaluation.digit_features import digit_feature_net, frechet_digits_floor
+from fewstep.evaluation.evaluate import (
+    evaluate_samples,
+    evaluate_velocity_solver,
+    noise,
+    reference_samples,
+    teacher_endpoint,
+)
 from fewstep.teachers.presets import PRESETS, load_preset
 
 COLUMNS = ("nfe", "mmd2", "mean_loglik", "modes_covered", "off_mode", "w2", "sliced_w2", "coupling_l2", "kl", "tv",

@@ -15,18 +15,24 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fewstep.config.schema import RunConfig, StudentConfig, TeacherConfig, check_value, from_dict, normalize_method_section
+from fewstep.config.schema import (
+    RunConfig,
+    StudentConfig,
+    TeacherConfig,
+    check_value,
+    from_dict,
+    normalize_method_section,
+)
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
 from fewstep.networks.factory import build_network
 from fewstep.sampling.spec import SamplerSpec
-
 from fewstep.training.callbacks import EvalCallback, SampleFigureCallback
 from fewstep.training.trainer import Trainer
 

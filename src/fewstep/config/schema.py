@@ -16,9 +16,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -248,7 +249,7 @@ class SamplerConfig:
         grid: ``uniform`` or ``edm``; empty = the method's.
     """
 
-    gamma: Optional[float] = None
+    gamma: float | None = None
     grid: str = ""
 
     def __post_init__(self) -> None:

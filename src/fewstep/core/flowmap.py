@@ -14,7 +14,8 @@ exactly for any network. They differ in which second time s' the network sees:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -30,7 +30,7 @@ all-reduce after ``backward()`` (see docs/architecture.md) sees exactly the grad
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -18,15 +18,16 @@ so every evaluator with the same seed starts from the same points.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fewstep.evaluation.digit_features import frechet_digits
-from fewstep.sampling.logdensity import flowmap_logdensity, jump_logdet, ode_logdensity, standard_normal_logprob
 from fewstep.evaluation.metrics import coupling_error, kl_tv_importance, mean_loglik, mmd2, mode_coverage, sliced_w2, w2
 from fewstep.sampling.integrators import rk_step
+from fewstep.sampling.logdensity import flowmap_logdensity, jump_logdet, ode_logdensity, standard_normal_logprob
 from fewstep.sampling.samplers import ODE_METHODS, check_grid, sample_flowmap, solve, solve_adaptive, time_grid
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 

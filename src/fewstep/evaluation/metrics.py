@@ -14,7 +14,7 @@ r"""Metrics on sample sets; every function returns a float or a dict of floats.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -5,24 +5,25 @@ Shared machinery (flow-map training base, reflow pairs and the marginal-alignmen
 base, EMA targets) lives in :mod:`fewstep.methods._shared`.
 """
 
+# one import per method module; importing registers it
+from fewstep.methods import (
+    ayf,  # noqa: E402,F401
+    cdm,  # noqa: E402,F401
+    consistency,  # noqa: E402,F401
+    ddmd,  # noqa: E402,F401
+    dmd,  # noqa: E402,F401
+    dmd2,  # noqa: E402,F401
+    facm,  # noqa: E402,F401
+    flow_matching,  # noqa: E402,F401
+    imm,  # noqa: E402,F401
+    meanflow,  # noqa: E402,F401
+    perflow,  # noqa: E402,F401
+    reflow,  # noqa: E402,F401
+    scm,  # noqa: E402,F401
+    shortcut,  # noqa: E402,F401
+    splitmeanflow,  # noqa: E402,F401
+)
 from fewstep.methods.base import Batch, Method, MethodConfig
 from fewstep.methods.registry import METHODS, get_method, list_methods, register
-
-# one import per method module; importing registers it
-from fewstep.methods import flow_matching  # noqa: E402,F401
-from fewstep.methods import consistency  # noqa: E402,F401
-from fewstep.methods import dmd  # noqa: E402,F401
-from fewstep.methods import dmd2  # noqa: E402,F401
-from fewstep.methods import ddmd  # noqa: E402,F401
-from fewstep.methods import cdm  # noqa: E402,F401
-from fewstep.methods import reflow  # noqa: E402,F401
-from fewstep.methods import meanflow  # noqa: E402,F401
-from fewstep.methods import splitmeanflow  # noqa: E402,F401
-from fewstep.methods import scm  # noqa: E402,F401
-from fewstep.methods import facm  # noqa: E402,F401
-from fewstep.methods import ayf  # noqa: E402,F401
-from fewstep.methods import perflow  # noqa: E402,F401
-from fewstep.methods import shortcut  # noqa: E402,F401
-from fewstep.methods import imm  # noqa: E402,F401
 
 __all__ = ["Batch", "Method", "MethodConfig", "METHODS", "get_method", "list_methods", "register"]

@@ -18,8 +18,9 @@ With grid :math:`1 = t_0 > t_1 > \dots > t_K = 0` and :math:`\eta = t/(1-t)`, on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor

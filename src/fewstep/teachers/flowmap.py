@@ -7,14 +7,15 @@ handles a different (t, s) for every row. This is the oracle every distillation 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fewstep.core.utils import TimeLike, as_time, bcast
 from fewstep.sampling.integrators import RK_METHODS, rk_step
 from fewstep.sampling.samplers import time_grid
-from fewstep.core.utils import TimeLike, as_time, bcast
 
 __all__ = ["TeacherFlowMap"]
 

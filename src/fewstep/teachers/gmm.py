@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,7 +116,7 @@ class GaussianMixtureTeacher(Teacher):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_dict(cls, spec: dict[str, Any], **kwargs: Any) -> "GaussianMixtureTeacher":
+    def from_dict(cls, spec: dict[str, Any], **kwargs: Any) -> GaussianMixtureTeacher:
         """Build from a dict with keys weights, means, covariances[, classes, path, event_shape]."""
         if not isinstance(spec, dict):
             raise ValueError(f"a mixture spec must be a JSON object, got {type(spec).__name__}")
@@ -131,7 +132,7 @@ class GaussianMixtureTeacher(Teacher):
         return cls(**args)
 
     @classmethod
-    def from_json(cls, path: str | Path, **kwargs: Any) -> "GaussianMixtureTeacher":
+    def from_json(cls, path: str | Path, **kwargs: Any) -> GaussianMixtureTeacher:
         """Load a mixture from a JSON file with fields weights, means, covariances[, classes]."""
         try:
             spec = json.loads(Path(path).read_text())

@@ -20,7 +20,7 @@ where the unconditional branch calls the network with the null label -1.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +82,7 @@ class ModuleTeacher(Teacher):
 
     @classmethod
     def from_flowmap(cls, flowmap: nn.Module, event_shape: Sequence[int] | None = None,
-                     num_classes: int | None = None) -> "ModuleTeacher":
+                     num_classes: int | None = None) -> ModuleTeacher:
         r"""Teacher whose velocity is a flow map's instantaneous velocity :math:`F_\theta(x, t, t')`.
 
         Meant for a velocity-parameterized FlowMap trained by flow matching (any object with

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,16 +25,16 @@ __all__ = ["Callback", "CSVLogger", "EvalCallback", "SampleFigureCallback", "sav
 class Callback:
     """Base class: override any hook. Hooks run on every rank except ``on_eval`` (rank 0 only)."""
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first step (after resuming)."""
 
-    def on_step_end(self, trainer: "Trainer", step: int, logs: dict[str, float]) -> None:
+    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None:
         """After iteration ``step`` (0-based); ``logs`` holds this step's floats."""
 
-    def on_eval(self, trainer: "Trainer", step: int) -> None:
+    def on_eval(self, trainer: Trainer, step: int) -> None:
         """Every ``eval_every`` steps and at the end; ``step`` = completed steps."""
 
-    def on_fit_end(self, trainer: "Trainer") -> None:
+    def on_fit_end(self, trainer: Trainer) -> None:
         """After the last step and the final checkpoint."""
 
 
@@ -109,7 +110,7 @@ class EvalCallback(Callback):
         self.teacher, self.nfe, self.n, self.seed, self.ema = teacher, tuple(nfe), n, seed, ema
         self.sampler = sampler
 
-    def on_eval(self, trainer: "Trainer", step: int) -> None:
+    def on_eval(self, trainer: Trainer, step: int) -> None:
         try:
             from fewstep.evaluation.evaluate import evaluate_flowmap
         except ImportError:  # the evaluation module is optional
@@ -146,7 +147,7 @@ class SampleFigureCallback(Callback):
                  sampler: Any = None) -> None:
         self.target, self.nfe, self.n, self.seed, self.sampler = target, tuple(nfe), n, seed, sampler
 
-    def on_eval(self, trainer: "Trainer", step: int) -> None:
+    def on_eval(self, trainer: Trainer, step: int) -> None:
         if trainer.run_dir is None:
             return
         save_sample_figure(trainer.student(ema=True), self.target, trainer.run_dir / f"samples-{step}.png",

@@ -18,7 +18,7 @@ SUM per bucket, divided by the world size W), which is what DDP's reducer comput
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

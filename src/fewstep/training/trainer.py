@@ -27,20 +27,27 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import fewstep.training.distributed as D
-from fewstep.training.callbacks import Callback, CSVLogger
-from fewstep.training.checkpoint import (CheckpointError, list_checkpoints, load_latest, restore_trainer_state,
-                                         save_checkpoint, trainer_state)
 from fewstep.config.schema import TrainConfig
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Batch, Method
+from fewstep.training.callbacks import Callback, CSVLogger
+from fewstep.training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_latest,
+    restore_trainer_state,
+    save_checkpoint,
+    trainer_state,
+)
 from fewstep.training.optim import EMA, derive_seed, lr_factor
 
 __all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_seed", "train", "check_run_dir"]

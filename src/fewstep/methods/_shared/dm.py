@@ -23,8 +23,9 @@ and the frozen real teacher and the online fake score give x0-predictions
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

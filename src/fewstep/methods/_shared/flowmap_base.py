@@ -7,8 +7,8 @@ on :math:`x_t=(1-t)x_0+t x_1` (training from data).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
