@@ -28,3 +28,10 @@ def test_resolve_sampler_order(tmp_path: Path) -> None:
     assert resolve_sampler(cfg, gamma=0.0, grid="edm").to_dict() == {"gamma": 0.0, "grid": "edm"}  # explicit
     with pytest.raises(ValueError, match="sampler grid must be one of"):
         resolve_sampler(cfg, grid="cosine")
+
+
+def test_renamed_method_key_in_a_run_folder_is_read_under_its_new_name(tmp_path: Path) -> None:
+    data = to_dict(RunConfig())
+    data["method"] = {"name": "meanflow", "cfg": {"teacher_guidance": 2.0}}  # the name before `guidance`
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert read_run_config(tmp_path).method.cfg == {"guidance": 2.0}

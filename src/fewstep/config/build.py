@@ -229,6 +229,8 @@ def resolve_sampler(cfg: RunConfig, gamma: float | None = None, grid: str | None
 
 #: Keys that older fewstep versions wrote into a run folder's config.yaml and that no longer exist (ignored there).
 RETIRED_KEYS: tuple[tuple[str, str], ...] = (("train", "num_workers"),)
+#: Method hyper-parameters that older versions wrote under another name (old name -> current name).
+RENAMED_METHOD_KEYS: dict[str, str] = {"teacher_guidance": "guidance"}
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
@@ -246,7 +248,13 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     for section, key in RETIRED_KEYS:  # run folders written before a key was removed stay loadable
         if isinstance(data.get(section), dict):
             data[section].pop(key, None)
-    return from_dict(RunConfig, normalize_method_section(data))
+    data = normalize_method_section(data)
+    method_cfg = (data.get("method") or {}).get("cfg") if isinstance(data.get("method"), dict) else None
+    if isinstance(method_cfg, dict):
+        for old, new in RENAMED_METHOD_KEYS.items():
+            if old in method_cfg and new not in method_cfg:
+                method_cfg[new] = method_cfg.pop(old)
+    return from_dict(RunConfig, data)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
