@@ -1,4 +1,7 @@
-"""The tilted density of fewstep.benchmarks.guided_targets: its gradient is the guided score, its grid sampler is exact."""
+"""The tilted density of fewstep.benchmarks.guided_targets.
+
+Its gradient is the guided score, its grid sampler is exact.
+"""
 
 import pytest
 import torch

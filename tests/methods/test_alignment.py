@@ -78,7 +78,8 @@ A0 = torch.tensor([[0.9, 0.3], [-0.2, 0.6]], dtype=DT)
 B0 = torch.tensor([0.4, -0.1], dtype=DT)
 
 
-def surrogate_grad(teacher: GaussianMixtureTeacher, mode: str, n: int, seed: int, **kw: object) -> tuple[Tensor, Tensor]:
+def surrogate_grad(teacher: GaussianMixtureTeacher, mode: str, n: int, seed: int,
+                   **kw: object) -> tuple[Tensor, Tensor]:
     student = AffineStudent(A0, B0)
     x = teacher.sample(n, TS, generator=torch.Generator().manual_seed(seed), dtype=DT)
     res = ma_loss(student, teacher, x, TS, TE, mode=mode, t_min=0.0, **kw)

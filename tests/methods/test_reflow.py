@@ -74,7 +74,9 @@ def test_fm_on_pairs_identity(tmp_path) -> None:
     m_, sd = torch.tensor([1.0, -0.5], dtype=torch.float64), torch.tensor([0.7, 0.3], dtype=torch.float64)
     gauss = GaussianMixtureTeacher([1.0], m_[None], torch.diag(sd**2)[None])
     # for N(m, diag(sd^2)) the teacher ODE maps x1 -> m + sd * x1, so E[x1 - x0 | x_t] is known in closed form
-    straight = lambda x, t: ((1 - sd) * (x - (1 - t[:, None]) * m_) / ((1 - t[:, None]) * sd + t[:, None]) - m_)
+    def straight(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (1 - sd) * (x - (1 - t[:, None]) * m_) / ((1 - t[:, None]) * sd + t[:, None]) - m_
+
     pairs = generate_pairs(gauss, tmp_path / "gauss", 512, PairSolver("rk4", 32), progress=False)
     assert torch.allclose(pairs.x0.double(), m_ + sd * pairs.x1.double(), atol=1e-5)
     t = torch.rand(512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -95,8 +97,8 @@ def test_reflow_loss_falls_and_ma_is_logged() -> None:
              ma_t_min=0.05)
     m.prepare({"progress": False})
     logs = train(m, 120)
-    first = sum(l["loss_fm"] for l in logs[:10]) / 10
-    last = sum(l["loss_fm"] for l in logs[-10:]) / 10
+    first = sum(row["loss_fm"] for row in logs[:10]) / 10
+    last = sum(row["loss_fm"] for row in logs[-10:]) / 10
     assert last < 0.8 * first
     assert "ma_kl" in logs[-1] and math.isfinite(logs[-1]["ma_kl"])
 
@@ -125,7 +127,7 @@ def test_reflow_distill_loss_falls_and_config_errors() -> None:
     m = make("reflow_distill", ring8, "average_velocity", n_pairs=1024, pair_solver="rk4", pair_steps=8)
     m.prepare({"progress": False})
     logs = train(m, 150, lr=1e-2)
-    assert sum(l["loss_pair"] for l in logs[-10:]) < 0.5 * sum(l["loss_pair"] for l in logs[:10])
+    assert sum(row["loss_pair"] for row in logs[-10:]) < 0.5 * sum(row["loss_pair"] for row in logs[:10])
     with pytest.raises(ValueError, match="unknown config key"):
         get_method("reflow").make_config(ma_wieght=1.0)
     with pytest.raises(ValueError, match="ma_mode"):

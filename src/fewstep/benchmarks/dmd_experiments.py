@@ -91,7 +91,10 @@ def score(x: Tensor, refs: dict[str, Tensor], teacher: Any) -> dict[str, float]:
 
 def make_trainer(name: str, teacher: Any, cfg: dict[str, Any], init: dict[str, Tensor] | None, seed: int,
                  run: dict[str, Any]) -> Trainer:
-    """A Trainer for method ``name`` with run settings ``run`` (RUN keys) whose student and fake score start from ``init``."""
+    """A Trainer for method ``name`` with run settings ``run`` (RUN keys).
+
+    Its student and fake score start from ``init``.
+    """
     method, data = build_from_objects(name, teacher, None, cfg, {**STUDENT, **run["student"]}, seed)
     if init is not None and method.parameterization != "average_velocity":  # same backbone shapes
         method.student.net.load_state_dict(init)
@@ -192,14 +195,16 @@ def write_report(res: dict[str, Any], out: Path, cmd: str) -> str:
         v = [res["teacher"][str(s)][k] for s in seeds]
         lines.append(f"| {k} | " + " | ".join(summarise([r.get(q, float("nan")) for r in v]) for q in keys) + " |")
     lines += ["", "## Students (MMD² mean ± std; shape columns at the student's own NFE: 1 for 1-step, else 4)", "",
-              "| student | guided 1 NFE | guided 2 NFE | guided 4 NFE | w=1 at 1/2/4 | modes | off-mode | r | t-sd | wall s |",
+              "| student | guided 1 NFE | guided 2 NFE | guided 4 NFE | w=1 at 1/2/4 "
+              "| modes | off-mode | r | t-sd | wall s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, per_seed in res["students"].items():
         ms = [per_seed[str(s)]["metrics"] for s in seeds if str(s) in per_seed]
         own = "1" if "1-step" in name else "4"
         wall = [per_seed[str(s)]["wall_s"] for s in seeds if str(s) in per_seed]
         w1 = "/".join(f"{sum(m[str(k)]['mmd2_w1'] for m in ms) / len(ms):.4f}" for k in NFES)
-        lines.append(f"| {name} | " + " | ".join(summarise([m[str(k)]["mmd2"] for m in ms]) for k in NFES) + f" | {w1} | "
+        lines.append(f"| {name} | " + " | ".join(summarise([m[str(k)]["mmd2"] for m in ms]) for k in NFES)
+                     + f" | {w1} | "
                      + " | ".join(summarise([m[own].get(q, float("nan")) for m in ms])
                                   for q in ("modes_covered", "off_mode", "radius", "tangential_sd"))
                      + f" | {sum(wall) / len(wall):.0f} |")
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         variants.update({f"{m} (guided teacher)": (m, cfg, {}) for m, cfg in OTHERS.items() if m in avail})
     cli = {"steps": args.steps, "lr": args.lr, "fake_lr": args.fake_lr, "batch_size": args.batch_size}
     runs = {name: run_settings(name, v[2], cli) for name, v in variants.items()}
-    res: dict[str, Any] = {"preset": args.preset, "w": args.w, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
+    res: dict[str, Any] = {"preset": args.preset, "w": args.w, "seeds": args.seeds,
+                           "pretrain_steps": args.pretrain_steps,
                            "teacher": {}, "students": {}, "command": cmd, "runs": runs}
     for seed in args.seeds:
         refs = references(teacher, args.w, 2000, seed)

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Command: `{cmd}`", "", f"Seeds {args.seeds}; {args.n} samples each; MMD² and shape statistics as in "
              "dmd.md (same labels and references).", "",
              "| samples | MMD² to guided-ODE target | MMD² to w=1 mixture | r | t-sd |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(summarise([r[k] for r in v]) for k in keys) + " |" for name, v in rows.items()]
+    lines += [f"| {name} | " + " | ".join(summarise([r[k] for r in v]) for k in keys) + " |"
+              for name, v in rows.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

@@ -65,7 +65,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         key, val = item.split("=", 1)
         section, name = key.split(".", 1)
         if section not in out:
-            raise ValueError(f"unknown override section {section!r} in {item!r}; expected 'method', 'train' or 'student'")
+            raise ValueError(
+                f"unknown override section {section!r} in {item!r}; expected 'method', 'train' or 'student'")
         value = yaml.safe_load(val)
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
             try:
@@ -160,7 +161,8 @@ def time_steps(method: Method, teacher: GaussianMixtureTeacher, train: dict[str,
     return statistics.median(b - a for a, b in list(zip(stamps.t, stamps.t[1:]))[warmup:])
 
 
-def train_method(method: Method, teacher: GaussianMixtureTeacher, train: dict[str, Any], seed: int) -> tuple[FlowMap, list[float]]:
+def train_method(method: Method, teacher: GaussianMixtureTeacher, train: dict[str, Any],
+                 seed: int) -> tuple[FlowMap, list[float]]:
     """Train with the Trainer; ``train`` holds TrainConfig fields. Returns (EMA student, logged mean losses)."""
     trainer = _trainer(method, teacher, train, seed)
     trainer.fit()
@@ -242,7 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.methods:
             cfg, ytrain = method_config(name, over["method"])
             net_opts = student_options(name, over["student"])
-            fields = set(TrainConfig.__dataclass_fields__) - {"log_every", "eval_every", "ckpt_every", "keep_checkpoints"}
+            fields = (set(TrainConfig.__dataclass_fields__)
+                      - {"log_every", "eval_every", "ckpt_every", "keep_checkpoints"})
             train = {k: v for k, v in {**ytrain, **over["train"]}.items() if k in fields}
             unknown = set(over["train"]) - fields
             if unknown:
@@ -260,7 +263,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 student.eval()
                 metrics = {k: evaluate(student, teacher, k, args.n, seed, "gamma1" if cm else "flowmap")
                            for k in (1, 2, 4)}
-                rec = {"method": name, "preset": preset, "seed": seed, "mmd2": {k: v["mmd2"] for k, v in metrics.items()},
+                rec = {"method": name, "preset": preset, "seed": seed,
+                       "mmd2": {k: v["mmd2"] for k, v in metrics.items()},
                        "metrics": metrics, "multistep_sampler": "gamma=1 (fresh noise)" if cm else "deterministic",
                        "train_wall_s": wall, "step_s": step_s, "fm_step_s": results["fm_step_s"][preset],
                        "train": train, "student": net_opts,
@@ -315,7 +319,8 @@ def summarize(results: dict[str, Any]) -> str:
              "2-NFE < mean Euler-8. Multi-step: uniform deterministic jumps (consistency students: fresh-noise "
              "γ=1 sampling). ms/step: median over 30 timed iterations; × FM: ratio to flow_matching on the same "
              "network and batch (noisy on a shared CPU).", "",
-             "| method | preset | lr | embedding | 1 NFE | 2 NFE | 4 NFE | Euler 4 | Euler 8 | 1<E4 | 2<E8 | ms/step | × FM |",
+             "| method | preset | lr | embedding | 1 NFE | 2 NFE | 4 NFE | Euler 4 | Euler 8 "
+             "| 1<E4 | 2<E8 | ms/step | × FM |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["method"], r["preset"]) for r in results["runs"]}, key=lambda k: (k[1], k[0]))
     for name, preset in keys:

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = [f"# Teacher baselines\n\nCommand: `{command}`\n",
           f"Seeds {args.seeds}, n = {args.n} samples per seed, mean ± std over seeds, torch {torch.__version__}, "
           f"1 CPU thread, total wall {time.time() - t_start:.0f} s.\n",
-          "Metrics (see `fewstep.evaluation.metrics`): `mmd2` unbiased RBF MMD² summed over bandwidths {0.05, 0.2, 1.0}×√(d/2) "
+          "Metrics (see `fewstep.evaluation.metrics`): `mmd2` unbiased RBF MMD² summed over bandwidths "
+          "{0.05, 0.2, 1.0}×√(d/2) "
           "vs independent exact samples; `mean_loglik` exact mean log p₀; `modes_covered` / `off_mode` (Mahalanobis "
           "beyond the 3-std χ² quantile); `w2` exact OT (POT); `sliced_w2` (d > 2); `coupling_l2` mean ‖x − x_ref‖ "
           "to the dopri5 endpoint from the same noise; `kl`, `tv` = KL(q‖p₀), TV of the sampler's exact pushforward "

@@ -182,7 +182,8 @@ class GeneralAffinePath(AffinePath):
         if not (torch.allclose(a, torch.tensor([1.0, 0.0], dtype=a.dtype), atol=1e-6)
                 and torch.allclose(s, torch.tensor([0.0, 1.0], dtype=s.dtype), atol=1e-6)):
             raise ValueError(
-                f"a path needs alpha(0)=1, alpha(1)=0, sigma(0)=0, sigma(1)=1; got alpha={a.tolist()}, sigma={s.tolist()}"
+                "a path needs alpha(0)=1, alpha(1)=0, sigma(0)=0, sigma(1)=1; "
+                f"got alpha={a.tolist()}, sigma={s.tolist()}"
             )
 
     @staticmethod

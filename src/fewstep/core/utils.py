@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-TimeLike = Union[float, int, Tensor]
+TimeLike = float | int | Tensor
 
 __all__ = ["TimeLike", "as_time", "bcast", "check_batch", "count_dims", "set_unregistered",
            "per_sample_sq_norm", "per_sample_mean_sq"]

@@ -8,8 +8,9 @@ from :math:`t_k` to :math:`t_{k+1}`. With :math:`q_{t_0} = p_1` and :math:`q_{t_
     \varepsilon_k = TV(\Phi_k\#p_{t_k}, p_{t_{k+1}}),\quad KL_k = KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}}).
 
 Each term is estimated by importance sampling from :math:`y = \Phi_k(x)`, :math:`x \sim p_{t_k}` (exact
-mixture samples) with :math:`\log q(y) = \log p_{t_k}(x) + \Delta(x)` (:func:`fewstep.methods._shared.alignment.window_logdensity`:
-the exact jump log-determinant, or the divergence integral exact/Hutchinson) and the exact :math:`\log p_{t_{k+1}}`:
+mixture samples) with :math:`\log q(y) = \log p_{t_k}(x) + \Delta(x)`
+(:func:`fewstep.methods._shared.alignment.window_logdensity`: the exact jump log-determinant, or the divergence
+integral exact/Hutchinson) and the exact :math:`\log p_{t_{k+1}}`:
 :math:`TV = E_q[(1 - p/q)_+]`, :math:`KL = E_q[\log q - \log p]`. The final :math:`TV(q_{t_K}, p_{t_K})` uses
 the student's own multi-step samples from noise with their chained log-density. Hutchinson gives a noisy
 log q, which biases TV; prefer ``jump`` (exact) whenever the per-sample Jacobian fits.

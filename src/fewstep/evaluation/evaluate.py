@@ -3,7 +3,8 @@ r"""One dict of metrics for a sample set, a flow-map student, or a velocity fiel
 Everything is measured against an analytic :class:`~fewstep.teachers.GaussianMixtureTeacher` p_0:
 
 * ``mmd2`` vs reference samples (default: exact mixture samples from an independent seed);
-* ``mean_loglik`` (exact mean log p_0), ``modes_covered`` / ``off_mode`` (:func:`~fewstep.evaluation.metrics.mode_coverage`);
+* ``mean_loglik`` (exact mean log p_0), ``modes_covered`` / ``off_mode``
+  (:func:`~fewstep.evaluation.metrics.mode_coverage`);
 * ``w2`` (exact OT) and, for d > 2, ``sliced_w2``;
 * ``coupling_l2`` / ``coupling_mse`` vs the teacher's adaptive ODE endpoint from the same noise;
 * for 64-D digits ``fd_digits`` vs the reference and ``fd_digits_real`` vs the 1797 real digits;
@@ -138,8 +139,10 @@ def evaluate_flowmap(flowmap: Callable[..., Tensor], teacher: GaussianMixtureTea
 
 
 def _solver_map(velocity_fn: Callable[..., Tensor], method: str) -> Callable[..., Tensor]:
-    """One fixed step of ``method`` (euler/heun/rk4, as in :func:`fewstep.sampling.samplers.solve`) from t to s as a flow
-    map f(x, t, s, cond) with per-row times."""
+    """One fixed step of ``method`` (euler/heun/rk4, as in :func:`fewstep.sampling.samplers.solve`) from t to s.
+
+    Returned as a flow map f(x, t, s, cond) with per-row times.
+    """
 
     def f(x: Tensor, t: Tensor | float, s: Tensor | float, cond: Tensor | None = None) -> Tensor:
         tt = t if torch.is_tensor(t) else torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)

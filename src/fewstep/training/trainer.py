@@ -50,7 +50,7 @@ from fewstep.training.checkpoint import (
 )
 from fewstep.training.optim import EMA, derive_seed, lr_factor
 
-__all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_seed", "train", "check_run_dir"]
+__all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_seed", "check_run_dir"]
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -108,7 +108,8 @@ class Trainer:
         self.device = next(method.student.parameters()).device
         self.amp = config.amp if self.device.type == "cuda" else "off"
         if self.amp != config.amp:
-            warnings.warn(f"train.amp={config.amp!r} needs CUDA; training in float32 on {self.device}", UserWarning)
+            warnings.warn(f"train.amp={config.amp!r} needs CUDA; training in float32 on {self.device}", UserWarning,
+                          stacklevel=2)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.nets: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -316,7 +317,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """All trainer state as (named tensors, JSON-able dict); see :func:`fewstep.training.checkpoint.trainer_state`."""
+        """All trainer state as (named tensors, JSON-able dict).
+
+        See :func:`fewstep.training.checkpoint.trainer_state`.
+        """
         return trainer_state(self)
 
     def save(self) -> Path | None:
