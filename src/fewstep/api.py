@@ -43,6 +43,9 @@ def train(method: str | Method, teacher: Any = "ring8", dataset: Any = None, ste
             threads on busy cores are slower, 160 s vs 19 s for the README quick start); the previous setting is
             restored afterwards. None leaves torch's setting alone.
         **train_kw: Any :class:`TrainConfig` field (batch_size, lr, ema_decays, ...).
+
+    Returns:
+        The trainer after :meth:`Trainer.fit`; its ``student(ema=True)`` is the trained flow map.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1 or None; got {threads!r}")

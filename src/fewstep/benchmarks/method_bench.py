@@ -55,6 +55,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """Parse ``section.key=value`` overrides (values read as YAML scalars) into {section: {key: value}}.
 
+    Args:
+        items: Override strings such as ``method.lr=1e-3`` or ``student.emb_dim=32``.
+
+    Returns:
+        Overrides by section, with keys ``method``, ``train`` and ``student`` (each possibly empty).
+
     Raises:
         ValueError: for an item without ``=``, without a section, or with an unknown section.
     """
@@ -100,6 +106,14 @@ EMBEDDING_KEYS = ("emb_dim", "activation", "max_freq", "min_freq", "raw_time")
 
 def student_options(name: str, overrides: dict[str, Any], config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """The MLP embedding options: ``student`` section of ``configs/<name>.yaml`` < ``--set student.*`` overrides.
+
+    Args:
+        name: Method name; selects ``configs/<name>.yaml``.
+        overrides: ``student.*`` overrides from the command line (keys of :data:`EMBEDDING_KEYS`).
+        config_dir: Folder holding the per-method YAML files.
+
+    Returns:
+        The :data:`EMBEDDING_KEYS` options from the YAML, updated with ``overrides``.
 
     Raises:
         ValueError: for an override key that is not one of :data:`EMBEDDING_KEYS`.

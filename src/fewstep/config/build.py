@@ -260,6 +260,13 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild a run's method from ``config.yaml`` and load its newest valid checkpoint (EMA copies included).
 
+    Args:
+        run_dir: The run folder (holds ``config.yaml`` and ``ckpt-<step>/`` folders).
+        device: Device to build the method on and load the tensors to.
+
+    Returns:
+        The rebuilt run: config, method with raw weights, teacher, EMA students, step, sampler and folder.
+
     Raises:
         FileNotFoundError: no config.yaml, or no checkpoint at all.
         CheckpointError: checkpoints exist but none is complete and valid (each problem is named).

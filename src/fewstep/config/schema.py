@@ -314,6 +314,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         path: YAML file; missing sections take their defaults.
         overrides: Dotted ``key=value`` strings applied after the file.
         base: Optional dict applied before the file (e.g. ``{"method": {"name": "reflow"}}``).
+
+    Returns:
+        The checked run config.
     """
     data: dict[str, Any] = to_dict(RunConfig()) if base is None else _merge(to_dict(RunConfig()), base)
     if path is not None:

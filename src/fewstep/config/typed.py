@@ -94,6 +94,14 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys and wrong types by dotted name.
 
+    Args:
+        cls: The dataclass to build.
+        data: Field values by name (nested dicts for nested dataclasses); None gives the defaults.
+        prefix: Dotted name of this section, used in error messages (e.g. ``train``).
+
+    Returns:
+        An instance of ``cls``.
+
     Raises:
         ValueError: ``unknown config key 'train.lrr'`` or ``config key 'train.steps' must be an int``.
     """

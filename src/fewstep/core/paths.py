@@ -68,6 +68,9 @@ class AffinePath(ABC):
             x0: Data, shape (batch, ...).
             x1: Noise, same shape.
             t: Times in [0, 1], scalar or shape (batch,).
+
+        Returns:
+            (x_t, dx_t/dt), both shaped like ``x0``.
         """
         if x0.shape != x1.shape:
             raise ValueError(f"x0 and x1 must have the same shape; got {tuple(x0.shape)} and {tuple(x1.shape)}")

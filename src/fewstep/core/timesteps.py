@@ -25,6 +25,9 @@ def sample_time(u: Tensor, kind: str = "uniform", t_min: float = 0.0, t_max: flo
         t_max: Largest time.
         mean: Logit-normal location.
         std: Logit-normal scale.
+
+    Returns:
+        Times in [t_min, t_max], shaped like ``u``.
     """
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1; got t_min={t_min}, t_max={t_max}")

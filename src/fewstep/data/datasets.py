@@ -287,6 +287,9 @@ def get_dataset(name: str | Path, **kwargs: Any) -> Dataset:
         name: A name in :data:`DATASETS` or a path to a mixture JSON file.
         **kwargs: Options of that dataset (e.g. ``conditional``, ``split``, ``image``, ``noise``).
 
+    Returns:
+        The built dataset.
+
     Raises:
         ValueError: for an unknown name or an option the dataset does not take.
     """

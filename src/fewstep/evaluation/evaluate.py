@@ -72,6 +72,10 @@ def evaluate_samples(x: Tensor, teacher: GaussianMixtureTeacher, reference: Tens
         x_teacher: The teacher's ODE endpoints from the same noise (enables coupling metrics).
         log_q: log q(x) of the sampler's distribution at ``x`` (enables KL/TV by importance sampling).
         seed: Seed of the default reference samples.
+
+    Returns:
+        Metric name -> value (``mmd2``, ``mean_loglik``, ``modes_covered``, ``off_mode``, ``w2``, and the
+        optional ones enabled by the inputs and the dimension).
     """
     if tuple(x.shape[1:]) != tuple(teacher.event_shape):
         raise ValueError(f"samples must have shape (n, {teacher.event_shape}); got {tuple(x.shape)}")

@@ -74,6 +74,9 @@ def mmd2(x: Tensor, y: Tensor, bandwidths: Sequence[float] = (0.05, 0.2, 1.0), s
             and the typical distance scale :math:`\propto\sqrt d` is followed in high dimension; ``"none"``
             uses the bandwidths as given; a number multiplies them by that number.
         chunk: Rows per block; memory is O(chunk · max(n, m)), so 10k × 10k fits easily.
+
+    Returns:
+        The unbiased MMD² estimate.
     """
     a, b = _pair(x, y)
     d = a.shape[1]
@@ -128,6 +131,15 @@ def mode_coverage(x: Tensor, teacher: GaussianMixtureTeacher, threshold_std: flo
     its squared Mahalanobis distance exceeds the :math:`\chi^2_d` quantile matching ``threshold_std`` in 1-D,
     i.e. :math:`P(\chi^2_d > q) = P(|N(0,1)| > \text{threshold\_std})` (0.27% for 3 std), so exact samples are
     off-mode at that rate in any dimension (in 1-D this is exactly distance > threshold_std).
+
+    Args:
+        x: Samples, shape (n, *event_shape).
+        teacher: The target mixture.
+        threshold_std: Off-mode threshold, in 1-D standard deviations.
+        min_share: A component counts as covered when its on-mode share is at least this fraction of its
+            expected share.
+        cond: Labels of the samples (shape (n,), -1 for unconditional rows); expected shares then follow the
+            labels.
 
     Returns:
         Dict with ``modes_covered`` (fraction of components whose on-mode share of the samples is at least
@@ -202,6 +214,10 @@ def kl_tv_importance(log_q_samples: Tensor, log_p_samples: Tensor) -> dict[str, 
     * :math:`KL = E_q[\log q - \log p]`, standard error std/√n.
     * :math:`TV = E_q[(1 - p/q)_+]` (``tv``), equal to :math:`\tfrac12 E_q|1 - p/q|` whenever p ≪ q and still
       correct when q is singular or misses part of p's support; :math:`\tfrac12 E_q|1-p/q|` is ``tv_abs``.
+
+    Args:
+        log_q_samples: :math:`\log q(x_i)` at the samples, shape (n,).
+        log_p_samples: :math:`\log p(x_i)` at the same samples, shape (n,).
 
     Returns:
         Dict with kl, kl_se, tv, tv_se, tv_abs, tv_abs_se, n. Infinite log q (a singular q) gives kl = inf.

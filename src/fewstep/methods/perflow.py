@@ -91,6 +91,13 @@ def window_targets(x_s: Tensor, x_e: Tensor, t_s: Tensor, t_e: Tensor, u: Tensor
 
     :math:`t = t_s + u (t_e - t_s)`, :math:`x_t = x_s + u (x_e - x_s)`, target :math:`(x_s - x_e)/(t_s - t_e)`.
 
+    Args:
+        x_s: Window-start points, shape (B, ...).
+        x_e: Window-end points (``x_s`` solved from ``t_s`` to ``t_e``), same shape.
+        t_s: Window start times, shape (B,).
+        t_e: Window end times, shape (B,).
+        u: Uniforms in [0, 1] placing the point inside the window, shape (B,).
+
     Returns:
         (x_t, t, target).
     """

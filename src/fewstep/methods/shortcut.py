@@ -86,6 +86,9 @@ def shortcut_target(net: FlowMap, x: Tensor, t: Tensor, d: Tensor, finest: Tenso
         finest: Optional bool mask (B,): rows whose half steps use the instantaneous velocity F(., tau, tau).
         cond: Optional labels.
         clip: Clip the target to [-clip, clip] (0: no clipping).
+
+    Returns:
+        The target average velocity, shaped like ``x``.
     """
     if bool((t - 2 * d < -1e-6).any()):
         raise ValueError("shortcut_target needs t - 2d >= 0 for every row")

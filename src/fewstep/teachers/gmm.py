@@ -221,6 +221,9 @@ class GaussianMixtureTeacher(Teacher):
             generator: Optional torch.Generator (CPU) for reproducibility.
             dtype: Output dtype.
             return_components: Also return the component index of each sample.
+
+        Returns:
+            The samples, or (samples, component indices of shape (n,)) when ``return_components``.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"number of samples n must be an int >= 0; got {n!r}")

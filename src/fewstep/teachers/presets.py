@@ -87,6 +87,11 @@ def digits_mixture(components_per_class: int = 3, reg_covar: float = 1e-2, seed:
     components (``reg_covar`` added to every covariance diagonal, fixed ``random_state``); the global weights
     are the class frequency :math:`\pi_c` times the within-class weight :math:`w_{cj}`. Cached in memory.
 
+    Args:
+        components_per_class: Mixture components fitted per digit class (>= 1).
+        reg_covar: Value added to every covariance diagonal (> 0).
+        seed: ``random_state`` of the sklearn fits.
+
     Returns:
         (weights (K,), means (K, 64), covariances (K, 64, 64), classes (K,)) as float64 / long tensors.
     """

@@ -56,6 +56,10 @@ __all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_see
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Create ``run_dir`` and fail early when it is not writable or already holds another run's checkpoints.
 
+    Args:
+        run_dir: The run folder (created if missing).
+        resume: Whether existing checkpoints are to be continued rather than rejected.
+
     Raises:
         FileExistsError: checkpoints exist and ``resume`` is False (the new run's checkpoints would be pruned in
             favour of the old ones with higher step numbers, and ``fewstep eval`` would report the old run).

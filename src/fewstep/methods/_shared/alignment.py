@@ -103,6 +103,9 @@ def window_logdensity(student: Any, x: Tensor, t_start: Tensor, t_end: Tensor, c
         solver: ``euler``, ``heun`` or ``rk4`` (ODE modes).
         probes: Hutchinson probes (K, *x.shape), held fixed along the path.
         create_graph: Keep the graph so Δ and x_end are differentiable w.r.t. the student.
+
+    Returns:
+        (x_end, Δ): the window endpoints, shaped like ``x``, and the per-row log-density change, shape (batch,).
     """
     if mode not in MA_MODES:
         raise ValueError(f"unknown ma_mode {mode!r}; expected one of {MA_MODES}")
@@ -149,6 +152,9 @@ def ma_loss(student: Any, teacher: Any, x_start: Tensor, t_start: Tensor | float
             marginal velocity of the linear path (its x1 and x0 are coupled), so its score conversion is invalid.
         generator: Generator for the probes.
         compute_kl: Also estimate the window KL when the target has ``log_prob``.
+
+    Returns:
+        The surrogate loss with the window KL estimate, Δ, x_end and the clamped t_end (see :class:`MAResult`).
     """
     target = score_teacher if score_teacher is not None else teacher
     ts = as_time(t_start, x_start, "t_start")

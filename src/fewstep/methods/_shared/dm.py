@@ -60,6 +60,9 @@ def renoise_time(u: Tensor, kind: str = "uniform", sigma: Tensor | None = None, 
         sigma: The student anchor times, shape (B,), required for ``uniform_capped``.
         t_min: Smallest level.
         t_max: Largest level.
+
+    Returns:
+        The re-noise levels :math:`\tau`, shape (B,).
     """
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min <= t_max <= 1 for re-noise levels; got t_min={t_min}, t_max={t_max}")
@@ -165,6 +168,9 @@ def fake_score_loss(fake: nn.Module, x0: Tensor, tau: Tensor, eps: Tensor, cond:
         tau: Times in [0, 1], shape (B,).
         eps: Gaussian noise of x0's shape.
         cond: Class labels or None.
+
+    Returns:
+        The scalar loss L.
     """
     x0 = x0.detach()
     x_tau = renoise(x0, tau, eps)
@@ -173,6 +179,12 @@ def fake_score_loss(fake: nn.Module, x0: Tensor, tau: Tensor, eps: Tensor, cond:
 
 def make_fake_score(student: nn.Module) -> FlowMap:
     """A fake-score velocity network with the student's backbone architecture and weights (a deep copy).
+
+    Args:
+        student: The FlowMap student whose backbone is copied.
+
+    Returns:
+        A trainable FlowMap with parameterization ``velocity`` around the copied backbone.
 
     Raises:
         ValueError: if the student is not a FlowMap (its backbone cannot be copied).

@@ -71,6 +71,9 @@ def sample_t_s(u: Tensor, kind: str, mean: float, std: float, equal_fraction: fl
         t_max: Largest time.
         corner_fraction: Fraction of rows at (t_max, t_min).
         zero_fraction: Fraction of rows with s = t_min and t from p(t).
+
+    Returns:
+        (t, s), each of shape (B,), with t >= s.
     """
     if not all(0.0 <= f <= 1.0 for f in (equal_fraction, corner_fraction, zero_fraction)):
         raise ValueError(f"equal_fraction, corner_fraction and zero_fraction must lie in [0, 1]; got "

@@ -274,6 +274,9 @@ def load_pairs(folder: str | Path, teacher: Any = None, fingerprint: dict[str, s
         n: Load only the first n pairs (error if fewer are stored).
         **expected: Further manifest fields to check (seed, guidance, ...).
 
+    Returns:
+        The cached pairs: noise x1, teacher endpoints x0, optional labels and the manifest.
+
     Raises:
         FileNotFoundError: no manifest in ``folder``.
         StalePairsError: teacher, solver or other fields differ, or generation is incomplete.
