@@ -38,6 +38,23 @@ def build_network(kind: str, event_shape: tuple[int, ...], num_classes: int | No
                   options: dict[str, Any] | None = None) -> nn.Module:
     """The backbone of ``kind`` for samples of ``event_shape`` (see the module docstring).
 
+    Args:
+        kind: ``mlp``, ``unet`` or ``dit`` (see :data:`NETWORK_KINDS`).
+        event_shape: Shape of one sample; (C, H, W) for the image backbones.
+        num_classes: Number of classes for conditional models (an extra null class handles cond=-1), or None.
+        use_s: Whether the network sees s (flow maps) or not (velocity networks, consistency models).
+        hidden: Width: MLP hidden units, U-Net channels of the first level, DiT token width.
+        depth: Depth: MLP hidden layers, U-Net residual blocks per level, DiT blocks.
+        emb_dim: Size of each time embedding.
+        activation: MLP activation (``silu`` or ``gelu``); the image backbones take ``silu`` only.
+        max_freq: Largest frequency of the sinusoidal time embeddings.
+        min_freq: Smallest frequency of the sinusoidal time embeddings.
+        raw_time: Also feed the raw scalars t and t - s.
+        options: Kind-specific options (see the module docstring).
+
+    Returns:
+        The backbone module F(x, t, s[, cond]).
+
     Raises:
         ValueError: for an unknown kind, an unknown option, an image backbone on non-image data, or an
             activation other than ``silu`` for the image backbones (their activations are fixed).
