@@ -30,8 +30,9 @@ __all__ = ["run_eval", "run_sampler", "check_nfe", "save_figure", "BETTER", "con
 #: Which direction is better for each metric.
 BETTER: dict[str, str] = {"mmd2": "lower", "w2": "lower", "sliced_w2": "lower", "kl": "lower", "tv": "lower",
                           "mean_loglik": "closest to exact", "modes_covered": "higher", "off_mode": "lower",
-                          "coupling_l2": "lower (0 = the teacher's ODE map)", "fd_digits": "lower"}
-SHOWN = ("mmd2", "w2", "sliced_w2", "mean_loglik", "kl", "modes_covered", "off_mode")
+                          "coupling_l2": "lower (0 = the teacher's ODE map)", "fd_digits": "lower",
+                          "fd": "lower", "precision": "higher", "recall": "higher"}  # fd/precision/recall: images
+SHOWN = ("mmd2", "w2", "sliced_w2", "mean_loglik", "kl", "modes_covered", "off_mode", "fd", "precision", "recall")
 HELD_OUT_SEED = 987_654_321  # held-out data for learned teachers: a generator seed the trainer never derives
 
 
