@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # or install their own torch into $(VENV) first - an importable torch is never replaced.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo lint test test-slow clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/fewstep demo
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/pydoclint --config pyproject.toml --quiet src
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
