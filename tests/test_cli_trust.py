@@ -259,6 +259,7 @@ def test_eval_of_a_learned_teacher_run_uses_held_out_data_and_draws_3d_pairs(
     assert main(["eval", str(run), "--nfe", "1", "2", "--n", "100", "--out", str(tmp_path / "e.json")]) == 0
     rec = json.loads((tmp_path / "e.json").read_text())
     assert rec["reference"].startswith("held-out moons data") and set(rec["teacher_euler"]) == {"1", "2"}
+    assert rec["reference"].endswith("samples use its labels")  # conditional data: sampled per held-out label
     assert "mmd2" in rec["student"]["2"] and rec["teacher_adaptive"]["nfe"] > 2
     with pytest.warns(UserWarning, match="class-conditional .* no --label"):
         assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "u")]) == 0

@@ -202,11 +202,11 @@ def _eval_analytic(run: Any, student: Any, mix: Any, spec: Any, args: argparse.N
     return _record(run, spec, args, "exact samples of the analytic teacher", res, euler, adaptive, floor, fig)
 
 
-def _samples(student: Any, spec: Any, k: int, n: int, seed: int, x1: Tensor) -> Tensor:
+def _samples(student: Any, spec: Any, k: int, n: int, seed: int, x1: Tensor, cond: Tensor | None = None) -> Tensor:
     from fewstep.sampling.spec import sample_with
 
     p = next(student.parameters())
-    return sample_with(student, x1.to(p.dtype), spec, int(k), seed=seed).x
+    return sample_with(student, x1.to(p.dtype), spec, int(k), seed=seed, cond=cond).x
 
 
 def _eval_data(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -225,6 +225,9 @@ def _eval_data(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> d
         return ds.sample(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED + s))[0].to(torch.float64)
 
     ref = held_out(0)
+    # a class-conditional run is sampled with the labels of the held-out draw, so samples and reference share
+    # one class distribution (None for unconditional data)
+    cond = ds.sample(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED))[1]
 
     def metrics(x: Tensor) -> dict[str, float]:
         x = x.detach().to(torch.float64).reshape(n, *event)
@@ -238,19 +241,20 @@ def _eval_data(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> d
         return out
 
     x1 = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed))
-    res = {k: {**metrics(_samples(student, spec, k, n, seed, x1)), "nfe": float(k)} for k in args.nfe}
+    res = {k: {**metrics(_samples(student, spec, k, n, seed, x1, cond)), "nfe": float(k)} for k in args.nfe}
     teacher = run.teacher
     euler, adaptive = {}, {}
     if teacher is not None:
         vel = teacher.velocity if hasattr(teacher, "velocity") else teacher
         with torch.no_grad():
-            euler = {k: {**metrics(solve(vel, x1, int(k)).x), "nfe": float(k)} for k in args.nfe}
-            a = solve_adaptive(vel, x1, rtol=1e-5, atol=1e-5)
+            euler = {k: {**metrics(solve(vel, x1, int(k), cond=cond).x), "nfe": float(k)} for k in args.nfe}
+            a = solve_adaptive(vel, x1, rtol=1e-5, atol=1e-5, cond=cond)
         adaptive = {**metrics(a.x), "nfe": float(a.nfe)}
     floor = _floor(held_out, metrics, (1, 2, 3))
-    fig = save_figure(_samples(student, spec, max(args.nfe), n, seed, x1), Path(args.run_dir) / "eval.png",
+    fig = save_figure(_samples(student, spec, max(args.nfe), n, seed, x1, cond), Path(args.run_dir) / "eval.png",
                       f"{Path(args.run_dir).name}: {max(args.nfe)} NFE", ref=ref)
-    return _record(run, spec, args, f"held-out {run.config.data.name} data (seed {HELD_OUT_SEED})", res, euler,
+    return _record(run, spec, args, f"held-out {run.config.data.name} data (seed {HELD_OUT_SEED})"
+                   + (", samples use its labels" if cond is not None else ""), res, euler,
                    adaptive, floor, fig)
 
 
