@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.data.images import IMAGE_DATASETS, real_images
+from fewstep.evaluation.digit_features import fit_classifier
 from fewstep.evaluation.metrics import frechet_distance
 
 __all__ = ["ImageClassifier", "train_classifier", "load_classifier", "features", "frechet_image_distance",
@@ -79,18 +80,7 @@ def train_classifier(name: str, seed: int = 0, epochs: int | None = None,
             torch.manual_seed(seed)
             net = ImageClassifier(shape[0])
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
-        for _ in range(epochs or _EPOCHS[name]):
-            perm = torch.randperm(xtr.shape[0], generator=gen)
-            for i in range(0, xtr.shape[0], batch_size):
-                idx = perm[i:i + batch_size]
-                loss = nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        net.eval().requires_grad_(False)
-        with torch.no_grad():
-            acc = float((net(xte).argmax(1) == yte).float().mean())
+        acc = fit_classifier(net, xtr, ytr, xte, yte, epochs or _EPOCHS[name], gen, batch_size)
     finally:
         torch.set_num_threads(threads)
     return net, acc
