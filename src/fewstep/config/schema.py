@@ -169,6 +169,9 @@ class TrainConfig:
         keep_checkpoints: Number of checkpoints kept.
         progress: Show a tqdm progress bar (only on a TTY and on rank 0).
         tensorboard: Write TensorBoard event files in the run folder.
+        fsdp: Shard the student's network with FSDP2 (``fully_shard``) over the torchrun ranks instead of
+            replicating it (:mod:`fewstep.training.fsdp`); needs ``ema_decays`` (rank 0 evaluates the full EMA
+            copy). A no-op with a warning in a single process.
     """
 
     steps: int = 1000
@@ -193,6 +196,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     progress: bool = True
     tensorboard: bool = True
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -215,6 +219,8 @@ class TrainConfig:
                 allowed = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "amp": AMP_MODES}.get(key)
                 hint = f"; expected one of {allowed}" if allowed else ""
                 raise ValueError(f"invalid value for config key 'train.{key}': {getattr(self, key)!r}{hint}")
+        if self.fsdp and not self.ema_decays:
+            raise ValueError("train.fsdp=true needs train.ema_decays (rank 0 evaluates and samples the full EMA copy)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size={self.batch_size} must be divisible by "
                              f"train.grad_accum={self.grad_accum}")

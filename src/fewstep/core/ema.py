@@ -4,13 +4,15 @@ target networks and the DMD family's fake-score merge:
 .. math::
     \bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta,
 
-computed as ``torch.lerp`` toward the source parameter (cast to the target's dtype); buffers are copied.
+computed as ``torch.lerp`` toward the source parameter (cast to the target's dtype); buffers are copied. A source
+sharded by FSDP (DTensor parameters) is all-gathered for a plain target, so every rank must call it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = ["ema_update_"]
 
@@ -33,6 +35,9 @@ def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
     if tp.keys() != sp.keys():
         raise ValueError("EMA update needs networks with identical parameter names")
     for k, p in tp.items():
-        p.lerp_(sp[k].detach().to(p.dtype), 1.0 - decay)
+        src = sp[k].detach()
+        if isinstance(src, DTensor) and not isinstance(p, DTensor):  # an FSDP-sharded source: all-gather it
+            src = src.full_tensor()
+        p.lerp_(src.to(p.dtype), 1.0 - decay)
     for bt, bs in zip(target.buffers(), source.buffers()):
         bt.copy_(bs)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fewstep.core.io import atomic_write, atomic_write_bytes, fsync_dir
+from fewstep.training.fsdp import full_tensor, load_full_state_dict, shard_optimizer_state
 from fewstep.training.optim import lr_factor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
@@ -231,6 +232,7 @@ def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
         for d, m in trainer.ema.copies.items():
             tensors.update({f"ema/{d!r}/{k}": v for k, v in m.state_dict().items()})
     optim = {n: flatten_tensors(o.state_dict(), f"optim/{n}", tensors) for n, o in trainer.optimizers.items()}
+    tensors = {k: full_tensor(v) for k, v in tensors.items()}  # FSDP: all-gather sharded tensors (every rank)
     py = random.getstate()
     state = {
         "step": trainer.step, "seed": trainer.seed, "world_size": trainer.world, "optim": optim,
@@ -247,7 +249,7 @@ def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def restore_trainer_state(trainer: Any, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
     """Inverse of :func:`trainer_state`: load weights, EMA, optimisers, scaler, RNG states and the step."""
-    trainer.method.load_state_dict(method_tensors(tensors))
+    load_full_state_dict(trainer.method, method_tensors(tensors))
     if trainer.ema is not None and state.get("ema"):
         for d, m in trainer.ema.copies.items():
             pre = f"ema/{d!r}/"
@@ -260,7 +262,7 @@ def restore_trainer_state(trainer: Any, tensors: dict[str, Tensor], state: dict[
         for g in sd["param_groups"]:
             if "betas" in g:
                 g["betas"] = tuple(g["betas"])
-        o.load_state_dict(sd)
+        o.load_state_dict(shard_optimizer_state(o, sd))
     if trainer.scaler is not None and state.get("scaler"):
         trainer.scaler.load_state_dict(state["scaler"])
     rng = state["rng"]

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fewstep.training.fsdp import is_sharded
+
 __all__ = [
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "is_main_process",
     "barrier", "allreduce_gradients", "broadcast_module", "broadcast_string", "all_reduce_mean", "cleanup",
@@ -116,7 +118,8 @@ def allreduce_gradients(modules: nn.Module | Iterable[nn.Module], bucket_mb: flo
     r"""Average gradients over ranks in flat buckets: g <- (1/W) sum_r g^(r).
 
     Parameters whose ``.grad`` is None on this rank take part with zeros (so that every rank issues the
-    same collectives) and receive the averaged gradient.
+    same collectives) and receive the averaged gradient. FSDP-sharded (DTensor) parameters are skipped: their
+    gradients are already averaged by FSDP's reduce-scatter.
 
     Args:
         modules: A module or several; every parameter with ``requires_grad`` is synchronised.
@@ -128,7 +131,7 @@ def allreduce_gradients(modules: nn.Module | Iterable[nn.Module], bucket_mb: flo
     if not is_distributed():
         return 0
     world = get_world_size()
-    params = [p for p in _params(modules) if p.requires_grad]
+    params = [p for p in _params(modules) if p.requires_grad and not is_sharded(p)]  # FSDP reduce-scatters those
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

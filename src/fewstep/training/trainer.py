@@ -48,6 +48,7 @@ from fewstep.training.checkpoint import (
     save_checkpoint,
     trainer_state,
 )
+from fewstep.training.fsdp import full_tensor, shard_student
 from fewstep.training.optim import EMA, derive_seed, lr_factor
 
 __all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_seed", "check_run_dir"]
@@ -109,6 +110,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.resume, self.run_config = resume, run_config
         self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.fsdp = config.fsdp and self.world > 1
+        if config.fsdp and not self.fsdp:
+            warnings.warn("train.fsdp=true in a single process: training unsharded", UserWarning, stacklevel=2)
         self.device = next(method.student.parameters()).device
         self.amp = config.amp if self.device.type == "cuda" else "off"
         if self.amp != config.amp:
@@ -206,9 +210,10 @@ class Trainer:
                 self.scaler.unscale_(opt)
             params = [p for p in net.parameters() if p.grad is not None]
             if self.config.grad_clip > 0:
-                gn = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
+                gn = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)))
             else:
-                gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+                gn = float(torch.linalg.vector_norm(torch.stack([full_tensor(p.grad.norm()) for p in params]))
+                           ) if params else 0.0
             if self.scaler is None and not math.isfinite(gn):  # fp16: the scaler skips such steps itself
                 raise FloatingPointError(f"non-finite gradient norm for {name!r} at step {step}: {gn} (diverged; "
                                          "lower train.lr or set train.grad_clip > 0)")
@@ -310,13 +315,15 @@ class Trainer:
         self.nets = self.method.trainable()
         if "student" not in self.nets:
             raise ValueError(f"method {self.method.name!r}: trainable() must include 'student'")
+        self.ema = EMA(self.method.student, cfg.ema_decays, cfg.ema_warmup) if cfg.ema_decays else None
+        if self.fsdp:  # after the EMA deep copies (full modules), before the optimisers (sharded parameters)
+            shard_student(self.method.student, self.world, self.device)
         unknown = set(cfg.lr_overrides) - set(self.nets)
         if unknown:
             raise ValueError(f"train.lr_overrides names unknown networks {sorted(unknown)}; "
                              f"trainable: {sorted(self.nets)}")
         self.optimizers = {n: self._make_optimizer(n, m) for n, m in self.nets.items()}
         self.base_lrs = {n: float(cfg.lr_overrides.get(n, cfg.lr)) for n in self.nets}
-        self.ema = EMA(self.method.student, cfg.ema_decays, cfg.ema_warmup) if cfg.ema_decays else None
         self._prepared = True
 
     # ------------------------------------------------------------------ checkpoints
@@ -328,10 +335,11 @@ class Trainer:
         return trainer_state(self)
 
     def save(self) -> Path | None:
-        """Write ``ckpt-<step>`` (rank 0 only); all ranks wait for it."""
+        """Write ``ckpt-<step>`` (rank 0 only; with FSDP every rank joins the gathering); all ranks wait for it."""
         out = None
-        if self.run_dir is not None and self.rank == 0:
+        if self.run_dir is not None and (self.rank == 0 or self.fsdp):
             tensors, state = self.state_tensors()
+        if self.run_dir is not None and self.rank == 0:
             out = save_checkpoint(self.run_dir, self.step, tensors, state, keep=self.config.keep_checkpoints)
         D.barrier()
         return out
