@@ -16,6 +16,7 @@ uniforms, drawn for the global batch and then sharded); methods may draw more wi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -97,11 +98,11 @@ class Method(nn.Module):
         parameterization: The flow-map parameterization of the student this method trains.
         needs_teacher: Whether a teacher is required whatever the config (False for training from data alone).
         needs_data: Whether batches must carry data x0 whatever the config.
+        sampler: The default multi-step sampler (:class:`~fewstep.sampling.spec.SamplerSpec`): deterministic
+            jumps on a uniform grid unless the method was trained for another (consistency students: gamma=1).
 
     Whether a run uses a teacher or data is decided in one place, :meth:`uses_teacher` / :meth:`uses_data` of
     the config (defaults: the two class attributes); methods whose needs depend on their config override those.
-        sampler: The default multi-step sampler (:class:`~fewstep.sampling.spec.SamplerSpec`): deterministic
-            jumps on a uniform grid unless the method was trained for another (consistency students: gamma=1).
 
     Args:
         student: The flow-map student to train.
@@ -132,6 +133,20 @@ class Method(nn.Module):
             teacher.requires_grad_(False)
         # stored outside the module tree: the teacher is never trained, saved with the student, or cast
         set_unregistered(self, "teacher", teacher)
+
+    def require_parameterization(self) -> None:
+        """Refuse a student whose flow-map parameterization is not the one this method trains."""
+        got = getattr(self.student, "parameterization", self.parameterization)
+        if got != self.parameterization:
+            raise ValueError(f"{self.name} trains a {self.parameterization!r} student; got {got!r}")
+
+    def frozen_copy(self) -> nn.Module:
+        """A frozen copy of the student: the target network that :func:`fewstep.core.ema.ema_update_` moves.
+
+        Returns:
+            A deep copy of the student with gradients disabled.
+        """
+        return copy.deepcopy(self.student).requires_grad_(False)
 
     @classmethod
     def uses_teacher(cls, config: Any) -> bool:

@@ -22,7 +22,6 @@ Weights: :math:`w = 1` (``uniform``) or :math:`w = 1/(t - t')` (``inv_dt``, iCT)
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -131,9 +130,8 @@ class _ConsistencyBase(Method):
     def __init__(self, student: FlowMap, teacher: torch.nn.Module | None = None,
                  config: ConsistencyConfig | None = None) -> None:
         super().__init__(student, teacher, config)
-        if getattr(student, "parameterization", "consistency") != "consistency":
-            raise ValueError(f"{self.name} trains a 'consistency' student; got {student.parameterization!r}")
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.require_parameterization()
+        self.target = self.frozen_copy()
 
     def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
         """The point x_{t'} paired with x_t (teacher step for cd, same (x0, x1) for ct)."""

@@ -31,7 +31,6 @@ D is the data dimension and κ (``kernel_scale``) an optional bandwidth factor. 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -172,9 +171,8 @@ class IMM(Method):
     def __init__(self, student: FlowMap, teacher: torch.nn.Module | None = None,
                  config: IMMConfig | None = None) -> None:
         super().__init__(student, teacher, config)
-        if getattr(student, "parameterization", "average_velocity") != "average_velocity":
-            raise ValueError(f"imm trains an 'average_velocity' student; got {student.parameterization!r}")
-        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.require_parameterization()
+        self.target = self.frozen_copy()
 
     def group_times(self, u: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
         r"""Per-group (s, r, t) from the first row of each group, repeated to every particle, shape (G*M,).

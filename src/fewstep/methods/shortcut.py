@@ -23,7 +23,6 @@ of the paper is :math:`d = t - s` (the backbone sees t and h = t - s). A batch i
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +121,7 @@ class Shortcut(Method):
             raise ValueError("shortcut with target='teacher' needs a teacher; use target='data' to train from data")
         if getattr(student, "parameterization", "average_velocity") != "average_velocity":
             raise ValueError(f"shortcut trains an 'average_velocity' student; got {student.parameterization!r}")
-        self.target_net = copy.deepcopy(student).requires_grad_(False)
+        self.target_net = self.frozen_copy()
 
     @classmethod
     def uses_teacher(cls, config: ShortcutConfig) -> bool:
