@@ -109,3 +109,35 @@ def make_trainer(method: Method, run_dir: Path | None = None, seed: int = 0, lab
 def flat_state(module: nn.Module) -> Tensor:
     """All parameters and buffers of a module as one float64 vector."""
     return torch.cat([v.detach().reshape(-1).double() for v in module.state_dict().values()])
+
+
+def free_port() -> int:
+    """A free local TCP port for a torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(args: list[str], timeout: float = 240, nproc: int = 2, cwd: Any = None) -> Any:
+    """Run ``python -m torch.distributed.run --nproc_per_node nproc <args>`` on 127.0.0.1 with one thread per rank.
+
+    Args:
+        args: What follows the launcher options (a script path and its arguments, or ``-m module ...``).
+        timeout: Seconds before the launch is killed.
+        nproc: Processes to start.
+        cwd: Working directory of the launch (None: the current one).
+
+    Returns:
+        The completed process (stdout and stderr captured as bytes).
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, timeout=timeout, cwd=cwd)

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from _diffusers_fixtures import save_sd3_folder
+from _trainer_helpers import torchrun
 from fewstep.cli import main
 from fewstep.training.checkpoint import load_checkpoint
 
@@ -45,12 +42,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _last_loss(run: Path) -> float:
     return float(list(csv.DictReader((run / "metrics.csv").open()))[-1]["student/loss"])
 
@@ -69,11 +60,7 @@ def test_torchrun_fsdp_diffusers_student_equals_one_process(tmp_path: Path) -> N
         (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
     script = tmp_path / "fsdp_script.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, timeout=240)
+    res = torchrun([str(script), str(tmp_path)], timeout=240)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     for rank in (0, 1):  # the whole student network (gap embeddings included) is one FSDP unit on each rank
         assert json.loads((tmp_path / f"sharded-{rank}.json").read_text()) == ["FSDPDiffusersFlowMapNet"] * 2

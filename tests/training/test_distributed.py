@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import fewstep.training.distributed as D
-from _trainer_helpers import flat_state, make_trainer, two_net_method
+from _trainer_helpers import flat_state, make_trainer, torchrun, two_net_method
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parents[1]
@@ -50,12 +46,6 @@ SCRIPT = textwrap.dedent("""
 """).format(tests=str(TESTS))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_not_distributed_helpers() -> None:
     assert D.get_rank() == 0 and D.get_world_size() == 1 and D.is_main_process() and not D.is_distributed()
     lin = torch.nn.Linear(2, 2)
@@ -70,11 +60,7 @@ def test_not_distributed_helpers() -> None:
 def test_torchrun_two_processes_equal_one_process(tmp_path: Path) -> None:
     script = tmp_path / "ddp_script.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, timeout=180)
+    res = torchrun([str(script), str(tmp_path)], timeout=180)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     info = json.loads((tmp_path / "info.json").read_text())
     # 0.1 MiB buckets: the weight (352 KiB) goes alone, then the bias
@@ -100,15 +86,11 @@ def test_flat_state_helper_detects_difference() -> None:
 
 @pytest.mark.slow
 def test_torchrun_cli_distill(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "fewstep.cli", "distill", "--method", "flow_matching",
-           "--run-dir", str(run), "data.name=ring8", "device=cpu", "train.steps=6", "train.batch_size=32",
-           "student.hidden=16", "student.depth=1", "train.tensorboard=false", "train.log_every=3",
-           "eval.n_samples=100", "eval.nfe=[1]"]
-    res = subprocess.run(cmd, env=env, capture_output=True, timeout=300, cwd=tmp_path)
+    res = torchrun(["-m", "fewstep.cli", "distill", "--method", "flow_matching",
+                    "--run-dir", str(run), "data.name=ring8", "device=cpu", "train.steps=6", "train.batch_size=32",
+                    "student.hidden=16", "student.depth=1", "train.tensorboard=false", "train.log_every=3",
+                    "eval.n_samples=100", "eval.nfe=[1]"], timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     assert (run / "ckpt-6" / "COMPLETE").is_file() and (run / "config.yaml").is_file()
     rows = (run / "metrics.csv").read_text().splitlines()

@@ -4,17 +4,13 @@ checkpoints hold full tensors that load in one process and resume under FSDP."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from _trainer_helpers import fm_method, make_trainer, tiny_student
+from _trainer_helpers import fm_method, make_trainer, tiny_student, torchrun
 from fewstep.config.schema import TrainConfig
 from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
@@ -65,12 +61,6 @@ def build(name: str, run_dir: str | None = None, resume: bool = False, **kw: obj
     return tr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_fsdp_needs_ema_and_is_a_noop_in_one_process() -> None:
     with pytest.raises(ValueError, match="train.fsdp=true needs train.ema_decays"):
         TrainConfig(fsdp=True, ema_decays=[])
@@ -84,11 +74,7 @@ def test_fsdp_needs_ema_and_is_a_noop_in_one_process() -> None:
 def test_torchrun_fsdp_equals_one_process(tmp_path: Path) -> None:
     script = tmp_path / "fsdp_script.py"
     script.write_text(SCRIPT.format(tests=str(TESTS), here=str(Path(__file__).parent)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, timeout=240)
+    res = torchrun([str(script), str(tmp_path)], timeout=240)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     info = json.loads((tmp_path / "info.json").read_text())
     assert res.stderr.decode().count("-resume/ckpt-4") == 2  # rank 0 resumed each method from ckpt-4
