@@ -221,13 +221,16 @@ def _eval_data(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> d
     ds = build_dataset(run.config.data.name, dict(run.config.data.kwargs), run.teacher)
     event = tuple(student.net.event_shape)
 
-    def held_out(s: int) -> Tensor:
-        return ds.sample(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED + s))[0].to(torch.float64)
+    def draw(s: int) -> tuple[Tensor, Tensor | None]:
+        x0, labels = ds.sample(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED + s))
+        return x0.to(torch.float64), labels
 
-    ref = held_out(0)
+    def held_out(s: int) -> Tensor:
+        return draw(s)[0]
+
     # a class-conditional run is sampled with the labels of the held-out draw, so samples and reference share
-    # one class distribution (None for unconditional data)
-    cond = ds.sample(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED))[1]
+    # one class distribution (cond is None for unconditional data)
+    ref, cond = draw(0)
 
     def metrics(x: Tensor) -> dict[str, float]:
         x = x.detach().to(torch.float64).reshape(n, *event)
