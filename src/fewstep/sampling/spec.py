@@ -1,7 +1,7 @@
 r"""A method's own multi-step sampler: deterministic jumps or CTM gamma-sampling, on a named grid.
 
 Every :class:`~fewstep.methods.base.Method` declares ``sampler: SamplerSpec``; the run folder stores it (resolved
-``config.yaml``, section ``sample``) and ``fewstep sample``, ``fewstep eval``, the trainer's eval callback, the
+``config.yaml``, section ``sampler``) and ``fewstep sample``, ``fewstep eval``, the trainer's eval callback, the
 demo and the benchmarks all draw samples through :func:`sample_with`, so a student is sampled the way it was trained.
 
 With grid :math:`1 = t_0 > t_1 > \dots > t_K = 0` and :math:`\eta = t/(1-t)`, one step from :math:`t_i` is
