@@ -296,11 +296,12 @@ def get_dataset(name: str | Path, **kwargs: Any) -> Dataset:
     key = str(name)
     if key in _FACTORIES:
         factory = _FACTORIES[key]
-    elif key.lower().endswith(".json") or Path(key).is_file():
+    elif key.lower().endswith(".json") or Path(key).is_file() or key.startswith("random:"):
         def factory(conditional: bool | None = None, path: str | None = None) -> Dataset:
             return MixtureDataset(load_preset(key, conditional=bool(conditional), path=path), conditional)
     else:
-        raise ValueError(f"unknown dataset {key!r}; expected one of {', '.join(DATASETS)} or a mixture JSON file")
+        raise ValueError(f"unknown dataset {key!r}; expected one of {', '.join(DATASETS)}, random:<seed> or a mixture "
+                         "JSON file")
     import inspect
 
     params = inspect.signature(factory).parameters

@@ -13,7 +13,8 @@ log-density and samples are exact at every t on the chosen path.
 * ``digits``: a 64-D mixture fitted per digit class to sklearn's bundled 8x8 digits (pixels x/8 - 1 in
   [-1, 1]), weights = class frequency x component weight; always carries its 10 classes.
 
-Anything else that names an existing ``.json`` file is loaded with
+``random:<seed>`` is a mixture drawn from the seed (:mod:`fewstep.teachers.random_mixtures`: 2-16 dimensions,
+3-10 full-covariance components, unequal weights). Anything else that names an existing ``.json`` file is loaded with
 :meth:`GaussianMixtureTeacher.from_json`.
 """
 
@@ -132,8 +133,8 @@ def load_preset(name: str | Path, conditional: bool = False,
     """Build a fresh analytic teacher for a named preset (see :data:`PRESETS`) or a mixture JSON file.
 
     Args:
-        name: A preset name (``ring8``, ``aniso3``, ``grid``, ``digits``) or a path to a JSON file with
-            fields weights, means, covariances[, classes, path, event_shape].
+        name: A preset name (``ring8``, ``aniso3``, ``grid``, ``digits``), ``random:<seed>``, or a path to a JSON
+            file with fields weights, means, covariances[, classes, path, event_shape].
         conditional: Attach the preset's classes (``teacher.num_classes`` is then set). ``digits`` always
             carries its 10 classes. A JSON file keeps the classes it defines; True requires it to define some.
         path: Probability path ("linear", "cosine" or an AffinePath); default linear for presets and the
@@ -146,6 +147,10 @@ def load_preset(name: str | Path, conditional: bool = False,
         ValueError: for an unknown name, or a JSON file that is not a valid mixture.
     """
     key = str(name)
+    if key.startswith("random:"):  # random:<seed>, see fewstep.teachers.random_mixtures
+        from fewstep.teachers.random_mixtures import parse_random_name, random_mixture
+
+        return random_mixture(parse_random_name(key), conditional=conditional, path="linear" if path is None else path)
     if key in _BUILDERS:
         w, mu, cov, cls = _BUILDERS[key]()
         keep_classes = conditional or key == "digits"
@@ -160,4 +165,5 @@ def load_preset(name: str | Path, conditional: bool = False,
         if conditional and teacher.num_classes is None:
             raise ValueError(f"conditional=True but the mixture in {key!r} has no 'classes' field")
         return teacher
-    raise ValueError(f"unknown preset {key!r}; expected one of {', '.join(PRESETS)} or a path to a mixture JSON file")
+    raise ValueError(f"unknown preset {key!r}; expected one of {', '.join(PRESETS)}, random:<seed> or a path to a "
+                     "mixture JSON file")
