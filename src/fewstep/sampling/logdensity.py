@@ -15,8 +15,8 @@ along the path. With ``create_graph=True`` every quantity keeps its graph, so :m
 and :math:`\partial x_{end}/\partial\theta` reach the network's parameters (both terms of the
 marginal-alignment regularizer, docs/methods.md §6).
 
-Flow maps, discrete change of variables:
-:math:`\log q_s(f_{t\to s}(x)) = \log q_t(x) - \log|\det \partial f/\partial x|`.
+Flow maps (discrete change of variables through jumps) are in :mod:`fewstep.sampling.jump_density`;
+:func:`jump_logdet` and :func:`flowmap_logdensity` are re-exported here.
 
 NFE convention: one forward evaluation of the velocity field (with its divergence) counts as one NFE.
 """
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from fewstep.core.utils import per_sample_sq_norm
 from fewstep.sampling.integrators import RK_METHODS, rk_step
+from fewstep.sampling.jump_density import flowmap_logdensity, jump_logdet
 from fewstep.sampling.samplers import check_grid, time_grid
 
 __all__ = [
@@ -308,67 +309,3 @@ def likelihood(velocity_fn: Callable[..., Tensor], x0: Tensor, grid: Tensor | li
     if res.log_q_trajectory is not None:
         res.log_q_trajectory = [res.log_q + lq for lq in res.log_q_trajectory]
     return res
-
-
-def jump_logdet(flowmap: Callable[..., Tensor], x: Tensor, t: Tensor | float, s: Tensor | float,
-                cond: Tensor | None = None, create_graph: bool = False) -> tuple[Tensor, Tensor]:
-    r"""One jump :math:`y = f_{t\to s}(x)` and :math:`\log|\det \partial f_{t\to s}/\partial x|` per row (exact).
-
-    The per-row Jacobians come from ``torch.func.jacrev`` (vmapped vector-Jacobian products) of
-    :math:`X \mapsto \sum_b f(X)_b`, valid because rows do not interact; then ``slogdet``. Costs d backward
-    passes: use in low dimension.
-
-    Args:
-        flowmap: ``f(x, t, s, cond=None)``.
-        x: Points, shape (batch, ...).
-        t: Start time, scalar or (batch,).
-        s: End time, scalar or (batch,).
-        cond: Optional labels.
-        create_graph: Keep the graph (results differentiable w.r.t. parameters).
-
-    Returns:
-        (y, logabsdet) with logabsdet of shape (batch,).
-    """
-    b, d = x.shape[0], x[0].numel()
-    # pass times as tensors of x's dtype: a Python float would be rounded through float32 by utils.as_time
-    t = t if torch.is_tensor(t) else torch.full((b,), float(t), dtype=x.dtype, device=x.device)
-    s = s if torch.is_tensor(s) else torch.full((b,), float(s), dtype=x.dtype, device=x.device)
-
-    def summed(xx: Tensor) -> tuple[Tensor, Tensor]:
-        y = flowmap(xx, t, s, cond=cond)
-        if y.shape != xx.shape:
-            raise ValueError(f"flow map output must have the shape of x {tuple(xx.shape)}; got {tuple(y.shape)}")
-        return y.sum(0), y
-
-    xin = x if create_graph else x.detach()
-    with torch.enable_grad():
-        jac, y = torch.func.jacrev(summed, has_aux=True)(xin)
-    jac = jac.reshape(d, b, d).permute(1, 0, 2)  # (B, d_out, d_in)
-    _, logabsdet = torch.linalg.slogdet(jac)
-    if not create_graph:
-        y, logabsdet = y.detach(), logabsdet.detach()
-    return y, logabsdet
-
-
-def flowmap_logdensity(flowmap: Callable[..., Tensor], x1: Tensor, grid: Tensor | list[float] | int = 1,
-                       cond: Tensor | None = None, create_graph: bool = False) -> tuple[Tensor, Tensor]:
-    r"""Chain jumps from noise: :math:`\log q_{t_{i+1}}(f(x)) = \log q_{t_i}(x) - \log|\det \partial f/\partial x|`.
-
-    Args:
-        flowmap: ``f(x, t, s, cond=None)``.
-        x1: Noise at grid[0] = 1, shape (batch, ...), with :math:`\log q_1 = \log\mathcal N(0, I)`.
-        grid: Decreasing times from 1, or an int n for the uniform n-jump grid to 0.
-        cond: Optional labels.
-        create_graph: Keep the graph.
-
-    Returns:
-        (x, log_q): the samples at grid[-1] and their log-density, shape (batch,).
-    """
-    g = time_grid(grid) if isinstance(grid, int) else check_grid(grid, order="monotone")
-    if float(g[0]) != 1.0 or not bool((g[1:] < g[:-1]).all()):
-        raise ValueError(f"flow-map sampling needs a decreasing grid starting at t=1; got {g.tolist()}")
-    x, log_q = x1, standard_normal_logprob(x1)
-    for i in range(len(g) - 1):
-        x, ld = jump_logdet(flowmap, x, float(g[i]), float(g[i + 1]), cond=cond, create_graph=create_graph)
-        log_q = log_q - ld
-    return x, log_q
