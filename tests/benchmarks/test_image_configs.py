@@ -18,8 +18,14 @@ from fewstep.cli import main
 torch.set_num_threads(1)
 
 CONFIGS = sorted(Path("configs/images").glob("*.yaml"))
-TINY = ["student.hidden=8", "student.emb_dim=8", "train.batch_size=8", "train.log_every=1", "train.steps=2",
-        "train.ckpt_every=0"]
+TINY = [
+    "student.hidden=8",
+    "student.emb_dim=8",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.steps=2",
+    "train.ckpt_every=0",
+]
 #: Per-method overrides that only shrink work done once in prepare() (cached pairs).
 SMALL = {"reflow": ["method.cfg.n_pairs=16", "method.cfg.pair_steps=2"], "dmd": ["method.cfg.num_pairs=16"]}
 
@@ -27,15 +33,45 @@ SMALL = {"reflow": ["method.cfg.n_pairs=16", "method.cfg.pair_steps=2"], "dmd": 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("image_configs") / "teacher"
-    assert main(["train-teacher", "--config", "configs/images/teacher_digits8.yaml", "--run-dir", str(run),
-                 *TINY[:-2], "train.steps=3", "train.ckpt_every=0"]) == 0
+    assert (
+        main(
+            [
+                "train-teacher",
+                "--config",
+                "configs/images/teacher_digits8.yaml",
+                "--run-dir",
+                str(run),
+                *TINY[:-2],
+                "train.steps=3",
+                "train.ckpt_every=0",
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def test_every_method_has_an_image_config() -> None:
     names = {yaml.safe_load(p.read_text())["method"]["name"] for p in CONFIGS}
-    want = {"flow_matching", "reflow", "perflow", "meanflow", "splitmeanflow", "cd", "ct", "scm", "facm", "ayf_emd",
-            "ayf_lmd", "shortcut", "imm", "dmd", "dmd2", "ddmd", "cdm"}
+    want = {
+        "flow_matching",
+        "reflow",
+        "perflow",
+        "meanflow",
+        "splitmeanflow",
+        "cd",
+        "ct",
+        "scm",
+        "facm",
+        "ayf_emd",
+        "ayf_lmd",
+        "shortcut",
+        "imm",
+        "dmd",
+        "dmd2",
+        "ddmd",
+        "cdm",
+    }
     assert want <= names, sorted(want - names)
 
 
