@@ -80,7 +80,7 @@ def save_figure(x: Tensor, path: Path, title: str, ref: Tensor | None = None) ->
     r = None if ref is None else ref.reshape(ref.shape[0], -1).detach().cpu().float()
     d = flat.shape[1]
     if x.dim() == 4 and d != 64:  # (n, C, H, W) images: a grid of the first 64 (channel 0 or RGB)
-        from fewstep.benchmarks.image_bench import image_mosaic
+        from fewstep.sampling.image_grid import image_mosaic
 
         fig, ax = plt.subplots(figsize=(6, 6))
         ax.imshow(image_mosaic(x[:64]), cmap="gray_r", vmin=-1, vmax=1)
