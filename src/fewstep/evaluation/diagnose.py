@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fewstep.core.utils import as_time
 from fewstep.evaluation.metrics import kl_tv_importance
-from fewstep.methods._shared.alignment import MA_MODES, window_logdensity
+from fewstep.methods._shared.alignment import MA_MODES, resolve_mode, window_logdensity
 from fewstep.sampling.logdensity import make_probes, standard_normal_logprob
 from fewstep.sampling.samplers import check_grid, time_grid
 
@@ -56,7 +56,7 @@ def _grid(windows: int | Sequence[float] | Tensor) -> Tensor:
 def _push(student: Any, x: Tensor, t0: float, t1: float, mode: str, substeps: int, solver: str, probes: int,
           gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """(Phi(x), Delta) without graphs, Delta = log q_{t1}(Phi(x)) - log q_{t0}(x)."""
-    pr = make_probes(x, probes, gen) if mode == "hutchinson" else None
+    pr = make_probes(x, probes, gen) if resolve_mode(mode, x) == "hutchinson" else None
     y, delta = window_logdensity(student, x, as_time(t0, x), as_time(t1, x), None, mode, substeps, solver, pr,
                                  create_graph=False)
     return y.detach(), delta.detach()

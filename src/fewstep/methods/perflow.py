@@ -13,9 +13,13 @@ regresses the constant window velocity at linearly interpolated points:
     x_t = x_{t_k} + \frac{t - t_k}{t_{k+1} - t_k}(x_{t_{k+1}} - x_{t_k}),\ t \sim U(t_{k+1}, t_k).
 
 :math:`L_{MA}` (:mod:`fewstep.methods._shared.alignment`) has the gradient of
-:math:`KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}})` for
-the student's window map; summed over windows these are the local terms of the telescoping bound
-TV(q_0, p_0) <= sum_k eps_k (docs/methods.md §5).
+:math:`KL(\Phi_k\#p_{t_k}\,\|\,p_{t_{k+1}})` for the student's window map :math:`\Phi_k`, aligned at the exact
+window end :math:`t_{k+1}` of every window (the last one, ending at 0, against the teacher's data marginal smoothed
+by :math:`\mathcal N(0, (\varepsilon/(1-\varepsilon))^2 I)`, :math:`\varepsilon` = ``ma_t_min``). By default
+(``ma_mode: ode``) :math:`\Phi_k` is the velocity student's ODE over the window with its log-density tracked along
+it; an ``average_velocity`` student has no trained instantaneous velocity and needs ``ma_mode: jump`` (its window
+jump :math:`F(x, t_k, t_{k+1})`, valid only where it does not fold). Summed over windows these are the local terms
+of the telescoping bound TV(q_0, p_0) <= sum_k eps_k (docs/methods.md §5).
 
 Student parameterization. The regression target is :math:`F_\theta(x_t, t, t_{k+1})`, i.e. the flow map
 :math:`f_{t\to t_{k+1}}(x_t) = x_t - (t - t_{k+1})F_\theta` lands on the window end from every point of the chord.
@@ -128,6 +132,10 @@ class Perflow(Method):
         if cfg.solve_steps < 1 or cfg.input_steps < 1:
             raise ValueError(f"solve_steps and input_steps must be >= 1; got {cfg.solve_steps}, {cfg.input_steps}")
         self.grid = window_grid(cfg.num_windows, cfg.windows)
+        par = getattr(student, "parameterization", "velocity")
+        if cfg.ma_weight > 0 and cfg.ma_mode != "jump" and par != "velocity":
+            raise ValueError(f"perflow MA with a {par!r} student aligns its window jumps: set ma_mode='jump' "
+                             f"(ma_mode={cfg.ma_mode!r} integrates an instantaneous velocity it is never trained on)")
         v_fn = teacher_velocity_fn(teacher, cfg.guidance)
         set_unregistered(self, "window_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.solve_steps))
         set_unregistered(self, "input_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.input_steps))

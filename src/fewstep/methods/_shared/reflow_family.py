@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fewstep.core.utils import set_unregistered
-from fewstep.methods._shared.alignment import MA_MODES, ma_loss
+from fewstep.methods._shared.alignment import EXACT_DIM, MA_MODES, ma_loss
 from fewstep.methods._shared.pairs import Pairs, PairSolver, ensure_pairs, generate_pairs, teacher_fingerprint
 from fewstep.methods.base import U_SELECT, Batch, Method, MethodConfig
 
@@ -26,11 +26,16 @@ class MAOptions(MethodConfig):
 
     Attributes:
         ma_weight: lambda; 0 disables MA.
-        ma_mode: ``jump`` (exact log-det of the student's discrete jumps), ``exact`` or ``hutchinson``.
+        ma_mode: ``ode`` (the student's velocity ODE over the window with its log-density: exact divergence up
+            to ``ma_exact_dim`` entries per sample, Hutchinson above), ``exact``, ``hutchinson``, or ``jump``
+            (log-det of the student's discrete jumps; valid only where the jumps are injective).
         ma_substeps: M sub-steps per window.
         ma_solver: Sub-step integrator of the ODE modes (euler/heun/rk4).
-        ma_t_min: Smallest window end (the teacher score is singular at t=0).
-        ma_probes: Hutchinson probes K.
+        ma_t_min: epsilon, the smallest time at which the teacher score is evaluated: the student runs to the
+            exact window end; a window ending below epsilon is scored against its teacher marginal smoothed by
+            a Gaussian (docs/methods.md §6; at t_e = 0 on the linear path: std epsilon/(1-epsilon)).
+        ma_probes: Hutchinson probes K (held fixed along the path).
+        ma_exact_dim: Largest sample size (entries) for which ``ode`` takes the exact divergence.
         ma_every: Apply MA every this many steps.
         ma_batch: Rows of the batch used for MA (0 = all).
         ma_warmup: First step at which MA is applied.
@@ -38,11 +43,12 @@ class MAOptions(MethodConfig):
     """
 
     ma_weight: float = 0.0
-    ma_mode: str = "jump"
-    ma_substeps: int = 1
-    ma_solver: str = "euler"
+    ma_mode: str = "ode"
+    ma_substeps: int = 4
+    ma_solver: str = "rk4"
     ma_t_min: float = 0.02
-    ma_probes: int = 1
+    ma_probes: int = 4
+    ma_exact_dim: int = EXACT_DIM
     ma_every: int = 1
     ma_batch: int = 256
     ma_warmup: int = 0
@@ -52,11 +58,11 @@ class MAOptions(MethodConfig):
         """Raise ValueError naming a bad MA option."""
         if self.ma_mode not in MA_MODES:
             raise ValueError(f"unknown ma_mode {self.ma_mode!r}; expected one of {MA_MODES}")
-        for key in ("ma_substeps", "ma_probes", "ma_every"):
+        for key in ("ma_substeps", "ma_probes", "ma_every", "ma_exact_dim"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1; got {getattr(self, key)}")
-        if self.ma_weight < 0 or not 0.0 <= self.ma_t_min < 1.0 or self.ma_batch < 0:
-            raise ValueError(f"need ma_weight >= 0, 0 <= ma_t_min < 1, ma_batch >= 0; got {self.ma_weight}, "
+        if self.ma_weight < 0 or not 0.0 < self.ma_t_min < 1.0 or self.ma_batch < 0:
+            raise ValueError(f"need ma_weight >= 0, 0 < ma_t_min < 1, ma_batch >= 0; got {self.ma_weight}, "
                              f"{self.ma_t_min}, {self.ma_batch}")
 
 
@@ -95,8 +101,7 @@ def ma_term(student: Any, teacher: Any, cfg: MAOptions, x_start: Tensor, t_start
     r"""The marginal-alignment term :math:`\lambda L_{MA}` on the first ``ma_batch`` rows, or None when it is off.
 
     MA is applied when :math:`\lambda` = ``ma_weight`` > 0, ``step >= ma_warmup`` and ``step % ma_every == 0``.
-    With per-row window starts (a tensor ``t_start``), rows whose window lies entirely below ``ma_t_min`` carry no
-    term (they are dropped; None when none is left).
+    Every row is aligned at its exact window end (``ma_t_min`` only sets where the teacher score is taken).
 
     Args:
         student: The student flow map.
@@ -118,14 +123,9 @@ def ma_term(student: Any, teacher: Any, cfg: MAOptions, x_start: Tensor, t_start
     x, c = x_start[:n], None if cond is None else cond[:n]
     ts = t_start[:n] if torch.is_tensor(t_start) and t_start.dim() else t_start
     te = t_end[:n] if torch.is_tensor(t_end) and t_end.dim() else t_end
-    if torch.is_tensor(ts) and ts.dim():
-        keep = ts > cfg.ma_t_min
-        if not bool(keep.any()):
-            return None, {}
-        x, ts, c = x[keep], ts[keep], None if c is None else c[keep]
-        te = te[keep] if torch.is_tensor(te) and te.dim() else te
     res = ma_loss(student, teacher, x, ts, te, c, mode=cfg.ma_mode, substeps=cfg.ma_substeps, solver=cfg.ma_solver,
-                  num_probes=cfg.ma_probes, t_min=cfg.ma_t_min, guidance=cfg.guidance, score_teacher=score_teacher)
+                  num_probes=cfg.ma_probes, t_min=cfg.ma_t_min, guidance=cfg.guidance, score_teacher=score_teacher,
+                  exact_dim=cfg.ma_exact_dim)
     logs = {"ma": float(res.loss.detach())}
     if res.kl is not None:
         logs["ma_kl"] = float(res.kl)
