@@ -10,6 +10,7 @@ Commands::
     fewstep export RUN_DIR --format diffusers OUT [--nfe K]   a diffusers folder (student of a diffusers teacher)
     fewstep demo                                      ring8: reflow vs reflow+MA vs the teacher's Euler
     fewstep diagnose tv [args ...]                    diagnostics: fewstep.evaluation.diagnose.main_tv(["tv", args ...])
+    fewstep bench [--quick] [--methods ...] [--targets ring8 aniso3 digits random]   leaderboard (fewstep.cli_bench)
 
 Multi-process: ``python -m torch.distributed.run --nproc_per_node 2 -m fewstep.cli distill ...``.
 Run folders default to ``runs/<method>-<UTC timestamp>``; every run folder holds the resolved
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("name", help=f"one of {sorted(DIAGNOSTICS)}")
     g.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the diagnostic")
     g.set_defaults(fn=cmd_diagnose)
+    from fewstep.cli_bench import add_bench_parser  # fewstep bench: the equal-budget leaderboard
+
+    add_bench_parser(sub)
     return p
 
 

@@ -1,0 +1,43 @@
+"""``fewstep bench``: every method x targets x NFE 1, 2, 4 x seeds at one equal budget, cached cell by cell.
+
+Modules: :mod:`~fewstep.benchmarks.leaderboard.targets` (targets, teacher Euler bars),
+:mod:`~fewstep.benchmarks.leaderboard.cells` (one cell: shipped config, common budget, own sampler),
+:mod:`~fewstep.benchmarks.leaderboard.runner` (the resumable grid), :mod:`~fewstep.benchmarks.leaderboard.summary`
+(aggregation), :mod:`~fewstep.benchmarks.leaderboard.report` (markdown) and
+:mod:`~fewstep.benchmarks.leaderboard.figure` (quality vs NFE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fewstep.benchmarks.leaderboard.cells import Budget
+from fewstep.benchmarks.leaderboard.runner import budget_dir, run_grid, write_json
+
+__all__ = ["Budget", "run_grid", "write_leaderboard"]
+
+
+def write_leaderboard(run_dir: str | Path, budget: Budget, out: str | Path, figure: bool = True) -> dict:
+    """Aggregate the cached cells of ``budget`` into ``out`` (markdown), ``out`` .json and ``out`` .png.
+
+    Args:
+        run_dir: The bench run folder.
+        budget: Selects ``<run_dir>/<budget tag>``.
+        out: Markdown path; the JSON and figure take its stem.
+        figure: Draw the figure (skipped with a note when matplotlib is missing).
+
+    Returns:
+        The leaderboard dict written to the JSON file.
+    """
+    from fewstep.benchmarks.leaderboard.figure import save_figure
+    from fewstep.benchmarks.leaderboard.report import markdown
+    from fewstep.benchmarks.leaderboard.summary import collect
+
+    out = Path(out)
+    d = collect(budget_dir(run_dir, budget))
+    png = out.with_suffix(".png")
+    note = save_figure(d, png) if figure else "disabled (--no-figure)"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(d, png.name if not note else None, note))
+    write_json(out.with_suffix(".json"), d)
+    return d

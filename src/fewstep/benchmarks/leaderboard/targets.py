@@ -1,0 +1,137 @@
+r"""Leaderboard targets and their bars: the analytic teacher of each target and its own Euler sampler.
+
+A target is any name :func:`fewstep.teachers.presets.load_preset` resolves (``ring8``, ``aniso3``, ``digits`` the
+64-D digits mixture, ``random:<seed>``); ``random`` expands to the suite ``random:0`` .. ``random:<n-1>``
+(:func:`fewstep.teachers.random_mixtures.random_mixture_suite`).
+
+Quality is the unbiased summed-bandwidth RBF MMD² (:func:`fewstep.evaluation.metrics.mmd2`) of ``n`` samples from
+the evaluation noise of a seed (:func:`fewstep.evaluation.evaluate.noise`) against ``n`` exact mixture samples
+(:func:`fewstep.evaluation.evaluate.reference_samples`), plus the Fréchet distance in the digit-classifier features
+(``fd``) on the 64-D digits target. The bar of a student at K NFE is the exact teacher's Euler sampler at
+:math:`m K` steps, :math:`m \in \{4, 8, 16\}`, on the same noise and reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.evaluation.evaluate import noise, reference_samples
+from fewstep.evaluation.metrics import mmd2
+from fewstep.sampling.samplers import solve, time_grid
+from fewstep.teachers.gmm import GaussianMixtureTeacher
+from fewstep.teachers.presets import load_preset
+from fewstep.teachers.random_mixtures import RANDOM_PREFIX, random_mixture_suite
+
+__all__ = [
+    "STUDENT_NFE",
+    "BAR_MULTIPLES",
+    "EULER_NFE",
+    "expand_targets",
+    "load_target",
+    "sample_metrics",
+    "teacher_curve",
+    "is_random_target",
+]
+
+STUDENT_NFE: tuple[int, ...] = (1, 2, 4)
+BAR_MULTIPLES: tuple[int, ...] = (4, 8, 16)
+#: Teacher Euler step counts: the bars 4K, 8K, 16K of every student NFE K, and the curve of the figure.
+EULER_NFE: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+def expand_targets(names: list[str], random_n: int = 10, random_base: int = 0) -> list[str]:
+    """Expand ``random`` into the random-mixture suite and check every name (one clear error for a bad one).
+
+    Args:
+        names: Target names (presets, ``random:<seed>``, ``random``, mixture JSON files).
+        random_n: Size of the suite that ``random`` stands for.
+        random_base: First seed of that suite.
+
+    Returns:
+        The names in order, duplicates removed.
+
+    Raises:
+        ValueError: for a name no loader accepts.
+    """
+    out: list[str] = []
+    for name in names:
+        items = list(random_mixture_suite(random_n, random_base)) if name == "random" else [name]
+        for item in items:
+            if item not in out:
+                load_target(item)  # fail early, with the loader's message
+                out.append(item)
+    if not out:
+        raise ValueError("no targets given")
+    return out
+
+
+def is_random_target(name: str) -> bool:
+    """Whether a target is one of the seeded random mixtures."""
+    return name.startswith(RANDOM_PREFIX)
+
+
+def load_target(name: str) -> GaussianMixtureTeacher:
+    """The analytic (unconditional) teacher of a target name."""
+    try:
+        return load_preset(name)
+    except ValueError as e:
+        raise ValueError(f"unknown leaderboard target {name!r}: {e}") from None
+
+
+def sample_metrics(x: torch.Tensor, teacher: GaussianMixtureTeacher, ref: torch.Tensor) -> dict[str, float]:
+    """``mmd2`` of samples ``x`` against ``ref``, and ``fd`` (digit-feature Fréchet distance) on 64-D digits."""
+    x = x.detach().to(torch.float64).cpu()
+    if not bool(torch.isfinite(x).all()):
+        return {"mmd2": float("nan")}
+    out = {"mmd2": mmd2(x, ref)}
+    if teacher.dim == 64:
+        from fewstep.evaluation.digit_features import frechet_digits
+
+        out["fd"] = frechet_digits(x, ref)
+    return out
+
+
+def teacher_curve(name: str, seed: int, n: int, cache_dir: Path | None = None) -> dict[str, Any]:
+    """The teacher's Euler sampler at every :data:`EULER_NFE` step count on target ``name``, seed ``seed``.
+
+    Args:
+        name: Target name.
+        seed: Evaluation seed (noise and reference samples).
+        n: Number of samples.
+        cache_dir: Folder for the cached result (``<name>__s<seed>.json``); None = no cache.
+
+    Returns:
+        ``{"target", "seed", "n", "dim", "euler": {steps: metrics}, "time_s"}`` with metrics from
+        :func:`sample_metrics`.
+    """
+    path = None if cache_dir is None else Path(cache_dir) / f"{name.replace(':', '-')}__s{seed}.json"
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    teacher = load_target(name)
+    x1 = noise(n, teacher, seed)
+    ref = reference_samples(teacher, n, seed)
+    euler = {}
+    with torch.no_grad():
+        for k in EULER_NFE:
+            euler[str(k)] = sample_metrics(solve(teacher, x1, time_grid(k), method="euler").x, teacher, ref)
+    rec = {
+        "target": name,
+        "seed": seed,
+        "n": n,
+        "dim": teacher.dim,
+        "components": int(teacher.weights.shape[0]),
+        "euler": euler,
+        "time_s": time.perf_counter() - t0,
+    }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(path)
+    return rec
