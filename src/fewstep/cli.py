@@ -6,6 +6,7 @@ Commands::
     fewstep train-teacher --data ring8 [overrides]    flow matching on a dataset (a teacher for kind=run)
     fewstep distill --method NAME [--config F.yaml] [--run-dir D] [--resume | --overwrite] [section.key=value ...]
     fewstep sample RUN_DIR [--nfe 4 | --grid 1,0.5,0] [--gamma G] [--n 1000] [--label L] [--out samples]
+    fewstep sample RUN_DIR --class-grid 1 2 4 [--out grid]    image students: one row per class, a column per NFE
     fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000] [--gamma G] [--grid uniform|edm]   metrics with the teacher's
     fewstep export RUN_DIR --format diffusers OUT [--nfe K]   a diffusers folder (student of a diffusers teacher)
     fewstep demo                                      ring8: reflow vs reflow+MA vs the teacher's Euler
@@ -29,7 +30,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +141,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir)
     student = run.student(ema=not args.raw)
     spec, grid = run_sampler(run, args.gamma, args.grid)
+    if args.class_grid:
+        return _sample_class_grid(args, run.step, student, spec, grid)
     cond = _labels(student, args.label, args.n)
     g = torch.Generator().manual_seed(args.seed)
     x1 = torch.randn(args.n, *tuple(student.net.event_shape), generator=g)
@@ -170,6 +173,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
         dec = out.parent / f"{out.name}-decoded.npy"
         np.save(dec, decode(res.x).numpy())
         print(f"wrote {dec} (decoded through the teacher's VAE)")
+    return 0
+
+
+def _sample_class_grid(args: argparse.Namespace, step: int, student: Any, spec: Any, grid: Any) -> int:
+    """``fewstep sample --class-grid K1 K2 ...``: a PNG with one row per class and one column per NFE."""
+    from fewstep.cli_eval import check_nfe
+    from fewstep.sampling.image_grid import class_grid_samples, save_grid
+
+    k = getattr(student.net, "num_classes", None)
+    if not k or len(tuple(student.net.event_shape)) != 3:
+        raise ValueError("--class-grid needs a class-conditional image student (event shape (C, H, W))")
+    if grid is not None:
+        raise ValueError("--class-grid sets the step counts: give --grid only as a rule name (uniform, edm)")
+    check_nfe(args.class_grid)
+    cols = class_grid_samples(student, spec, args.class_grid, int(k), per_cell=2, seed=args.seed)
+    out = Path(args.out or Path(args.run_dir) / "class-grid").with_suffix(".png")
+    print(f"loaded ckpt-{step} of {args.run_dir}; sampler {spec.describe()}")
+    print(f"wrote {save_grid(cols, out, num_classes=int(k), per_cell=2)} (rows: classes 0..{k - 1}; "
+          f"columns: NFE {' '.join(map(str, args.class_grid))})")
     return 0
 
 
@@ -282,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     s.add_argument("--decode", action="store_true", help="also decode latents through the teacher's VAE (diffusers)")
     s.add_argument("--out", help="output path without suffix")
+    s.add_argument("--class-grid", type=int, nargs="+", metavar="NFE",
+                   help="instead: OUT.png with one row per class (2 samples each) and one column per NFE")
     s.set_defaults(fn=cmd_sample)
     e = sub.add_parser("eval", help="metrics of a run beside the teacher's own (Euler, adaptive, exact floor)")
     e.add_argument("run_dir")

@@ -61,3 +61,25 @@ def test_sample_grid_png(tmp_path: Path) -> None:
     assert m.shape == (2 * 9, 3 * 9) and float(m[8, 0]) == -1.0  # gap rows are background
     assert np.allclose(m[:8, :8], x[0, 0].numpy())
     assert image_mosaic(torch.zeros(2, 3, 4, 4)).shape == (5, 2 * 5, 3)  # one row of two RGB images
+
+
+def test_sample_class_grid(teacher_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fewstep sample --class-grid`: one row per class, one column per NFE; same noise in every column."""
+    from fewstep.config.build import load_run
+    from fewstep.sampling.image_grid import class_grid_samples
+
+    out = tmp_path / "grid"
+    assert main(["sample", str(teacher_run), "--class-grid", "1", "2", "--out", str(out)]) == 0
+    png = out.with_suffix(".png")
+    assert png.is_file() and png.stat().st_size > 1000
+    assert "columns: NFE 1 2" in capsys.readouterr().out
+    run = load_run(teacher_run)
+    cols = class_grid_samples(run.student(), run.sampler, [1, 3], num_classes=10, per_cell=2)
+    assert list(cols) == ["1 NFE", "3 NFE"] and all(x.shape == (20, 1, 8, 8) for x in cols.values())
+    assert not torch.allclose(cols["1 NFE"], cols["3 NFE"])
+    again = class_grid_samples(run.student(), run.sampler, [1], num_classes=10, per_cell=2)
+    assert torch.equal(again["1 NFE"], cols["1 NFE"])  # the noise is fixed by the seed
+    assert main(["sample", str(teacher_run), "--class-grid", "2", "--grid", "1,0.5,0", "--out", str(out)]) == 2
+    assert "--class-grid sets the step counts" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="per_cell"):
+        class_grid_samples(run.student(), run.sampler, [1], num_classes=10, per_cell=0)

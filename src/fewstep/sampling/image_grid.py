@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["image_mosaic", "save_grid"]
+__all__ = ["image_mosaic", "save_grid", "class_grid_samples"]
 
 
 def image_mosaic(x: Tensor, cols: int | None = None) -> Any:
@@ -63,3 +63,35 @@ def save_grid(columns: dict[str, Tensor], path: str | Path, num_classes: int = 1
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def class_grid_samples(student: Any, spec: Any, nfe: list[int] | tuple[int, ...], num_classes: int,
+                       per_cell: int = 2, seed: int = 0, grid: Any = None) -> dict[str, Tensor]:
+    r"""Samples for a class-row grid: one entry per NFE, ``num_classes * per_cell`` images each.
+
+    Every column starts from the same noise :math:`x_1 \sim N(0, I)` (generator seed ``seed``) with labels
+    :math:`c_i = i \bmod K`, so a row shows the same draws of one class at each NFE.
+
+    Args:
+        student: A conditional flow-map student (``student.net.event_shape``, ``student.net.num_classes``).
+        spec: The run's :class:`~fewstep.sampling.spec.SamplerSpec`.
+        nfe: Step counts, one column each.
+        num_classes: K, one row each.
+        per_cell: Images of one class per cell.
+        seed: Seed of the noise and of any re-noising.
+        grid: Optional explicit time grid (overrides the spec's rule for every column).
+
+    Returns:
+        Column title ``"<k> NFE"`` -> images of shape (K * per_cell, C, H, W).
+
+    Raises:
+        ValueError: If ``per_cell`` < 1 or ``nfe`` is empty.
+    """
+    from fewstep.sampling.spec import sample_with
+
+    if per_cell < 1 or not nfe:
+        raise ValueError(f"a class grid needs per_cell >= 1 and at least one NFE; got {per_cell}, {list(nfe)}")
+    n = num_classes * per_cell
+    x1 = torch.randn((n, *tuple(student.net.event_shape)), generator=torch.Generator().manual_seed(seed))
+    cond = torch.arange(n) % num_classes
+    return {f"{k} NFE": sample_with(student, x1, spec, int(k), grid=grid, cond=cond, seed=seed).x for k in nfe}
