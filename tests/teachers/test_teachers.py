@@ -57,7 +57,8 @@ def test_preset_structure() -> None:
     cells = ((grid.means + 2) // 1).long()
     assert bool(((cells.sum(1) % 2) == 0).all()) and len({tuple(m) for m in grid.means.tolist()}) == 8
     assert grid.classes.tolist() == (cells[:, 1] % 2).tolist()
-    assert load_preset("ring8").num_classes is None and set(PRESETS) == {"ring8", "aniso3", "grid", "digits"}
+    assert load_preset("ring8").num_classes is None and set(PRESETS) == {"ring8", "aniso3", "grid", "digits",
+                                                                                       "shared3", "overlap2"}
 
 
 def test_digits_preset() -> None:

@@ -10,6 +10,12 @@ log-density and samples are exact at every t on the chosen path.
   one class per component.
 * ``grid``: the 8 dark squares of a 4x4 checkerboard over [-2, 2]^2 (centres, std 0.15), equal weights;
   conditional: 2 classes by row parity (alternating rows).
+* ``shared3``: classes that overlap at t=0 through a shared component: 3 own modes at radius 1.5 (angles
+  0, 120, 240 degrees, std 0.35, weight 0.2 each) plus a central mode N(0, 0.35² I) of weight 0.4 that every
+  class owns a third of; conditional: class c = {own mode c, its share of the centre}.
+* ``overlap2``: two neighbouring classes that overlap at t=0: N((∓0.5, 0), 0.5² I), weights 1/2; conditional: one
+  class each. On these two the guided-ODE target, the tilted density p(x|c)^w p(x)^(1−w) and the w = 1 mixture
+  are measurably apart for w > 1 (docs/results/dm_targets.md).
 * ``digits``: a 64-D mixture fitted per digit class to sklearn's bundled 8x8 digits (pixels x/8 - 1 in
   [-1, 1]), weights = class frequency x component weight; always carries its 10 classes.
 
@@ -37,6 +43,8 @@ PRESETS: dict[str, str] = {
     "ring8": "8 Gaussians on a circle of radius 2, std 0.1, equal weights (conditional: 4 classes of opposite pairs)",
     "aniso3": "3 rotated elongated full-covariance 2-D Gaussians, weights 0.5/0.3/0.2 (conditional: one class each)",
     "grid": "8 Gaussians (std 0.15) at the dark squares of a 4x4 checkerboard on [-2,2]^2 (conditional: 2 row classes)",
+    "shared3": "3 classes (own mode at radius 1.5, std 0.35) sharing a central mode N(0, 0.35^2 I) of weight 0.4",
+    "overlap2": "2 overlapping classes N((-0.5, 0), 0.25 I) and N((0.5, 0), 0.25 I), equal weights",
     "digits": "64-D full-covariance mixture fitted per class to sklearn's 8x8 digits in [-1,1] (10 classes)",
 }
 
@@ -78,6 +86,23 @@ def _grid() -> Spec:
     covs = (0.15**2) * torch.eye(2, dtype=torch.float64).expand(8, 2, 2).clone()
     return (torch.full((8,), 1 / 8, dtype=torch.float64), torch.tensor(means, dtype=torch.float64), covs,
             torch.tensor(classes))
+
+
+def _shared3() -> Spec:
+    r"""Own modes :math:`1.5(\cos 2\pi c/3, \sin 2\pi c/3)` (weight 0.2) + the centre, split 0.4/3 per class."""
+    ang = 2 * math.pi * torch.arange(3, dtype=torch.float64) / 3
+    own = 1.5 * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
+    means = torch.cat([own, torch.zeros(3, 2, dtype=torch.float64)])
+    weights = torch.tensor([0.2] * 3 + [0.4 / 3] * 3, dtype=torch.float64)
+    covs = (0.35**2) * torch.eye(2, dtype=torch.float64).expand(6, 2, 2).clone()
+    return weights, means, covs, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def _overlap2() -> Spec:
+    """Two isotropic Gaussians (std 0.5) at (-0.5, 0) and (0.5, 0), one class each."""
+    means = torch.tensor([[-0.5, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    covs = (0.5**2) * torch.eye(2, dtype=torch.float64).expand(2, 2, 2).clone()
+    return torch.full((2,), 0.5, dtype=torch.float64), means, covs, torch.arange(2)
 
 
 @functools.lru_cache(maxsize=4)
@@ -125,6 +150,7 @@ def digits_mixture(components_per_class: int = 3, reg_covar: float = 1e-2, seed:
 
 
 _BUILDERS: dict[str, Callable[[], Spec]] = {"ring8": _ring8, "aniso3": _aniso3, "grid": _grid,
+                                            "shared3": _shared3, "overlap2": _overlap2,
                                             "digits": digits_mixture}
 
 
