@@ -10,13 +10,13 @@ from torch import Tensor
 
 from fewstep.evaluation.divergences import (
     cov_kl_tv,
-    density_free_kl_tv,
     histogram_tv,
     importance_weight_check,
     knn_kl,
+    knn_kl_exact,
     knn_tv,
-    valid_kl_tv,
 )
+from fewstep.evaluation.valid_kl import density_free_kl_tv, valid_kl_tv
 
 torch.set_num_threads(1)
 
@@ -35,10 +35,11 @@ def _kl_iso(d: int, mean: float, std: float) -> float:
 @pytest.mark.parametrize("d,mean,std", [(2, 0.0, 1.0), (2, 1.0, 1.0), (2, 2.0, 1.0), (2, 0.0, 0.5), (3, 1.0, 0.7)])
 def test_knn_kl_matches_closed_form(d: int, mean: float, std: float) -> None:
     x, y = _gauss(2000, d, mean, std, seed=1), _gauss(20000, d, seed=2)
-    est = knn_kl(x, y)
     truth = _kl_iso(d, mean, std)
-    assert est["kl_se"] < 0.06
-    assert abs(est["kl"] - truth) < 0.05 + 3 * est["kl_se"], (est, truth)
+    log_p = -0.5 * (x**2).sum(1) - 0.5 * d * math.log(2 * math.pi)
+    for est in (knn_kl(x, y), knn_kl_exact(x, log_p)):
+        assert est["kl_se"] < 0.06
+        assert abs(est["kl"] - truth) < 0.05 + 3 * est["kl_se"], (est, truth)
 
 
 @pytest.mark.parametrize("mean", [1.0, 2.0, 3.0])
@@ -46,7 +47,8 @@ def test_tv_estimators_match_closed_form_mean_shift(mean: float) -> None:
     """TV(N(m e_1, I), N(0, I)) = 2 Phi(m/2) - 1 in any dimension."""
     x, y = _gauss(2000, 2, mean, seed=3), _gauss(20000, 2, seed=4)
     truth = math.erf(mean / (2 * math.sqrt(2)))
-    for est in (knn_tv(x, y), histogram_tv(x, y)):
+    log_p = -0.5 * (x**2).sum(1) - math.log(2 * math.pi)
+    for est in (knn_tv(x, y), knn_tv(x, log_p=log_p), histogram_tv(x, y)):
         assert abs(est["tv"] - truth) < 0.03 + 3 * est["tv_se"], (est, truth)
 
 
@@ -57,9 +59,12 @@ def test_tv_estimators_scale_change_and_floor() -> None:
     truth = math.exp(-r2 / 2) - math.exp(-r2 / (2 * s**2))
     x, y = _gauss(2000, 2, std=s, seed=5), _gauss(20000, 2, seed=6)
     assert abs(knn_tv(x, y)["tv"] - truth) < 0.04
-    out = density_free_kl_tv(x, y, floor=_gauss(2000, 2, seed=7))
-    assert out["tv_knn_floor"] < 0.15 < out["tv_knn"]  # the noise floor of a perfect sampler is far below
-    assert abs(out["kl_knn_floor"]) < 0.05 and out["kl_knn"] == pytest.approx(_kl_iso(2, 0.0, s), abs=0.08)
+    floor = _gauss(2000, 2, seed=7)
+    for kw in ({"reference": y}, {"log_p_fn": lambda z: -0.5 * (z**2).sum(1) - math.log(2 * math.pi)}):
+        out = density_free_kl_tv(x, floor=floor, **kw)
+        assert out["tv_knn_floor"] < 0.15 < out["tv_knn"], kw  # the noise floor of a perfect sampler is far below
+        assert abs(out["tv_knn"] - truth) < 0.04
+        assert abs(out["kl_knn_floor"]) < 0.05 and out["kl_knn"] == pytest.approx(_kl_iso(2, 0.0, s), abs=0.08)
 
 
 def test_importance_weights_of_a_valid_density_average_at_most_one() -> None:
@@ -90,9 +95,15 @@ def test_cov_refused_and_bad_inputs() -> None:
         knn_tv(torch.full((4, 2), math.nan), _gauss(10, 2), k=2)
     with pytest.raises(ValueError, match="dimension <= 3"):
         histogram_tv(_gauss(10, 4), _gauss(10, 4))
-    with pytest.raises(ValueError, match="log_p"):
+    with pytest.raises(ValueError, match="log_p_fn"):
         valid_kl_tv(_gauss(10, 2), lq, None)
+    with pytest.raises(ValueError, match="exact target log_p_fn or target reference"):
+        density_free_kl_tv(_gauss(10, 2))
+    with pytest.raises(ValueError, match="needs target samples y or"):
+        knn_tv(_gauss(10, 2))
+    with pytest.raises(ValueError, match=r"log_p must have shape \(10,\)"):
+        knn_kl_exact(_gauss(10, 2), lq[:5])
     assert knn_kl(torch.zeros(10, 2, dtype=torch.float64), _gauss(10, 2), k=2)["kl"] == math.inf  # singular q
     # folded and no reference in a high dimension: no KL/TV at all, only the checks
-    out = valid_kl_tv(_gauss(10, 8), lq, lq, 0.3, reference=_gauss(50, 8))
+    out = valid_kl_tv(_gauss(10, 8), lq, lambda z: lq, 0.3, reference=_gauss(50, 8))
     assert "kl" not in out and out["fold_fraction"] == 0.3 and "w_mean" in out

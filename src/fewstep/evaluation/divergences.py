@@ -10,19 +10,31 @@ Three pieces (docs/methods.md §7):
   with a ValueError when the map folds (:attr:`fewstep.sampling.jump_density.FlowMapLogDensity.fold_fraction`
   above ``fold_tol``, default 0: one folded row already proves the map is not injective, and the error of the
   one-preimage density is not bounded by the share of folded rows), otherwise returned with the weight check.
-* Density-free estimators between samples x of q and exact samples y of p, usable in low dimension
-  (2-3-D): the k-nearest-neighbour KL of Wang, Kulkarni and Verdú (2009), "Divergence estimation for
-  multidimensional densities via k-nearest-neighbor distances", IEEE Trans. Inf. Theory 55(5):2392-2405, eq. (5),
+* Density-free estimators of q (the sampler's density is never used), usable in low dimension (2-3-D).
+  With the exact target log-density (analytic teachers), :func:`knn_kl_exact` writes
+  :math:`KL(q\|p) = -H(q) - E_q[\log p]` with the exact cross term and the Kozachenko-Leonenko k-NN entropy
+  (Kozachenko & Leonenko 1987, "Sample estimate of the entropy of a random vector", Probl. Inf. Transm. 23(2);
+  the digamma form of Kraskov, Stögbauer & Grassberger 2004, eq. (20)),
+
+  .. math::
+      \hat H(q) = \psi(n) - \psi(k) + \log V_d + \frac dn\sum_i \log\rho_k(i),
+
+  :math:`\rho_k(i)` the distance from :math:`x_i` to its k-th neighbour among the other samples, :math:`V_d` the
+  volume of the unit ball; :func:`knn_tv` with ``log_p`` uses the k-NN density
+  :math:`\hat q(x_i) = k/((n-1)V_d\rho_k(i)^d)` in :math:`TV = E_q[(1 - p/q)_+]`. From target samples y alone
+  (learned teachers), :func:`knn_kl` is the estimator of Wang, Kulkarni and Verdú (2009), "Divergence estimation
+  for multidimensional densities via k-nearest-neighbor distances", IEEE Trans. Inf. Theory 55(5):2392-2405, eq. (5),
 
   .. math::
       \widehat{KL}(q\|p) = \frac dn\sum_{i=1}^n \log\frac{\nu_k(i)}{\rho_k(i)} + \log\frac{m}{n-1},
 
-  with :math:`\rho_k(i)` the distance from :math:`x_i` to its k-th neighbour among the other x and
-  :math:`\nu_k(i)` to its k-th neighbour among the m samples y; and TV from the same k-NN density ratio,
-  :math:`\widehat{TV} = \frac1n\sum_i (1 - \hat r_i)_+`, :math:`\hat r_i = \frac{n-1}{m}(\rho_k(i)/\nu_k(i))^d`
-  (:math:`TV = E_q[(1 - p/q)_+]`), or from a histogram on a common grid, :math:`\tfrac12\sum_b|\hat q_b - \hat p_b|`.
-  Both TV estimators are biased upward by sampling noise near TV = 0; report the value for two independent
-  exact sample sets of the same sizes (the *floor*) beside them.
+  :math:`\nu_k(i)` the distance from :math:`x_i` to its k-th neighbour among the m samples y, and :func:`knn_tv`
+  uses the ratio :math:`\hat r_i = \frac{n-1}{m}(\rho_k(i)/\nu_k(i))^d` for p/q. The sample-only KL is biased low
+  when q puts mass where p is tiny (no sample of p resolves :math:`\log p \ll 0` there): on ring8, the teacher's
+  Euler-2 pushforward (no folded sample, change-of-variables KL 29.9) gets 5.1 from it and 29.9 from
+  :func:`knn_kl_exact` (n = 2000). :func:`histogram_tv` bins both sample sets on a common grid. Every TV
+  estimator is biased upward by sampling noise near TV = 0; report the value for exact samples of the same size
+  (the *floor*) beside it.
 
 Standard errors of the k-NN estimators are std/√n of the per-sample terms (the terms are weakly dependent; the
 Gaussian tests in tests/evaluation/test_divergences.py check the estimates against closed forms).
@@ -35,6 +47,7 @@ import math
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+from scipy.special import digamma
 from torch import Tensor
 
 from fewstep.evaluation.metrics import kl_tv_importance
@@ -46,8 +59,7 @@ __all__ = [
     "knn_kl",
     "knn_tv",
     "histogram_tv",
-    "density_free_kl_tv",
-    "valid_kl_tv",
+    "knn_kl_exact",
 ]
 
 #: Largest tolerated share of folded rows for a change-of-variables density (see the module docstring).
@@ -124,7 +136,7 @@ def cov_kl_tv(log_q: Tensor, log_p: Tensor, fold_fraction: float, fold_tol: floa
         raise ValueError(
             f"change-of-variables KL/TV refused: the map folds (det df/dx <= 0) on "
             f"{100 * fold_fraction:.1f}% of samples (tolerance {100 * fold_tol:.1f}%), so log q is not "
-            f"the samples' density; use the density-free knn_kl / knn_tv instead"
+            f"the samples' density; use the density-free estimators (valid_kl_tv) instead"
         )
     out = kl_tv_importance(log_q, log_p)
     return {**out, **importance_weight_check(log_q, log_p), "fold_fraction": float(fold_fraction)}
@@ -159,23 +171,77 @@ def knn_kl(x: Tensor, y: Tensor, k: int = 5) -> dict[str, float]:
     }
 
 
-def knn_tv(x: Tensor, y: Tensor, k: int = 20) -> dict[str, float]:
-    r"""k-NN estimate of TV(q, p) = :math:`E_q[(1 - p/q)_+]` with the density ratio of the module docstring.
+def _log_unit_ball(d: int) -> float:
+    return 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
+
+
+def _self_knn(a: np.ndarray, k: int) -> np.ndarray:
+    if not 1 <= k < a.shape[0]:
+        raise ValueError(f"k must satisfy 1 <= k < n; got k={k}, n={a.shape[0]}")
+    return cKDTree(a).query(a, k + 1)[0][:, -1]
+
+
+def _log_p_at(x: Tensor, log_p: Tensor) -> np.ndarray:
+    lp = log_p.detach().to(torch.float64).flatten().cpu().numpy()
+    if lp.shape != (x.shape[0],):
+        raise ValueError(f"log_p must have shape ({x.shape[0]},); got {tuple(log_p.shape)}")
+    return lp
+
+
+def knn_kl_exact(x: Tensor, log_p: Tensor, k: int = 5) -> dict[str, float]:
+    r""":math:`KL(q\|p) = -\hat H(q) - E_q[\log p]`: k-NN entropy of the samples and the exact target log-density.
 
     Args:
         x: Samples of q, shape (n, d).
-        y: Samples of p, shape (m, d).
+        log_p: Exact normalised :math:`\log p(x_i)`, shape (n,).
+        k: Neighbour rank of the entropy estimate.
+
+    Returns:
+        Dict with ``kl`` and ``kl_se`` (std/√n of the per-sample terms :math:`-d\log\rho_k(i) - \log p(x_i)`);
+        coincident samples (a singular q) give ``kl = inf``.
+    """
+    a = _points(x, "x (samples of q)")
+    n, d = a.shape
+    lp = _log_p_at(x, log_p)
+    with np.errstate(divide="ignore"):
+        terms = -d * np.log(_self_knn(a, k)) - lp
+    if not np.isfinite(terms).all():
+        return {"kl": math.inf, "kl_se": math.inf}
+    const = float(digamma(k) - digamma(n) - _log_unit_ball(d))
+    return {"kl": float(terms.mean()) + const, "kl_se": float(terms.std(ddof=1) / math.sqrt(n))}
+
+
+def knn_tv(x: Tensor, y: Tensor | None = None, k: int = 20, log_p: Tensor | None = None) -> dict[str, float]:
+    r"""k-NN estimate of TV(q, p) = :math:`E_q[(1 - p/q)_+]` (module docstring).
+
+    Args:
+        x: Samples of q, shape (n, d).
+        y: Samples of p, shape (m, d) (for the sample-only ratio; unused with ``log_p``).
         k: Neighbour rank (larger: less noise, more smoothing; 20 at n = 2000).
+        log_p: Exact normalised :math:`\log p(x_i)`, shape (n,): p/q uses it with the k-NN density of q.
 
     Returns:
         Dict with ``tv``, ``tv_se`` (std/√n of the per-sample terms).
+
+    Raises:
+        ValueError: If neither ``y`` nor ``log_p`` is given.
     """
-    a, b = _pair(x, y, k)
-    n, d = a.shape
-    rho, nu = _knn_dists(a, b, k)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (n - 1) / b.shape[0] * np.exp(d * (np.log(rho) - np.log(nu)))
-    terms = np.clip(1.0 - np.nan_to_num(ratio, nan=0.0), 0.0, None)
+    if log_p is None:
+        if y is None:
+            raise ValueError("knn_tv needs target samples y or the exact target log_p")
+        a, b = _pair(x, y, k)
+        n, d = a.shape
+        rho, nu = _knn_dists(a, b, k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_ratio = d * (np.log(rho) - np.log(nu)) + math.log((n - 1) / b.shape[0])
+    else:
+        a = _points(x, "x (samples of q)")
+        n, d = a.shape
+        with np.errstate(divide="ignore"):
+            log_q = math.log(k / (n - 1)) - _log_unit_ball(d) - d * np.log(_self_knn(a, k))
+        log_ratio = _log_p_at(x, log_p) - log_q
+    with np.errstate(over="ignore", invalid="ignore"):
+        terms = np.clip(1.0 - np.nan_to_num(np.exp(log_ratio), nan=0.0), 0.0, None)
     return {"tv": float(terms.mean()), "tv_se": float(terms.std(ddof=1) / math.sqrt(n))}
 
 
@@ -215,92 +281,3 @@ def histogram_tv(x: Tensor, y: Tensor, bins: int = 16, clip: float = 1e-3) -> di
         (sgn**2 * hp).sum() - (sgn * hp).sum() ** 2
     ) / b.shape[0]
     return {"tv": float(0.5 * np.abs(hq - hp).sum()), "tv_se": float(0.5 * math.sqrt(max(var, 0.0)))}
-
-
-def density_free_kl_tv(
-    x: Tensor, reference: Tensor, floor: Tensor | None = None, k_kl: int = 5, k_tv: int = 20
-) -> dict[str, float]:
-    """:func:`knn_kl` and :func:`knn_tv` of samples x against exact target samples, with their floors.
-
-    Args:
-        x: Samples of q, shape (n, d).
-        reference: Exact samples of p, shape (m, d) (m = 10 n in :mod:`fewstep.evaluation.evaluate`).
-        floor: Optional independent exact samples of p, shape (n, d): the same estimators on them give the value
-            of a perfect sampler at this n (``*_floor``).
-        k_kl: Neighbour rank of the KL estimator.
-        k_tv: Neighbour rank of the TV estimator.
-
-    Returns:
-        Dict with ``kl_knn``, ``kl_knn_se``, ``tv_knn``, ``tv_knn_se`` and, with ``floor``, ``kl_knn_floor``,
-        ``tv_knn_floor``.
-    """
-    kl, tv = knn_kl(x, reference, k_kl), knn_tv(x, reference, k_tv)
-    out = {"kl_knn": kl["kl"], "kl_knn_se": kl["kl_se"], "tv_knn": tv["tv"], "tv_knn_se": tv["tv_se"]}
-    if floor is not None:
-        out["kl_knn_floor"] = knn_kl(floor, reference, k_kl)["kl"]
-        out["tv_knn_floor"] = knn_tv(floor, reference, k_tv)["tv"]
-    return out
-
-
-def valid_kl_tv(
-    x: Tensor,
-    log_q: Tensor | None,
-    log_p: Tensor | None,
-    fold_fraction: float = 0.0,
-    reference: Tensor | None = None,
-    floor: Tensor | None = None,
-    fold_tol: float = FOLD_TOL,
-    max_dim: int = 3,
-) -> dict[str, float]:
-    """KL/TV of samples x of q against p by the valid route, with the fold and weight checks beside them.
-
-    With a change-of-variables ``log_q``: ``fold_fraction`` and the :func:`importance_weight_check` are always
-    reported; when the map does not fold, ``kl``/``tv`` are importance-sampled (``kl_from_cov`` = 1). With
-    ``reference`` samples in dimension <= ``max_dim`` the density-free ``kl_knn``/``tv_knn`` are reported too, and
-    they become ``kl``/``tv`` (``kl_from_cov`` = 0) when the map folds or no ``log_q`` is given. A folding map in
-    higher dimension gets no ``kl``/``tv``.
-
-    Args:
-        x: Samples of q, shape (n, ...).
-        log_q: Change-of-variables log q at x, or None.
-        log_p: Exact normalised log p at x (needed with ``log_q``).
-        fold_fraction: Share of folded rows of the map that made x.
-        reference: Exact samples of p for the density-free estimators, or None.
-        floor: Independent exact samples of p of x's size (floors of the density-free estimators), or None.
-        fold_tol: Largest accepted ``fold_fraction`` for the change of variables.
-        max_dim: Largest dimension for the density-free estimators.
-
-    Returns:
-        Metric name -> float (see above).
-
-    Raises:
-        ValueError: If ``log_q`` is given without ``log_p``.
-    """
-    out: dict[str, float] = {}
-    if log_q is not None:
-        if log_p is None:
-            raise ValueError("log_p is needed to check a change-of-variables log_q")
-        out.update({"fold_fraction": float(fold_fraction), **importance_weight_check(log_q, log_p)})
-        if fold_fraction <= fold_tol:
-            kt = cov_kl_tv(log_q, log_p, fold_fraction, fold_tol)
-            out.update({k: kt[k] for k in ("kl", "kl_se", "tv", "tv_se")})
-            out["kl_from_cov"] = 1.0
-    if reference is not None and x[0].numel() <= max_dim:
-        out.update(
-            density_free_kl_tv(
-                x.reshape(x.shape[0], -1),
-                reference.reshape(reference.shape[0], -1),
-                None if floor is None else floor.reshape(floor.shape[0], -1),
-            )
-        )
-        if "kl" not in out:
-            out.update(
-                {
-                    "kl": out["kl_knn"],
-                    "kl_se": out["kl_knn_se"],
-                    "tv": out["tv_knn"],
-                    "tv_se": out["tv_knn_se"],
-                    "kl_from_cov": 0.0,
-                }
-            )
-    return out

@@ -8,10 +8,16 @@ Everything is measured against an analytic :class:`~fewstep.teachers.GaussianMix
 * ``w2`` (exact OT) and, for d > 2, ``sliced_w2``;
 * ``coupling_l2`` / ``coupling_mse`` vs the teacher's adaptive ODE endpoint from the same noise;
 * for 64-D digits ``fd_digits`` vs the reference and ``fd_digits_real`` vs the 1797 real digits;
-* in dimension <= ``kl_max_dim`` (default 2) ``kl``/``tv`` of the sampler's exact pushforward q:
-  :math:`KL(q\|p_0) = E_q[\log q - \log p_0]` with log q from the change of variables
+* in dimension <= ``kl_max_dim`` (default 2) ``kl``/``tv`` of the sampler's pushforward q
+  (:func:`fewstep.evaluation.divergences.valid_kl_tv`): by importance sampling,
+  :math:`KL(q\|p_0) = E_q[\log q - \log p_0]`, with log q from the change of variables
   (:mod:`fewstep.sampling.logdensity`; jump log-determinants for flow maps and fixed-step solvers, the augmented ODE
-  for adaptive solvers).
+  for adaptive solvers) when the map does not fold, reported with ``fold_fraction`` (share of samples with
+  det ∂f/∂x <= 0) and the density check ``w_mean`` ± ``w_se`` = :math:`E_q[p_0/q]` (<= 1 for a valid density);
+  when the map folds, or the sampler is stochastic, ``kl``/``tv`` are the density-free k-NN estimates
+  ``kl_knn``/``tv_knn`` (k-NN entropy of the samples with the exact log p_0; reported beside the importance-sampled
+  ones in any case, with their values for exact samples ``kl_knn_floor``/``tv_knn_floor``); ``kl_from_cov``
+  says which (1 or 0).
 
 Noise is :math:`x_1 \sim N(0, I)` from ``torch.Generator().manual_seed(seed)`` in float64 (see :func:`noise`),
 so every evaluator with the same seed starts from the same points.
@@ -26,9 +32,10 @@ import torch
 from torch import Tensor
 
 from fewstep.evaluation.digit_features import frechet_digits
-from fewstep.evaluation.metrics import coupling_error, kl_tv_importance, mean_loglik, mmd2, mode_coverage, sliced_w2, w2
+from fewstep.evaluation.metrics import coupling_error, mean_loglik, mmd2, mode_coverage, sliced_w2, w2
+from fewstep.evaluation.valid_kl import valid_kl_tv
 from fewstep.sampling.integrators import rk_step
-from fewstep.sampling.logdensity import flowmap_logdensity, jump_logdet, ode_logdensity, standard_normal_logprob
+from fewstep.sampling.logdensity import flowmap_logdensity, ode_logdensity, standard_normal_logprob
 from fewstep.sampling.samplers import ODE_METHODS, check_grid, sample_flowmap, solve, solve_adaptive, time_grid
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 
@@ -36,6 +43,7 @@ __all__ = ["noise", "reference_samples", "teacher_endpoint", "evaluate_samples",
            "evaluate_velocity_solver", "evaluate_teacher_solver", "REFERENCE_SEED_OFFSET"]
 
 REFERENCE_SEED_OFFSET = 1_000_003
+DENSITY_FREE_SEED_OFFSET = 2_000_029  # exact samples giving the floor of the k-NN KL/TV
 
 
 def noise(n: int, teacher: GaussianMixtureTeacher, seed: int = 0) -> Tensor:
@@ -61,7 +69,7 @@ def teacher_endpoint(teacher: GaussianMixtureTeacher, x1: Tensor, cond: Tensor |
 
 def evaluate_samples(x: Tensor, teacher: GaussianMixtureTeacher, reference: Tensor | None = None,
                      cond: Tensor | None = None, x_teacher: Tensor | None = None, log_q: Tensor | None = None,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, fold_fraction: float = 0.0, density_free: bool = False) -> dict[str, float]:
     """All sample metrics of ``x`` against the mixture ``teacher`` (see the module docstring).
 
     Args:
@@ -70,8 +78,12 @@ def evaluate_samples(x: Tensor, teacher: GaussianMixtureTeacher, reference: Tens
         reference: Reference samples for MMD²/W2/Fréchet; default exact mixture samples (seeded by ``seed``).
         cond: Labels of the samples (shape (n,)) for conditional targets.
         x_teacher: The teacher's ODE endpoints from the same noise (enables coupling metrics).
-        log_q: log q(x) of the sampler's distribution at ``x`` (enables KL/TV by importance sampling).
+        log_q: Change-of-variables log q(x) of the sampler at ``x`` (enables KL/TV by importance sampling, refused
+            when the map folds).
         seed: Seed of the default reference samples.
+        fold_fraction: Share of samples at which the map that made ``x`` has det <= 0 (with ``log_q``).
+        density_free: Also estimate KL/TV without the sampler's density (k-NN entropy of ``x`` and the exact
+            log p_0; dimension <= 3), with the value for n exact samples as floor.
 
     Returns:
         Metric name -> value (``mmd2``, ``mean_loglik``, ``modes_covered``, ``off_mode``, ``w2``, and the
@@ -99,9 +111,14 @@ def evaluate_samples(x: Tensor, teacher: GaussianMixtureTeacher, reference: Tens
         real = torch.as_tensor(load_digits().data, dtype=torch.float64) / 8.0 - 1.0
         out["fd_digits"] = frechet_digits(x, ref)
         out["fd_digits_real"] = frechet_digits(x, real)
-    if log_q is not None:
-        kt = kl_tv_importance(log_q.detach().cpu(), teacher.log_prob(x, 0.0, cond).cpu())
-        out.update({k: kt[k] for k in ("kl", "kl_se", "tv", "tv_se")})
+    if log_q is not None or (density_free and teacher.dim <= 3):
+        floor = None
+        if density_free and teacher.dim <= 3:
+            g = torch.Generator().manual_seed(seed + DENSITY_FREE_SEED_OFFSET)
+            floor = teacher.sample(x.shape[0], cond=cond, generator=g, dtype=torch.float64)
+        out.update(valid_kl_tv(x, None if log_q is None else log_q.detach().to(torch.float64).cpu(),
+                               lambda z: teacher.log_prob(z, 0.0, cond).cpu(), fold_fraction,
+                               floor=floor if density_free else None, max_dim=3 if density_free else 0))
     return out
 
 
@@ -118,8 +135,10 @@ def evaluate_flowmap(flowmap: Callable[..., Tensor], teacher: GaussianMixtureTea
     ``sampler`` (a :class:`~fewstep.sampling.spec.SamplerSpec`, default deterministic uniform jumps) picks the
     multi-step sampler; a stochastic one (gamma > 0) re-noises from a generator seeded by ``seed`` and has no KL/TV.
 
-    Coupling error is measured against the teacher's adaptive endpoint from the same noise; KL/TV use the
-    exact log-density of the k-jump map (:func:`~fewstep.sampling.logdensity.flowmap_logdensity`) when d <= kl_max_dim.
+    Coupling error is measured against the teacher's adaptive endpoint from the same noise. When d <= kl_max_dim,
+    KL/TV come from the change-of-variables density of the k-jump map
+    (:func:`~fewstep.sampling.logdensity.flowmap_logdensity`) if no jump folds, else (and for stochastic samplers)
+    from the density-free k-NN estimators; see the module docstring.
     """
     x1 = noise(n, teacher, seed)
     x_t, _ = teacher_endpoint(teacher, x1, cond)
@@ -131,12 +150,16 @@ def evaluate_flowmap(flowmap: Callable[..., Tensor], teacher: GaussianMixtureTea
             from fewstep.sampling.spec import sample_with
 
             xs, log_q = sample_with(flowmap, x1.to(dtype), sampler, int(k), cond=cond, seed=seed).x, None
+            folds = 0.0
         elif teacher.dim <= kl_max_dim:
-            xs, log_q = flowmap_logdensity(flowmap, x1.to(dtype), int(k), cond=cond)
+            fl = flowmap_logdensity(flowmap, x1.to(dtype), int(k), cond=cond)
+            xs, log_q, folds = fl.x, fl.log_q, fl.fold_fraction
         else:
             with torch.no_grad():
                 xs, log_q = sample_flowmap(flowmap, x1.to(dtype), int(k), cond=cond).x, None
-        m = evaluate_samples(xs, teacher, reference=ref, cond=cond, x_teacher=x_t, log_q=log_q, seed=seed)
+            folds = 0.0
+        m = evaluate_samples(xs, teacher, reference=ref, cond=cond, x_teacher=x_t, log_q=log_q, seed=seed,
+                             fold_fraction=folds, density_free=teacher.dim <= kl_max_dim)
         m["nfe"] = float(k)
         results[int(k)] = m
     return results
@@ -185,18 +208,14 @@ def evaluate_velocity_solver(velocity_fn: Callable[..., Tensor], teacher: Gaussi
         x_teacher, _ = teacher_endpoint(teacher, x1, cond)
     dtype = _model_dtype(velocity_fn)
     x1 = x1.to(dtype)
-    log_q = None
+    log_q, folds = None, 0.0
     if method in ODE_METHODS:
         grid = time_grid(steps) if isinstance(steps, int) else check_grid(steps)
         with torch.no_grad():
             res = solve(velocity_fn, x1, grid, method=method, cond=cond)
-        if teacher.dim <= kl_max_dim:
-            step_map = _solver_map(velocity_fn, method)
-            log_q = standard_normal_logprob(x1)
-            y = x1
-            for i in range(len(grid) - 1):
-                y, ld = jump_logdet(step_map, y, float(grid[i]), float(grid[i + 1]), cond=cond)
-                log_q = log_q - ld
+        if teacher.dim <= kl_max_dim:  # each solver step is a jump; it folds when I + h dv/dx has det <= 0
+            fl = flowmap_logdensity(_solver_map(velocity_fn, method), x1, grid, cond=cond)
+            log_q, folds = fl.log_q, fl.fold_fraction
     else:
         with torch.no_grad():
             res = solve_adaptive(velocity_fn, x1, rtol=rtol, atol=atol, method=method, cond=cond)
@@ -206,7 +225,8 @@ def evaluate_velocity_solver(velocity_fn: Callable[..., Tensor], teacher: Gaussi
             # the augmented solve adapts its own steps; evaluate at its endpoint (within tolerance of res.x)
             # so that log q belongs to the points. nfe stays that of the plain sampling solve.
             log_q, res.x = lr.log_q, lr.x
-    m = evaluate_samples(res.x, teacher, reference=reference, cond=cond, x_teacher=x_teacher, log_q=log_q, seed=seed)
+    m = evaluate_samples(res.x, teacher, reference=reference, cond=cond, x_teacher=x_teacher, log_q=log_q, seed=seed,
+                         fold_fraction=folds, density_free=teacher.dim <= kl_max_dim)
     m["nfe"] = float(res.nfe)
     return m
 
