@@ -144,6 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             retry_failed=args.retry_failed,
         )
         print(f"cells: {counts['ran']} run, {counts['cached']} cached, {counts['failed']} failed")
-    d = write_leaderboard(opt["run_dir"], budget, opt["out"], figure=not args.no_figure)
+    page = f"{cmd} --report-only" if args.report_only else ""
+    d = write_leaderboard(opt["run_dir"], budget, opt["out"], figure=not args.no_figure, page_command=page)
     print(f"leaderboard: {opt['out']} (+ .json); {len(d['missing'])} cells missing, {len(d['failed'])} failed")
     return 0

@@ -17,7 +17,9 @@ from fewstep.benchmarks.leaderboard.runner import budget_dir, run_grid, write_js
 __all__ = ["Budget", "run_grid", "write_leaderboard"]
 
 
-def write_leaderboard(run_dir: str | Path, budget: Budget, out: str | Path, figure: bool = True) -> dict:
+def write_leaderboard(
+    run_dir: str | Path, budget: Budget, out: str | Path, figure: bool = True, page_command: str = ""
+) -> dict:
     """Aggregate the cached cells of ``budget`` into ``out`` (markdown), ``out`` .json and ``out`` .png.
 
     Args:
@@ -25,6 +27,7 @@ def write_leaderboard(run_dir: str | Path, budget: Budget, out: str | Path, figu
         budget: Selects ``<run_dir>/<budget tag>``.
         out: Markdown path; the JSON and figure take its stem.
         figure: Draw the figure (skipped with a note when matplotlib is missing).
+        page_command: The command writing the page, shown on it.
 
     Returns:
         The leaderboard dict written to the JSON file.
@@ -38,6 +41,6 @@ def write_leaderboard(run_dir: str | Path, budget: Budget, out: str | Path, figu
     png = out.with_suffix(".png")
     note = save_figure(d, png) if figure else "disabled (--no-figure)"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(d, png.name if not note else None, note))
+    out.write_text(markdown(d, png.name if not note else None, note, page_command))
     write_json(out.with_suffix(".json"), d)
     return d

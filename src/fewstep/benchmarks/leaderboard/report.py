@@ -64,13 +64,14 @@ def _target_table(d: dict[str, Any], target: str) -> list[str]:
     return lines + [""]
 
 
-def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = "") -> str:
+def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = "", page_command: str = "") -> str:
     """The whole leaderboard page.
 
     Args:
         d: The dict of :func:`~fewstep.benchmarks.leaderboard.summary.collect`.
         figure: File name of the quality-vs-NFE figure next to the page, or None.
         figure_note: Why there is no figure (e.g. matplotlib missing).
+        page_command: The command that wrote this page (when it differs from the cell commands).
 
     Returns:
         Markdown text.
@@ -82,7 +83,10 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
         "do not edit by hand. Commands that produced the cells:",
         "",
     ]
-    L += [f"    {c}" for c in d["commands"]] + ["", _budget_line(d), ""]
+    L += [f"    {c}" for c in d["commands"]] + [""]
+    if page_command:
+        L += ["This page was written by:", "", f"    {page_command}", ""]
+    L += [_budget_line(d), ""]
     L += [
         "MMD²: unbiased RBF, bandwidths {0.05, 0.2, 1}·√(d/2) summed (`fewstep.evaluation.metrics.mmd2`), mean ± "
         "sample std over seeds (± 0 with one seed: then a margin below the estimator noise, about 1e-3 at these "
@@ -102,7 +106,7 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
             "Mixtures drawn from a seed (`fewstep.teachers.random_mixtures`: d 2-16, 3-10 full-covariance "
             "components, unequal weights); no config was tuned on them, and none was changed for them.",
             "",
-            "| method | sampler | 1 NFE < Euler 4 | 2 NFE < Euler 8 | 4 NFE < Euler 16 | by design |",
+            "| method | sampler | 1 NFE < Euler 4 | 2 NFE < Euler 8 | 4 NFE < Euler 16 | by design; budget |",
             "|---|---|---|---|---|---|",
         ]
         for m, s in ms.items():
@@ -110,7 +114,7 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
             if not rp["1"]["of"]:
                 continue
             cols = [f"{rp[str(k)]['passed']}/{rp[str(k)]['of']}" for k in STUDENT_NFE]
-            notes = "; ".join(f"{k} NFE: {v}" for k, v in s["design_limits"].items()) or ""
+            notes = "; ".join([f"{k} NFE: {v}" for k, v in s["design_limits"].items()] + s.get("budget_notes", []))
             L.append(f"| {m} | {s['sampler']} | " + " | ".join(cols) + f" | {notes} |")
         L.append("")
     L += [
@@ -122,17 +126,19 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
         "(+ setup) wall time at the first evaluation that beats the Euler-4K bar (reached / cells), resolution "
         "= steps / probes. Throughput: EMA student samples per second on one CPU thread.",
         "",
-        "| method | ms/step | × FM | net evals/sample/step | teacher evals/sample/step | setup teacher evals "
-        "| train s | time to 1-NFE bar | time to 2-NFE bar | samples/s at 1 / 4 NFE |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | shipped steps × batch | ms/step | × FM | net evals/sample/step | teacher evals/sample/step "
+        "| setup teacher evals | train s | time to 1-NFE bar | time to 2-NFE bar | samples/s at 1 / 4 NFE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in ms.items():
         tb = [
             f"{_f(s['time_to_bar'][k]['median_s'], 0)} s ({s['time_to_bar'][k]['reached']}/{s['time_to_bar'][k]['of']})"
             for k in ("1", "2")
         ]
+        sh = s.get("shipped") or {}
         L.append(
-            f"| {m} | {_f(s['step_ms'], 1)} | {_f(s['step_vs_fm'], 2)} | {_f(s['net_evals_per_sample'], 1)} | "
+            f"| {m} | {sh.get('steps')} × {sh.get('batch_size')} | {_f(s['step_ms'], 1)} | "
+            f"{_f(s['step_vs_fm'], 2)} | {_f(s['net_evals_per_sample'], 1)} | "
             f"{_f(s['teacher_evals_per_sample'], 1)} | {_f(s['prepare_teacher_evals'], 0)} | "
             f"{_f(s['train_s'], 0)} | {tb[0]} | {tb[1]} | {_f(s['throughput']['1'], 0)} / "
             f"{_f(s['throughput']['4'], 0)} |"
@@ -147,11 +153,14 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
         L += _target_table(d, t)
     L += ["## Missing and failed cells", ""]
     if d["missing"]:
-        L.append(
-            f"{len(d['missing'])} requested cells are not computed yet (rerun the command to resume): "
-            + ", ".join(f"{m}/{t}/s{s}" for m, t, s in d["missing"])
-            + "."
-        )
+        L.append(f"{len(d['missing'])} requested cells are not computed yet (rerun the command to resume):")
+        L.append("")
+        groups: dict[tuple[str, int], list[str]] = {}
+        for m, t, s in d["missing"]:
+            groups.setdefault((t, s), []).append(m)
+        for (t, s), ms_missing in sorted(groups.items()):
+            names = "all methods" if len(ms_missing) == len(d["methods"]) else ", ".join(ms_missing)
+            L.append(f"- {t} seed {s}: {names}")
     else:
         L.append("None missing.")
     for f in d["failed"]:

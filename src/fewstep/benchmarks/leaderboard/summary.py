@@ -41,6 +41,29 @@ def _bars(root: Path, target: str, seeds: list[int]) -> dict[str, dict[str, floa
     return out
 
 
+#: Method hyper-parameters that count training steps: a value >= the bench's steps means the schedule never ends.
+SCHEDULE_KEYS = ("warmup_steps", "curriculum_steps")
+
+
+def shipped_budget(config: str) -> dict[str, int]:
+    """``train.steps`` and ``train.batch_size`` of a shipped config file (the defaults for ``"defaults"``)."""
+    from fewstep.config.schema import RunConfig, load_config
+
+    cfg = load_config(config) if config != "defaults" and Path(config).is_file() else RunConfig()
+    return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size}
+
+
+def budget_notes(cell: dict[str, Any]) -> list[str]:
+    """Schedules of the shipped method config that are longer than the bench's training (from the resolved config)."""
+    steps = cell["budget"].get("steps", 0)
+    mcfg = ((cell.get("resolved") or {}).get("method") or {}).get("cfg") or {}
+    return [
+        f"method.cfg.{k}={mcfg[k]} >= {steps} bench steps (schedule unfinished)"
+        for k in SCHEDULE_KEYS
+        if isinstance(mcfg.get(k), int) and mcfg[k] >= steps > 0
+    ]
+
+
 def collect(root: Path) -> dict[str, Any]:
     """The leaderboard dict of the budget folder ``root`` (cells, requests and bars cached there).
 
@@ -133,6 +156,8 @@ def collect(root: Path) -> dict[str, Any]:
             "time_to_bar": {},
             "random_pass": {},
             "design_limits": mine[0].get("design_limits", {}),
+            "shipped": shipped_budget(mine[0]["config"]),
+            "budget_notes": budget_notes(mine[0]),
         }
         for k in STUDENT_NFE:
             hits = [c["time_to_bar_s"][str(k)] for c in mine if c["time_to_bar_s"][str(k)] is not None]
