@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # or install their own torch into $(VENV) first - an importable torch is never replaced.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo lint test test-slow clean
+.PHONY: install demo lint test test-slow test-peers mutation clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,20 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+# peers side by side (fewstep.benchmarks.peers); CPU torch stays pinned (see the peers extra in pyproject.toml)
+test-peers: install
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[peers]"
+	@# the PyPI torchvision does not load next to a CPU torch: remove it (fewstep.benchmarks.peers stubs it)
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision
+	$(PY) -m pytest -q -p no:cacheprovider -m peers
+
+# mutation score per module (tools/mutation.py; docs/mutation.md); MODULES="core/paths.py ..." for a subset
+MODULES ?= --all
+mutation: install
+	$(PY) -m pip install -q "mutmut==3.8.1"
+	$(PY) tools/mutation.py $(MODULES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,171 @@
+"""Mutation testing of fewstep's maths modules with mutmut, one module at a time, each with its own fast tests.
+
+mutmut (pinned 3.8.1) rewrites every function of a module into mutants (flipped operators, changed constants,
+dropped arguments, ...) and runs the tests that reach the function; a mutant no test fails on "survives". Each
+module runs in its own scratch copy of the repository (``--workdir``, default /tmp/fewstep_mutation/<module>), so the
+shared working tree is never mutated, with the test files listed in :data:`MODULES` only (mutmut then picks, per
+mutant, the tests that called the mutated function). The score is killed / (mutants - equivalent), where
+:data:`EQUIVALENT` lists the surviving mutants argued equivalent (by mutmut's mutant name, with a one-line reason,
+also in docs/mutation.md).
+
+Usage::
+
+    python tools/mutation.py core/paths.py core/flowmap.py      # some modules
+    python tools/mutation.py --all                                 # every module in MODULES (hours on 2 cores)
+    python tools/mutation.py --list                                # modules and their test files
+
+Writes ``<workdir>/<module>/summary.json`` (per-mutant status) and prints the survivors and the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: module (relative to src/fewstep) -> the test files that exercise it (relative to tests/)
+MODULES: dict[str, list[str]] = {
+    "core/paths.py": ["core/test_paths.py", "core/test_mutation_kills_paths.py"],
+    "core/flowmap.py": ["core/test_flowmap.py", "core/test_mutation_kills_flowmap.py"],
+    "sampling/samplers.py": ["sampling/test_samplers.py", "sampling/test_mutation_kills_samplers.py"],
+    "sampling/logdensity.py": ["sampling/test_logdensity.py"],
+    "methods/_shared/alignment.py": ["methods/test_alignment.py", "methods/test_perflow.py"],
+    "methods/flow_matching.py": ["methods/test_reflow.py", "methods/test_mutation_kills_methods.py"],
+    "methods/reflow.py": ["methods/test_reflow.py", "methods/test_mutation_kills_methods.py"],
+    "methods/meanflow.py": ["methods/test_meanflow.py", "methods/test_mutation_kills_methods.py"],
+    "methods/splitmeanflow.py": ["methods/test_splitmeanflow.py", "methods/test_mutation_kills_methods.py"],
+    "methods/shortcut.py": ["methods/test_shortcut.py", "methods/test_mutation_kills_methods.py"],
+    "methods/ayf.py": ["methods/test_ayf.py", "methods/test_mutation_kills_methods.py"],
+    "methods/consistency.py": ["methods/test_consistency.py", "methods/test_mutation_kills_methods.py"],
+    "methods/scm.py": ["methods/test_scm.py", "methods/test_mutation_kills_methods.py"],
+    "methods/imm.py": ["methods/test_imm.py", "methods/test_mutation_kills_methods.py"],
+    "methods/facm.py": ["methods/test_facm.py", "methods/test_mutation_kills_methods.py"],
+    "methods/perflow.py": ["methods/test_perflow.py", "methods/test_mutation_kills_methods.py"],
+    "methods/cdm.py": ["methods/test_cdm.py", "methods/test_cdm_terms.py"],
+    "methods/dmd.py": ["methods/test_dmd.py"],
+    "methods/dmd2.py": ["methods/test_dmd.py"],
+    "methods/ddmd.py": ["methods/test_ddmd.py"],
+}
+
+#: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
+EQUIVALENT: dict[str, str] = {}
+
+
+def _pyproject(module: str, tests: list[str]) -> str:
+    """The scratch copy's pyproject.toml: the repo's pytest options plus a [tool.mutmut] section for ``module``."""
+    sel = ", ".join(json.dumps(f"tests/{t}") for t in tests)
+    return f"""[tool.pytest.ini_options]
+pythonpath = ["tests"]
+addopts = "-m 'not slow' -p no:cacheprovider -x -q"
+markers = ["slow: long-running tests", "peers: needs the peers extra"]
+filterwarnings = ["ignore::DeprecationWarning", "ignore::UserWarning"]
+
+[tool.mutmut]
+source_paths = ["src/"]
+only_mutate = ["src/fewstep/{module}"]
+pytest_add_cli_args_test_selection = [{sel}]
+use_git_change_detection = false
+timeout_multiplier = 5.0
+"""
+
+
+def prepare(module: str, workdir: Path) -> Path:
+    """Copy src/ and the needed tests into ``workdir/<module>`` (fresh) and write its pyproject.toml."""
+    tests = [t for t in MODULES[module] if (ROOT / "tests" / t).exists()]
+    dest = workdir / module.replace("/", "_").removesuffix(".py")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "tests").mkdir(parents=True)
+    for helper in (ROOT / "tests").glob("_*.py"):
+        shutil.copy2(helper, dest / "tests" / helper.name)
+    for t in tests:
+        (dest / "tests" / t).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / "tests" / t, dest / "tests" / t)
+    (dest / "pyproject.toml").write_text(_pyproject(module, tests))
+    return dest
+
+
+def _statuses(dest: Path) -> dict[str, str]:
+    """Per-mutant status from ``mutmut results --all true`` (lines ``name: status``)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+        cwd=dest,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    res: dict[str, str] = {}
+    for line in out.splitlines():
+        if ":" in line and "__mutmut_" in line:
+            name, status = line.strip().rsplit(":", 1)
+            res[name.strip()] = status.strip()
+    return res
+
+
+def run(module: str, workdir: Path, max_children: int) -> dict[str, object]:
+    """Run mutmut on ``module``; returns counts, survivors and the score killed / (total - equivalent)."""
+    dest = prepare(module, workdir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    subprocess.run(
+        [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+        cwd=dest,
+        env=env,
+        check=False,
+        stdout=subprocess.DEVNULL,
+    )
+    st = _statuses(dest)
+    killed = [n for n, s in st.items() if s in ("killed", "timeout", "segfault", "caught by type check")]
+    survived = [n for n, s in st.items() if s not in ("killed", "timeout", "segfault", "caught by type check")]
+    equivalent = [n for n in survived if n in EQUIVALENT]
+    live = [n for n in survived if n not in EQUIVALENT]
+    denom = len(st) - len(equivalent)
+    summary = {
+        "module": module,
+        "tests": MODULES[module],
+        "mutants": len(st),
+        "killed": len(killed),
+        "equivalent": len(equivalent),
+        "survived": live,
+        "status": st,
+        "score": len(killed) / denom if denom else float("nan"),
+    }
+    (dest / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"{module}: {len(killed)}/{denom} killed ({100 * summary['score']:.1f} %), {len(equivalent)} equivalent, "
+        f"{len(live)} surviving: {', '.join(s + '=' + st[s] for s in live)}",
+        flush=True,
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("modules", nargs="*", help=f"modules under src/fewstep, e.g. {next(iter(MODULES))}")
+    p.add_argument("--all", action="store_true", help="every module in MODULES")
+    p.add_argument("--list", action="store_true", help="print the modules and their test files")
+    p.add_argument("--workdir", default="/tmp/fewstep_mutation")
+    p.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (the CPU is shared: keep 1)")
+    args = p.parse_args(argv)
+    if args.list:
+        for m, t in MODULES.items():
+            print(f"{m}: {' '.join(t)}")
+        return 0
+    mods = list(MODULES) if args.all else args.modules
+    bad = [m for m in mods if m not in MODULES]
+    if bad or not mods:
+        p.error(f"unknown module(s) {bad}; choose from {list(MODULES)}" if bad else "name a module or pass --all")
+    for m in mods:
+        run(m, Path(args.workdir), args.max_children)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
