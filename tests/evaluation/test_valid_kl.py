@@ -38,3 +38,16 @@ def test_solver_steps_are_checked_for_folds() -> None:
     assert euler["fold_fraction"] == 0.0 and euler["kl_from_cov"] == 1.0 and euler["w_ok"] == 1.0
     adaptive = evaluate_velocity_solver(teacher, teacher, "dopri5", n=600)
     assert adaptive["w_mean"] == adaptive["w_mean"] and abs(adaptive["w_mean"] - 1) < 0.01  # exact density
+
+
+def test_diagnose_tv_flags_folding_windows() -> None:
+    from fewstep.evaluation.diagnose import diagnose_tv, format_tv_table
+
+    teacher = load_preset("ring8")
+    res = diagnose_tv(_folding, teacher, 1, n=600, verbose=False)
+    term = res["terms"][0]
+    assert 0.6 < term["fold_fraction"] < 0.8 and term["kl_from_cov"] == 0.0 and 0 < term["eps_floor"] < term["eps"]
+    assert 0.6 < res["final_fold_fraction"] < 0.8 and res["valid"]  # a second draw of the noise
+    assert "k-NN (TV floor" in format_tv_table(res)
+    ok = diagnose_tv(_injective, teacher, 1, n=600, verbose=False)
+    assert ok["terms"][0]["fold_fraction"] == 0.0 and ok["terms"][0]["kl_from_cov"] == 1.0

@@ -15,6 +15,13 @@ integral exact/Hutchinson) and the exact :math:`\log p_{t_{k+1}}`:
 the student's own multi-step samples from noise with their chained log-density. Hutchinson gives a noisy
 log q, which biases TV; prefer ``jump`` (exact) whenever the per-sample Jacobian fits.
 
+Folds (:mod:`fewstep.sampling.jump_density`). In ``jump`` mode every term records ``fold_fraction`` (share of
+samples with det ∂Φ/∂x <= 0) and the density check ``w_mean`` ± ``w_se`` = :math:`E_q[p/q]` (<= 1 for a valid
+density). A folding window map has no change-of-variables density: its ε_k, KL_k (and the final TV when any
+window folds) are then the density-free k-NN estimates of :func:`fewstep.evaluation.valid_kl.valid_kl_tv`
+(``kl_from_cov`` = 0; 2-3-D), whose upward noise is given by ``eps_floor`` (the same estimator on exact samples);
+in higher dimension they are NaN and ``valid`` is False.
+
 CLI: ``fewstep diagnose tv --run RUN_DIR`` (wired through :func:`add_tv_parser` / :func:`main_tv`).
 """
 
@@ -31,8 +38,9 @@ import torch
 from torch import Tensor
 
 from fewstep.core.utils import as_time
-from fewstep.evaluation.metrics import kl_tv_importance
+from fewstep.evaluation.valid_kl import valid_kl_tv
 from fewstep.methods._shared.alignment import MA_MODES, resolve_mode, window_logdensity
+from fewstep.sampling.jump_density import jump_logdet
 from fewstep.sampling.logdensity import make_probes, standard_normal_logprob
 from fewstep.sampling.samplers import check_grid, time_grid
 
@@ -54,12 +62,34 @@ def _grid(windows: int | Sequence[float] | Tensor) -> Tensor:
 
 
 def _push(student: Any, x: Tensor, t0: float, t1: float, mode: str, substeps: int, solver: str, probes: int,
-          gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(Phi(x), Delta) without graphs, Delta = log q_{t1}(Phi(x)) - log q_{t0}(x)."""
+          gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(Phi(x), Delta, folded) without graphs, Delta = log q_{t1}(Phi(x)) - log q_{t0}(x).
+
+    ``folded`` marks the rows where some jump has det <= 0 (always False for the ODE modes, whose flow is a
+    diffeomorphism). The jump sub-grid is that of :func:`~fewstep.methods._shared.alignment.window_logdensity`.
+    """
+    folded = torch.zeros(x.shape[0], dtype=torch.bool)
+    if mode == "jump":
+        delta = torch.zeros(x.shape[0], dtype=x.dtype)
+        ts, te = as_time(t0, x), as_time(t1, x)
+        for i in range(substeps):
+            j = jump_logdet(student, x, ts + (te - ts) * (i / substeps), ts + (te - ts) * ((i + 1) / substeps))
+            x, delta, folded = j.y, delta - j.logabsdet, folded | (j.sign <= 0).cpu()
+        return x.detach(), delta.detach(), folded
     pr = make_probes(x, probes, gen) if resolve_mode(mode, x) == "hutchinson" else None
     y, delta = window_logdensity(student, x, as_time(t0, x), as_time(t1, x), None, mode, substeps, solver, pr,
                                  create_graph=False)
-    return y.detach(), delta.detach()
+    return y.detach(), delta.detach(), folded
+
+
+def _valid(y: Tensor, lq: Tensor, teacher: Any, t: float, folded: Tensor, gen: torch.Generator) -> dict[str, Any]:
+    """KL/TV of samples y (claimed log q = lq) against p_t by the valid route, with the fold and density checks."""
+    fold = float(folded.double().mean())
+    floor = teacher.sample(y.shape[0], t, generator=gen, dtype=y.dtype) if fold > 0 else None
+    out = valid_kl_tv(y, lq, lambda z: teacher.log_prob(z, t), fold, floor=floor, max_dim=3 if fold > 0 else 0)
+    if "kl" not in out:
+        out.update({"kl": math.nan, "kl_se": math.nan, "tv": math.nan, "tv_se": math.nan, "kl_from_cov": 0.0})
+    return out
 
 
 def diagnose_tv(student: Any, teacher: Any, windows: int | Sequence[float] | Tensor = 4, n: int = 2000,
@@ -81,10 +111,11 @@ def diagnose_tv(student: Any, teacher: Any, windows: int | Sequence[float] | Ten
         verbose: Print the table.
 
     Returns:
-        Dict with ``windows``, per-window ``terms`` (t_start, t_end, eps, eps_se, kl, kl_se),
-        ``sum_eps``, ``sum_sqrt_kl_half``, ``tv_final``, ``tv_final_se``, ``kl_final``, ``slack`` =
-        sum_eps - tv_final, ``holds`` (tv_final <= sum_eps + 2 combined standard errors) and
-        ``holds_strict``.
+        Dict with ``windows``, per-window ``terms`` (t_start, t_end, eps, eps_se, kl, kl_se, fold_fraction,
+        w_mean, w_se, kl_from_cov and, for folding windows, eps_floor), ``sum_eps``, ``sum_sqrt_kl_half``,
+        ``tv_final``, ``tv_final_se``, ``kl_final``, ``final_fold_fraction``, ``final_w_mean``,
+        ``final_w_se``, ``slack`` = sum_eps - tv_final, ``holds`` (tv_final <= sum_eps + 2 combined standard
+        errors), ``holds_strict`` and ``valid`` (every estimate exists: False for folds above 3-D).
     """
     if mode not in MA_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MA_MODES}")
@@ -102,17 +133,20 @@ def diagnose_tv(student: Any, teacher: Any, windows: int | Sequence[float] | Ten
         for k in range(len(g) - 1):
             t0, t1 = float(g[k]), float(g[k + 1])
             x = teacher.sample(n, t0, generator=gen, dtype=dtype)
-            y, delta = _push(student, x, t0, t1, mode, substeps, solver, probes, gen)
+            y, delta, folded = _push(student, x, t0, t1, mode, substeps, solver, probes, gen)
             lq = teacher.log_prob(x, t0).to(dtype) + delta
-            kt = kl_tv_importance(lq, teacher.log_prob(y, t1))
+            kt = _valid(y, lq, teacher, t1, folded, gen)
             terms.append({"t_start": t0, "t_end": t1, "eps": kt["tv"], "eps_se": kt["tv_se"], "kl": kt["kl"],
-                          "kl_se": kt["kl_se"]})
+                          "kl_se": kt["kl_se"], "fold_fraction": kt["fold_fraction"], "w_mean": kt["w_mean"],
+                          "w_se": kt["w_se"], "kl_from_cov": kt["kl_from_cov"],
+                          **({"eps_floor": kt["tv_knn_floor"]} if "tv_knn_floor" in kt else {})})
         x = torch.randn((n, *teacher.event_shape), generator=gen, dtype=dtype)
         lq = standard_normal_logprob(x)
+        folded_all = torch.zeros(n, dtype=torch.bool)
         for k in range(len(g) - 1):
-            x, delta = _push(student, x, float(g[k]), float(g[k + 1]), mode, substeps, solver, probes, gen)
-            lq = lq + delta
-        final = kl_tv_importance(lq, teacher.log_prob(x, float(g[-1])))
+            x, delta, folded = _push(student, x, float(g[k]), float(g[k + 1]), mode, substeps, solver, probes, gen)
+            lq, folded_all = lq + delta, folded_all | folded
+        final = _valid(x, lq, teacher, float(g[-1]), folded_all, gen)
     finally:
         if params and old_dtype is not None:
             student.to(old_dtype)
@@ -122,8 +156,10 @@ def diagnose_tv(student: Any, teacher: Any, windows: int | Sequence[float] | Ten
         "windows": g.tolist(), "n": n, "seed": seed, "mode": mode, "substeps": substeps, "terms": terms,
         "sum_eps": sum_eps, "sum_sqrt_kl_half": sum(math.sqrt(max(t["kl"], 0.0) / 2) for t in terms),
         "tv_final": final["tv"], "tv_final_se": final["tv_se"], "kl_final": final["kl"],
+        "final_fold_fraction": final["fold_fraction"], "final_w_mean": final["w_mean"], "final_w_se": final["w_se"],
         "slack": sum_eps - final["tv"], "holds": final["tv"] <= sum_eps + 2 * se,
         "holds_strict": final["tv"] <= sum_eps,
+        "valid": all(math.isfinite(t["eps"]) for t in terms) and math.isfinite(final["tv"]),
     }
     if verbose:
         print(format_tv_table(out))
@@ -132,14 +168,20 @@ def diagnose_tv(student: Any, teacher: Any, windows: int | Sequence[float] | Ten
 
 def format_tv_table(res: dict[str, Any]) -> str:
     """A markdown table of a :func:`diagnose_tv` result."""
-    lines = ["| window | eps_k = TV | KL_k | sqrt(KL_k/2) |", "|---|---|---|---|"]
+    lines = ["| window | eps_k = TV | KL_k | sqrt(KL_k/2) | folded | E_q[p/q] | estimate |",
+             "|---|---|---|---|---|---|---|"]
     for t in res["terms"]:
+        how = "change of variables" if t.get("kl_from_cov", 1.0) else \
+            f"k-NN (TV floor {t['eps_floor']:.3f})" if "eps_floor" in t else "none (folds, d > 3)"
         lines.append(f"| [{t['t_end']:.3g}, {t['t_start']:.3g}] | {t['eps']:.4f} ± {t['eps_se']:.4f} | "
-                     f"{t['kl']:.4f} ± {t['kl_se']:.4f} | {math.sqrt(max(t['kl'], 0.0) / 2):.4f} |")
-    lines.append(f"| **sum** | {res['sum_eps']:.4f} | | {res['sum_sqrt_kl_half']:.4f} |")
+                     f"{t['kl']:.4f} ± {t['kl_se']:.4f} | {math.sqrt(max(t['kl'], 0.0) / 2):.4f} | "
+                     f"{t.get('fold_fraction', 0.0):.1%} | {t.get('w_mean', math.nan):.3f} ± "
+                     f"{t.get('w_se', math.nan):.3f} | {how} |")
+    lines.append(f"| **sum** | {res['sum_eps']:.4f} | | {res['sum_sqrt_kl_half']:.4f} | | | |")
     lines.append(f"\nTV(q_final, p_final) = {res['tv_final']:.4f} ± {res['tv_final_se']:.4f} "
-                 f"(KL {res['kl_final']:.4f}); bound sum eps_k = {res['sum_eps']:.4f}; "
-                 f"holds: {res['holds']} (strict: {res['holds_strict']})")
+                 f"(KL {res['kl_final']:.4f}; folded {res.get('final_fold_fraction', 0.0):.1%}, E_q[p/q] "
+                 f"{res.get('final_w_mean', math.nan):.3f} ± {res.get('final_w_se', math.nan):.3f}); "
+                 f"bound sum eps_k = {res['sum_eps']:.4f}; holds: {res['holds']} (strict: {res['holds_strict']})")
     return "\n".join(lines)
 
 
