@@ -31,8 +31,11 @@ __all__ = ["run_eval", "run_sampler", "check_nfe", "save_figure", "BETTER", "con
 BETTER: dict[str, str] = {"mmd2": "lower", "w2": "lower", "sliced_w2": "lower", "kl": "lower", "tv": "lower",
                           "mean_loglik": "closest to exact", "modes_covered": "higher", "off_mode": "lower",
                           "coupling_l2": "lower (0 = the teacher's ODE map)", "fd_digits": "lower",
-                          "fd": "lower", "precision": "higher", "recall": "higher"}  # fd/precision/recall: images
-SHOWN = ("mmd2", "w2", "sliced_w2", "mean_loglik", "kl", "modes_covered", "off_mode", "fd", "precision", "recall")
+                          "fd": "lower", "precision": "higher", "recall": "higher",  # fd/precision/recall: images
+                          "fold_fraction": "0 (share of samples where the jump map folds, det <= 0)",
+                          "w_mean": "<= 1 (E_q[p/q]; above 1 the change-of-variables density is invalid)"}
+SHOWN = ("mmd2", "w2", "sliced_w2", "mean_loglik", "kl", "tv", "fold_fraction", "w_mean", "modes_covered", "off_mode",
+         "fd", "precision", "recall")
 HELD_OUT_SEED = 987_654_321  # held-out data for learned teachers: a generator seed the trainer never derives
 
 
@@ -136,6 +139,15 @@ def context_flags(student: dict[str, float], floor: dict[str, float], n: int) ->
     if "mean_loglik" in student and "mean_loglik" in floor and student["mean_loglik"] > floor["mean_loglik"] + 0.02:
         flags.append(f"mean_loglik {student['mean_loglik']:.4g} is above the exact samples' "
                      f"{floor['mean_loglik']:.4g}: the modes are too narrow, not better")
+    if student.get("fold_fraction", 0.0) > 0:
+        flags.append(f"the sampler's jumps fold (det df/dx <= 0) on {student['fold_fraction']:.1%} of samples "
+                     f"(E_q[p/q] = {student['w_mean']:.3g} ± {student['w_se']:.2g}): change-of-variables KL/TV "
+                     "refused; kl/tv are density-free k-NN estimates"
+                     + (f" (exact samples: kl {student['kl_knn_floor']:.3g}, tv {student['tv_knn_floor']:.3g})"
+                        if "tv_knn_floor" in student else ""))
+    elif "w_ok" in student and not student["w_ok"]:
+        flags.append(f"E_q[p/q] = {student['w_mean']:.3g} ± {student['w_se']:.2g} > 1: the change-of-variables "
+                     "density is not valid, kl/tv unreliable")
     return flags
 
 
