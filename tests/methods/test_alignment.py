@@ -229,3 +229,14 @@ def test_hutchinson_gradient_64d_within_5_percent_of_exact() -> None:
     # the exact gradient of the sample does converge to the closed form (sample-average error ~ sqrt(d/n))
     assert rel_error(exact(teacher, a0, b0, 1.0, 0.0, n, 0, 0.05),
                      closed_form_grad(teacher, a0, b0, 1.0, 0.0, 0.05)) < 0.25
+
+
+def test_jump_mode_reports_folded_share(teacher: GaussianMixtureTeacher) -> None:
+    """Jump mode reports the share of rows whose jump folds: I - hA with det < 0 folds every row, A0 folds none."""
+    x = teacher.sample(32, TS, generator=torch.Generator().manual_seed(8), dtype=DT)
+    ok = ma_loss(AffineStudent(A0, B0), teacher, x, TS, TE, mode="jump", substeps=1, t_min=0.0)
+    assert ok.folded == 0.0
+    flip = torch.diag(torch.tensor([1.0 / (TS - TE) + 1.0, 0.0], dtype=DT))  # I - hA = diag(-h, 1)
+    bad = ma_loss(AffineStudent(flip, B0), teacher, x, TS, TE, mode="jump", substeps=1, t_min=0.0)
+    assert bad.folded == 1.0
+    assert ma_loss(AffineStudent(A0, B0), teacher, x, TS, TE, mode="exact", t_min=0.0).folded is None

@@ -71,6 +71,7 @@ class MAResult:
         x_end: Student window endpoints at the exact window ends (with graph).
         t_end: The window ends, shape (batch,).
         mode: The mode used (``ode`` resolved to ``exact`` or ``hutchinson``).
+        folded: ``jump`` only: share of rows whose jump folds (det <= 0; Δ is not a log-density there).
     """
 
     loss: Tensor
@@ -79,6 +80,7 @@ class MAResult:
     x_end: Tensor
     t_end: Tensor
     mode: str
+    folded: float | None = None
 
 
 def resolve_mode(mode: str, x: Tensor, exact_dim: int = EXACT_DIM) -> str:
@@ -151,7 +153,8 @@ def _augmented_velocity(student: Any, y: Tensor, tau: Tensor, cond: Tensor | Non
 
 def window_logdensity(student: Any, x: Tensor, t_start: Tensor, t_end: Tensor, cond: Tensor | None = None,
                       mode: str = "ode", substeps: int = 4, solver: str = "rk4", probes: Tensor | None = None,
-                      create_graph: bool = True, exact_dim: int = EXACT_DIM) -> tuple[Tensor, Tensor]:
+                      create_graph: bool = True, exact_dim: int = EXACT_DIM,
+                      stats: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
     r"""Push x through the student's window map and return (x_end, Δ) with Δ = log q_end(x_end) - log q_start(x).
 
     Sub-grid :math:`\tau_i = t_s + (t_e - t_s) i/M` per row. ``jump``: M jumps of ``student(x, t, s, cond)`` with
@@ -170,6 +173,8 @@ def window_logdensity(student: Any, x: Tensor, t_start: Tensor, t_end: Tensor, c
         probes: Hutchinson probes (K, *x.shape), held fixed along the path (required when the mode is Hutchinson).
         create_graph: Keep the graph so Δ and x_end are differentiable w.r.t. the student.
         exact_dim: Largest sample size for which ``ode`` uses the exact divergence.
+        stats: If given, ``jump`` writes ``folded`` into it: the share of rows where some jump has
+            :math:`\det\partial f/\partial x \le 0` (there Δ is not a log-density).
 
     Returns:
         (x_end, Δ): the window endpoints, shaped like ``x``, and the per-row log-density change, shape (batch,).
@@ -182,15 +187,18 @@ def window_logdensity(student: Any, x: Tensor, t_start: Tensor, t_end: Tensor, c
     if bool((t_end >= t_start).any()):
         raise ValueError("every MA window needs t_end < t_start (sampling runs from t_start down to t_end)")
     delta = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    folded = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     taus = [t_start + (t_end - t_start) * (i / substeps) for i in range(substeps + 1)]
     for i in range(substeps):
         t0, t1 = taus[i], taus[i + 1]
         if mode == "jump":
-            x, ld = jump_logdet(student, x, t0, t1, cond=cond, create_graph=create_graph)
-            delta = delta - ld
+            jump = jump_logdet(student, x, t0, t1, cond=cond, create_graph=create_graph)
+            x, delta, folded = jump.y, delta - jump.logabsdet, folded | (jump.sign <= 0)
             continue
         x, delta = rk_step(lambda state, tau: _augmented_velocity(student, state[0], tau, cond, mode, probes,
                                                                   create_graph), (x, delta), t0, t1, solver)
+    if stats is not None and mode == "jump":
+        stats["folded"] = float(folded.float().mean())
     return x, delta
 
 
@@ -235,7 +243,9 @@ def ma_loss(student: Any, teacher: Any, x_start: Tensor, t_start: Tensor | float
         raise ValueError(f"ma_t_min must lie in [0, 1); got {t_min}")
     mode = resolve_mode(mode, x_start, exact_dim)
     probes = make_probes(x_start, num_probes, generator) if mode == "hutchinson" else None
-    x_end, delta = window_logdensity(student, x_start, ts, te, cond, mode, substeps, solver, probes, True)
+    stats: dict[str, float] = {}
+    x_end, delta = window_logdensity(student, x_start, ts, te, cond, mode, substeps, solver, probes, True,
+                                     stats=stats)
     score = end_score(target, x_end.detach(), te, t_min, cond, guidance)
     dims = tuple(range(1, x_end.dim()))
     loss = (delta - (score * x_end).sum(dim=dims)).mean()
@@ -245,4 +255,4 @@ def ma_loss(student: Any, teacher: Any, x_start: Tensor, t_start: Tensor | float
             lp_s = target.log_prob(x_start, ts, cond).to(delta.dtype)
             lp_e = end_log_prob(target, x_end.detach(), te, t_min, cond).to(delta.dtype)
             kl = (lp_s + delta.detach() - lp_e).mean()
-    return MAResult(loss=loss, kl=kl, delta=delta, x_end=x_end, t_end=te, mode=mode)
+    return MAResult(loss=loss, kl=kl, delta=delta, x_end=x_end, t_end=te, mode=mode, folded=stats.get("folded"))

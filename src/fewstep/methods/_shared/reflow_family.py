@@ -115,7 +115,7 @@ def ma_term(student: Any, teacher: Any, cfg: MAOptions, x_start: Tensor, t_start
         score_teacher: The teacher whose score is aligned to (k-rectified flow: the original teacher).
 
     Returns:
-        (lambda * L_MA or None, logs with ``ma`` and, when computed, ``ma_kl``).
+        (lambda * L_MA or None, logs with ``ma`` and, when computed, ``ma_kl`` and (jump mode) ``ma_folded``).
     """
     if cfg.ma_weight <= 0 or step < cfg.ma_warmup or step % cfg.ma_every:
         return None, {}
@@ -129,6 +129,8 @@ def ma_term(student: Any, teacher: Any, cfg: MAOptions, x_start: Tensor, t_start
     logs = {"ma": float(res.loss.detach())}
     if res.kl is not None:
         logs["ma_kl"] = float(res.kl)
+    if res.folded is not None:  # jump mode: share of rows whose jump folds (there Δ is not a log-density)
+        logs["ma_folded"] = res.folded
     return cfg.ma_weight * res.loss, logs
 
 
