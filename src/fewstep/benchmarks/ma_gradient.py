@@ -7,13 +7,14 @@ of :math:`p_{t_s}` is Gaussian, so :math:`KL(\Phi\#p_{t_s} \| \tilde p_{t_e})` a
 (autograd through ``matrix_exp``); :math:`\tilde p_{t_e}` is the window-end target of
 :mod:`fewstep.methods._shared.alignment` (the Gaussian-smoothed data marginal when t_e < ``t_min``). The MA
 surrogate's gradient (:func:`~fewstep.methods._shared.alignment.ma_loss`) on n samples is compared with it:
-relative error :math:`\|g - g^*\|/\|g^*\|`, mean ± std over seeds. Its sources: the sample average (shared by every
+relative error :math:`\|g - g^*\|/\|g^*\|`, mean ± std over seeds, against the exact gradient on the same samples
+(:func:`sample_exact_grad`) and against the closed form. Its sources: the sample average (shared by every
 row, see the ``exact`` rows), the ODE discretisation (sub-steps) and the Hutchinson probes.
 
 Run::
 
-    python -m fewstep.benchmarks.ma_gradient            # the table of docs/results/ma_gradient.md
-    python -m fewstep.benchmarks.ma_gradient --quick    # fewer seeds
+    python -m fewstep.benchmarks.ma_gradient                    # the tables of docs/results/ma_gradient.md
+    python -m fewstep.benchmarks.ma_gradient --seeds 2 --no-timing   # quicker
 """
 
 from __future__ import annotations
@@ -147,10 +148,9 @@ def rel_error(g: Tensor, ref: Tensor) -> float:
     return float((g - ref).norm() / ref.norm())
 
 
-def _row(label: str, errs: list[float], secs: float) -> str:
+def _pm(errs: list[float]) -> str:
     e = torch.tensor(errs)
-    std = float(e.std()) if len(errs) > 1 else 0.0
-    return f"| {label} | {100 * float(e.mean()):.1f} ± {100 * std:.1f} | {1000 * secs:.0f} |"
+    return f"{100 * float(e.mean()):.1f} ± {100 * (float(e.std()) if len(errs) > 1 else 0.0):.1f}"
 
 
 def _mlp_step_seconds(d: int, n: int, reps: int, **kw: object) -> float:
@@ -168,41 +168,52 @@ def _mlp_step_seconds(d: int, n: int, reps: int, **kw: object) -> float:
     return (time.perf_counter() - tic) / reps
 
 
+def configs(substeps: Sequence[int], probes: Sequence[int]) -> list[tuple[str, dict[str, object]]]:
+    """(label, ma_loss options) of the table rows: the old 64-D setting, exact divergence, Hutchinson M x K."""
+    rows: list[tuple[str, dict[str, object]]] = [
+        ("hutchinson, euler, M=1, K=1 (previous 64-D setting)",
+         {"mode": "hutchinson", "solver": "euler", "substeps": 1, "num_probes": 1})]
+    rows += [(f"exact, rk4, M={m}", {"mode": "exact", "solver": "rk4", "substeps": m}) for m in substeps[:2]]
+    rows += [(f"hutchinson, rk4, M={m}, K={k}", {"mode": "hutchinson", "solver": "rk4", "substeps": m,
+                                                "num_probes": k}) for m in substeps for k in probes]
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the markdown table: sub-steps x probes vs relative gradient error and seconds per MA step."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--n", type=int, default=1024, help="samples per gradient")
+    p.add_argument("--n", type=int, nargs="+", default=[128, 1024], help="samples per gradient (one table each)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--substeps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--probes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--window", type=float, nargs=2, default=[1.0, 0.0], help="t_start t_end")
     p.add_argument("--t-min", type=float, default=0.05)
     p.add_argument("--time-batch", type=int, default=128, help="rows of the MLP timing (ma_batch)")
-    p.add_argument("--quick", action="store_true", help="2 seeds")
+    p.add_argument("--no-timing", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    seeds = range(2 if args.quick else args.seeds)
+    seeds = range(args.seeds)
     ts, te = args.window
     teacher, a0, b0 = gaussian_case(args.dim, 0)
     ref = closed_form_grad(teacher, a0, b0, ts, te, args.t_min)
-    print(f"# d={args.dim}, window [{te}, {ts}], t_min={args.t_min}, n={args.n}, seeds {list(seeds)}; "
-          f"error vs the closed-form KL gradient; seconds: one MA step, MLP 256x4, {args.time_batch} rows")
-    print("| mode, solver, sub-steps M, probes K | relative gradient error (%) | ms / MA step |")
-    print("|---|---|---|")
-    configs: list[tuple[str, dict[str, object]]] = [("jump, M=1", {"mode": "jump", "substeps": 1})]
-    configs.append(("hutchinson, euler, M=1, K=1 (old 64-D setting, window to t_min)",
-                    {"mode": "hutchinson", "solver": "euler", "substeps": 1, "num_probes": 1}))
-    for m in args.substeps:
-        configs.append((f"exact, rk4, M={m}", {"mode": "exact", "solver": "rk4", "substeps": m}))
-        for k in args.probes:
-            configs.append((f"hutchinson, rk4, M={m}, K={k}",
-                            {"mode": "hutchinson", "solver": "rk4", "substeps": m, "num_probes": k}))
-    for label, kw in configs:
-        errs = [rel_error(ma_gradient(teacher, a0, b0, ts, te, args.n, s, t_min=args.t_min, **kw), ref)
-                for s in seeds]
-        secs = _mlp_step_seconds(args.dim, args.time_batch, 2, t_min=args.t_min, **kw)
-        print(_row(label, errs, secs), flush=True)
+    rows = configs(args.substeps, args.probes)
+    secs = {label: (float("nan") if args.no_timing else
+                    _mlp_step_seconds(args.dim, args.time_batch, 1 if kw["mode"] == "exact" else 3,
+                                      t_min=args.t_min, **kw)) for label, kw in rows}
+    for n in args.n:
+        exact = [sample_exact_grad(teacher, a0, b0, ts, te, n, s, args.t_min) for s in seeds]
+        print(f"\n# d={args.dim}, window [{te}, {ts}], t_min={args.t_min}, n={n} samples, seeds 0-{args.seeds - 1}: "
+              f"relative error ||g - g*||/||g*|| in %, mean ± std over seeds; ms: one MA loss + backward, "
+              f"MLP 256x4 velocity student, {args.time_batch} rows, float32, 1 thread")
+        print("| estimator | vs exact, same samples | vs closed form | ms / MA step |")
+        print("|---|---|---|---|")
+        print(f"| exact gradient of the sample (exact flow and divergence) | 0 | "
+              f"{_pm([rel_error(g, ref) for g in exact])} | |")
+        for label, kw in rows:
+            gs = [ma_gradient(teacher, a0, b0, ts, te, n, s, t_min=args.t_min, **kw) for s in seeds]
+            print(f"| {label} | {_pm([rel_error(g, e) for g, e in zip(gs, exact)])} | "
+                  f"{_pm([rel_error(g, ref) for g in gs])} | {1000 * secs[label]:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
