@@ -37,7 +37,7 @@ from fewstep.evaluation.evaluate import (
 from fewstep.teachers.presets import PRESETS, load_preset
 
 COLUMNS = ("nfe", "mmd2", "mean_loglik", "modes_covered", "off_mode", "w2", "sliced_w2", "coupling_l2", "kl", "tv",
-           "fd_digits", "fd_digits_real")
+           "fold_fraction", "w_mean", "fd_digits", "fd_digits_real")  # fold/w_mean: docs/methods.md §7
 FLOOR_SEED_OFFSET = 2_000_003
 
 
