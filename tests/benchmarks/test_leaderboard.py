@@ -122,3 +122,16 @@ def test_summary_pass_counts_and_cost_ratio(tmp_path: Path) -> None:
     assert (rp["1"]["passed"], rp["1"]["of"], rp["2"]["passed"], rp["4"]["passed"]) == (1, 2, 1, 1)
     assert d["methods_summary"]["m"]["step_vs_fm"] == 2.0  # only random:0 has a flow_matching cell
     assert d["missing"] == [["m", "random:2", 0]]
+
+
+def test_targets_expand_and_bars_are_cached(tmp_path: Path) -> None:
+    from fewstep.benchmarks.leaderboard.targets import EULER_NFE, expand_targets, teacher_curve
+
+    names = expand_targets(["ring8", "random", "random:3"], random_n=4)
+    assert names == ["ring8", "random:0", "random:1", "random:2", "random:3"]
+    rec = teacher_curve("random:3", 0, 200, tmp_path)
+    assert rec["dim"] == 3 and list(rec["euler"]) == [str(k) for k in EULER_NFE]
+    assert rec["euler"]["1"]["mmd2"] > rec["euler"]["64"]["mmd2"]  # Euler improves with steps
+    assert teacher_curve("random:3", 0, 200, tmp_path) == rec  # second call reads the cache
+    digits = teacher_curve("digits", 0, 100)
+    assert digits["dim"] == 64 and "fd" in digits["euler"]["4"]
