@@ -1,0 +1,333 @@
+r"""Does marginal alignment (MA) help? Compute-matched sweeps for issue 14 (items 3-5).
+
+Every arm is a run config: ``configs/reflow_ma.yaml`` (or ``configs/perflow_ma.yaml``) plus dotted overrides, trained
+exactly as ``fewstep distill --config <base> <overrides>`` would train it (:func:`fewstep.config.build.build_run`);
+:func:`cli_line` prints that command. Arms per target and seed:
+
+* ``base@N``: :math:`\lambda = 0`, N steps (the equal-steps baseline);
+* ``MA λ start`` / ``MA λ mid``: :math:`\lambda > 0` from step 0 / from step N/2, N steps;
+* ``base@cpu-mid`` / ``base@cpu``: :math:`\lambda = 0` for round((1+r)/2·N) / round(r·N) steps, the equal-compute
+  baselines of the two MA schedules, where r = (CPU time of an MA step) / (CPU time of a plain step), measured
+  by :func:`calibrate` as single-thread process time (robust to other load on shared cores).
+
+Each trained EMA student is saved in the cache (``--cache``) and measured by
+:func:`fewstep.benchmarks.ma_eval.evaluate_student` (1/2/4 NFE), its held-out FM-on-pairs loss, and
+:func:`fewstep.evaluation.diagnose.diagnose_tv` over 4 windows; :mod:`fewstep.benchmarks.ma_report` turns the JSON
+into docs/results/ma.md (95 % t-intervals over seeds, paired by seed; claim (i) pairs; the TV-bound correlation).
+
+Run: ``python -m fewstep.benchmarks.ma_experiments sweep --presets ring8 aniso3 --out docs/results/ma.json``,
+then ``python -m fewstep.benchmarks.ma_experiments report docs/results/ma.json``; ``--quick`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.benchmarks.ma_eval import evaluate_student, heldout_fm_loss
+from fewstep.config.build import build_run
+from fewstep.config.schema import load_config
+from fewstep.evaluation.diagnose import diagnose_tv
+from fewstep.methods._shared.pairs import PairSolver, generate_pairs
+from fewstep.teachers.presets import load_preset
+
+__all__ = ["Arm", "Budget", "arms", "arm_overrides", "cli_line", "calibrate", "train_arm", "sweep", "main"]
+
+BASE_CONFIG = {"reflow": "configs/reflow_ma.yaml", "perflow": "configs/perflow_ma.yaml"}
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
+# MA in the ODE form of the current API: exact divergence of the student velocity along 4 Euler sub-steps of [t_min, 1]
+MA_DEFAULT: dict[str, Any] = {
+    "ma_mode": "exact",
+    "ma_substeps": 4,
+    "ma_solver": "euler",
+    "ma_t_min": 0.05,
+    "ma_batch": 64,
+}
+
+
+@dataclass
+class Budget:
+    """Training budget shared by every arm: N steps, batch, student MLP width x depth, number of pairs."""
+
+    steps: int = 500
+    batch: int = 256
+    hidden: int = 64
+    depth: int = 3
+    n_pairs: int = 20000
+
+
+@dataclass
+class Arm:
+    """One arm: name, MA weight, first MA step, training steps."""
+
+    name: str
+    lam: float
+    warmup: int
+    steps: int
+
+
+def arms(budget: Budget, ratio: float, lambdas: tuple[float, ...] = LAMBDAS) -> list[Arm]:
+    """The arms of the module docstring for cost ratio ``ratio`` (MA step / plain step), in the order they are
+    trained (every seed of an arm before the next arm, so a cut-short sweep has whole arms)."""
+    n = budget.steps
+    return [
+        Arm("base@N", 0.0, 0, n),
+        *[Arm(f"MA {lam:g} start", lam, 0, n) for lam in lambdas],
+        Arm("base@cpu", 0.0, 0, round(ratio * n)),
+        *[Arm(f"MA {lam:g} mid", lam, n // 2, n) for lam in lambdas],
+        Arm("base@cpu-mid", 0.0, 0, round((1 + ratio) / 2 * n)),
+    ]
+
+
+def teacher_overrides(preset: str) -> list[str]:
+    """``teacher.*`` overrides naming a preset (or a mixture JSON file)."""
+    if preset.endswith(".json"):
+        return ["teacher.kind=json", f"teacher.path={preset}"]
+    return ["teacher.kind=preset", f"teacher.name={preset}"]
+
+
+def arm_overrides(preset: str, arm: Arm, seed: int, budget: Budget, ma: dict[str, Any]) -> list[str]:
+    """The dotted overrides of one arm (applied to :data:`BASE_CONFIG`)."""
+    ov = [
+        f"seed={seed}",
+        *teacher_overrides(preset),
+        f"student.hidden={budget.hidden}",
+        f"student.depth={budget.depth}",
+        f"train.steps={arm.steps}",
+        f"train.batch_size={budget.batch}",
+        f"method.cfg.n_pairs={budget.n_pairs}",
+        f"method.cfg.ma_weight={arm.lam:g}",
+    ]
+    if arm.lam > 0:
+        ov += [f"method.cfg.ma_warmup={arm.warmup}"] + [f"method.cfg.{k}={v}" for k, v in ma.items()]
+    return ov
+
+
+def cli_line(method: str, overrides: list[str], run_dir: str) -> str:
+    """The equivalent user command of an arm (``fewstep distill`` then ``fewstep eval``)."""
+    return (
+        f"fewstep distill --config {BASE_CONFIG[method]} {' '.join(overrides)} --run-dir {run_dir} && "
+        f"fewstep eval {run_dir}"
+    )
+
+
+def _config(method: str, overrides: list[str], pair_dir: Path) -> Any:
+    root = Path(__file__).resolve().parents[3]
+    base = Path(BASE_CONFIG[method])
+    base = base if base.is_file() else root / base
+    return load_config(
+        base, [*overrides, f"method.cfg.pair_dir={pair_dir}", "train.progress=false", "train.tensorboard=false"]
+    )
+
+
+def train_arm(method: str, overrides: list[str], pair_dir: Path) -> tuple[Any, Any, dict[str, float]]:
+    """Train one arm in-process; returns (EMA student, method, timings: CPU and wall seconds per step)."""
+    cfg = _config(method, overrides, pair_dir)
+    tr = build_run(cfg, run_dir=None, with_eval=False)
+    tr.prepare()  # pair generation is not counted
+    c0, w0 = time.process_time(), time.perf_counter()
+    tr.fit()
+    steps = max(int(cfg.train.steps), 1)
+    return (
+        tr.student(ema=True),
+        tr.method,
+        {"cpu_s_per_step": (time.process_time() - c0) / steps, "wall_s_per_step": (time.perf_counter() - w0) / steps},
+    )
+
+
+def calibrate(
+    method: str, preset: str, budget: Budget, ma: dict[str, Any], pair_dir: Path, steps: int = 30, repeats: int = 2
+) -> float:
+    """r = CPU time per MA step / CPU time per plain step (single thread; min over ``repeats`` alternations)."""
+    best = {0.0: float("inf"), 1e-3: float("inf")}
+    for _ in range(repeats):
+        for lam in best:
+            ov = arm_overrides(preset, Arm("cal", lam, 0, steps), 0, budget, ma)
+            best[lam] = min(best[lam], train_arm(method, ov, pair_dir)[2]["cpu_s_per_step"])
+    return best[1e-3] / best[0.0]
+
+
+def heldout_pairs(teacher: Any, folder: Path, n: int = 4096) -> tuple[torch.Tensor, ...]:
+    """Held-out pairs (pair seed 777, RK4-64) and fixed times t ~ U(0, 1) (seed 778) for the FM-on-pairs loss."""
+    p = generate_pairs(teacher, folder, n, PairSolver("rk4", 64), seed=777, progress=False)
+    t = torch.rand(n, generator=torch.Generator().manual_seed(778), dtype=torch.float64)
+    return p.x1.double(), p.x0.double(), t
+
+
+def measure(
+    student: Any, teacher: Any, held: tuple[torch.Tensor, ...], seed: int, n_eval: int
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Metrics of one trained student (per-NFE sample metrics, held-out pair loss, the 4-window TV bound) and its
+    per-pair held-out losses."""
+    fm = heldout_fm_loss(student, *held)
+    res: dict[str, Any] = {
+        "eval": evaluate_student(student, teacher, n=n_eval, seed=seed),
+        "fm_loss": float(fm.mean()),
+        "fm_loss_se": float(fm.std() / len(fm) ** 0.5),
+    }
+    if teacher.dim <= 16:
+        d = diagnose_tv(student, teacher, 4, n=n_eval, seed=seed, mode="jump", verbose=False)
+        res["tv_bound"] = {
+            k: d.get(k)
+            for k in (
+                "sum_eps",
+                "sum_sqrt_kl_half",
+                "tv_final",
+                "tv_final_se",
+                "kl_final",
+                "final_fold_fraction",
+                "valid",
+            )
+        }
+        res["tv_bound"]["eps"] = [t["eps"] for t in d["terms"]]
+        res["tv_bound"]["fold"] = [t.get("fold_fraction") for t in d["terms"]]
+    return res, fm
+
+
+def _git_head() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def sweep(
+    presets: list[str],
+    seeds: list[int],
+    budget: Budget,
+    out: Path,
+    cache: Path,
+    method: str = "reflow",
+    ma: dict[str, Any] | None = None,
+    lambdas: tuple[float, ...] = LAMBDAS,
+    ratio: float | None = None,
+    n_eval: int = 2000,
+    only: list[str] | None = None,
+    n_held: int = 4096,
+) -> dict[str, Any]:
+    """Train and measure every arm x seed (resumable: keys already in ``out`` are skipped); returns the results."""
+    torch.set_num_threads(1)
+    ma = dict(MA_DEFAULT if ma is None else ma)
+    res: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    res.setdefault("settings", {}).update(
+        {
+            "budget": vars(budget),
+            "method": method,
+            "ma": ma,
+            "seeds": seeds,
+            "lambdas": list(lambdas),
+            "base_config": BASE_CONFIG[method],
+        }
+    )
+    res["settings"].setdefault("git", _git_head())
+    res.setdefault("runs", {})
+    res.setdefault("ratio", {})
+    for preset in presets:
+        teacher = load_preset(preset)
+        tag = Path(preset).stem
+        pair_dir = cache / "pairs" / tag
+        if tag not in res["ratio"]:
+            res["ratio"][tag] = ratio if ratio is not None else calibrate(method, preset, budget, ma, pair_dir)
+            print(f"{tag}: cost ratio r = {res['ratio'][tag]:.2f}", flush=True)
+        held = heldout_pairs(teacher, cache / "heldout" / f"{tag}-{n_held}", n_held)
+        for arm in arms(budget, res["ratio"][tag], lambdas):
+            for seed in seeds:
+                key = f"{tag}/{method}/{arm.name}/{seed}"
+                if only and arm.name not in only:
+                    continue
+                if key in res["runs"]:
+                    old = res["runs"][key]
+                    if teacher.dim <= 3 and "kl_knn" not in old["eval"]["1"] and Path(old["student_file"]).is_file():
+                        from fewstep.benchmarks.ma_report import load_student  # measured before the k-NN metrics
+
+                        m, _ = measure(load_student(old)[0], teacher, held, seed, n_eval)
+                        old.update(m)
+                        out.write_text(json.dumps(res, indent=1, default=float))
+                    continue
+                ov = arm_overrides(preset, arm, seed, budget, ma)
+                student, _, timing = train_arm(method, ov, pair_dir)
+                m, fm = measure(student, teacher, held, seed, n_eval)
+                path = cache / "students" / (key.replace("/", "__").replace(" ", "_") + ".pt")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"state": student.state_dict(), "fm_rows": fm.float()}, path)
+                res["runs"][key] = {
+                    **m,
+                    **timing,
+                    "steps": arm.steps,
+                    "lam": arm.lam,
+                    "warmup": arm.warmup,
+                    "cli": cli_line(method, ov, f"runs/ma/{key.replace(' ', '_')}"),
+                    "student_file": str(path),
+                }
+                e1 = m["eval"][1]
+                print(
+                    f"{key}: {timing['cpu_s_per_step'] * 1e3:.1f} cpu-ms/step, 1-NFE mmd2 {e1['mmd2']:.4g} "
+                    f"kl_is {e1.get('kl_is', float('nan')):.3g} fold {e1.get('fold', float('nan')):.2f}",
+                    flush=True,
+                )
+                out.write_text(json.dumps(res, indent=1, default=float))
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: ``sweep`` (train + measure) and ``report`` (markdown from result JSON files)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sweep")
+    s.add_argument("--presets", nargs="+", default=["ring8", "aniso3"])
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    s.add_argument("--method", default="reflow", choices=sorted(BASE_CONFIG))
+    s.add_argument("--steps", type=int, default=500)
+    s.add_argument("--hidden", type=int, default=64)
+    s.add_argument("--depth", type=int, default=3)
+    s.add_argument("--batch", type=int, default=256)
+    s.add_argument("--n-pairs", type=int, default=20000)
+    s.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS))
+    s.add_argument(
+        "--ma", default=None, help="JSON of method.cfg MA keys (default: MA_DEFAULT; '{}' = the method's own defaults)"
+    )
+    s.add_argument("--ratio", type=float, default=None, help="fix the cost ratio r instead of measuring it")
+    s.add_argument("--only", nargs="+", default=None, help="train only these arm names")
+    s.add_argument("--n-eval", type=int, default=2000)
+    s.add_argument("--cache", default="/tmp/fewstep_ma")
+    s.add_argument("--out", default="docs/results/ma.json")
+    s.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 12 steps, 1 lambda, tiny student, r=2")
+    r = sub.add_parser("report")
+    r.add_argument("json", nargs="+")
+    r.add_argument("--out", default="docs/results/ma.md")
+    a = p.parse_args(argv)
+    if a.cmd == "report":
+        from fewstep.benchmarks.ma_report import write_report
+
+        write_report([Path(f) for f in a.json], Path(a.out))
+        return
+    try:
+        ma = None if a.ma is None else json.loads(a.ma)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--ma is not valid JSON: {e}") from None
+    budget = Budget(a.steps, a.batch, a.hidden, a.depth, a.n_pairs)
+    seeds, lambdas, n_eval, n_held, ratio = a.seeds, tuple(a.lambdas), a.n_eval, 4096, a.ratio
+    if a.quick:
+        budget, seeds, lambdas, n_eval, n_held = Budget(12, 32, 16, 2, 512), [0, 1], (1e-3,), 200, 256
+        ratio = 2.0 if ratio is None else ratio
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep(a.presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Markdown tables of the MA experiments (:mod:`fewstep.benchmarks.ma_experiments`): per-arm metrics with 95 %
+t-intervals over seeds, seed-paired MA-vs-baseline comparisons at equal steps and equal CPU time, claim (i) pairs
+of trained students, and the telescoping TV bound as a diagnostic (vacuous rows, Spearman ρ with Σε_k).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.benchmarks.ma_stats import LOWER_IS_BETTER, claim_i_pairs, metric, paired, spearman_ci, t_interval
+
+__all__ = ["write_report", "render", "load_student"]
+
+NFES = (1, 2, 4)
+
+
+def _groups(res: dict[str, Any]) -> dict[tuple[str, str, str], dict[int, dict[str, Any]]]:
+    """(target, method, arm) -> {seed: run}."""
+    out: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for key, run in res["runs"].items():
+        tag, method, arm, seed = key.split("/")
+        out.setdefault((tag, method, arm), {})[int(seed)] = run
+    return out
+
+
+def _kl_tv_names(runs: dict[int, dict[str, Any]]) -> tuple[str, str]:
+    """Density-free KL/TV when measured, else the importance-sampled ones (valid only without folds)."""
+    ev = next(iter(runs.values()))["eval"]
+    first = ev.get("1", ev.get(1, {}))
+    return ("kl_knn", "tv_knn") if "kl_knn" in first else ("kl_is", "tv_is")
+
+
+def _cell(vals: list[float | None], fmt: str = ".3g") -> str:
+    m, hw, n = t_interval([v for v in vals if v is not None])
+    return "–" if n == 0 else f"{m:{fmt}} ± {hw:.2g}"
+
+
+def _by_seed(runs: dict[int, dict[str, Any]], name: str, nfe: int) -> dict[int, float]:
+    return {s: v for s, r in runs.items() if (v := metric(r, name, nfe)) is not None}
+
+
+def arm_table(groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]], tag: str) -> list[str]:
+    """Per-arm metrics of one target (mean ± 95 % half-width over seeds)."""
+    lines = [
+        "| arm | steps | CPU ms/step | NFE | MMD² | KL | TV | mean log p₀ | fold | E_q[p/q] | held-out FM loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (t, _, arm), runs in groups.items():
+        if t != tag:
+            continue
+        kl, tv = _kl_tv_names(runs)
+        steps = next(iter(runs.values()))["steps"]
+        ms = _cell([1e3 * r["cpu_s_per_step"] for r in runs.values()], ".3g")
+        for k in NFES:
+            col = [_cell(list(_by_seed(runs, m, k).values())) for m in ("mmd2", kl, tv, "loglik", "fold", "eq_ratio")]
+            fm = _cell([r["fm_loss"] for r in runs.values()], ".4g") if k == 1 else ""
+            lines.append(f"| {arm} | {steps} | {ms if k == 1 else ''} | {k} | " + " | ".join(col) + f" | {fm} |")
+    return lines
+
+
+def _diff_cell(p: dict[str, Any], relative: bool) -> str:
+    """'-12 % ± 8 % better' (relative to the baseline mean) or '+0.31 ± 0.2 tie' (absolute)."""
+    if relative and p["base"] and math.isfinite(p["base"]):
+        return f"{100 * p['rel']:+.3g} % ± {100 * p['hw'] / abs(p['base']):.2g} % {p['verdict']}"
+    return f"{p['diff']:+.3g} ± {p['hw']:.2g} {p['verdict']}"
+
+
+def compare(
+    groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]],
+    tag: str,
+    metrics: tuple[str, ...] = ("mmd2", "KL", "TV", "loglik"),
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """MA arms vs base@N (equal steps) and vs the equal-CPU baseline, seed-paired; table lines and records."""
+    lines = [
+        "| MA arm | NFE | " + " | ".join(f"{m} =steps | {m} =CPU" for m in metrics) + " |",
+        "|---|---|" + "---|---|" * len(metrics),
+    ]
+    recs = []
+    for (t, method, arm), runs in groups.items():
+        if t != tag or not arm.startswith("MA"):
+            continue
+        bases = {
+            "steps": groups.get((t, method, "base@N")),
+            "CPU": groups.get((t, method, "base@cpu" if arm.endswith("start") else "base@cpu-mid")),
+        }
+        kl, tv = _kl_tv_names(runs)
+        for k in NFES:
+            cells = []
+            for m in metrics:
+                name = {"KL": kl, "TV": tv}.get(m, m)
+                for match, base in bases.items():
+                    if not base:
+                        cells.append("–")
+                        continue
+                    p = paired(_by_seed(runs, name, k), _by_seed(base, name, k), LOWER_IS_BETTER[name])
+                    recs.append({"target": t, "arm": arm, "nfe": k, "metric": name, "match": match, **p})
+                    cells.append(_diff_cell(p, relative=name != "loglik"))
+            lines.append(f"| {arm} | {k} | " + " | ".join(cells) + " |")
+    return lines, recs
+
+
+def load_student(run: dict[str, Any]) -> Any:
+    """Rebuild a cached student from its run record (``cli`` overrides) and ``student_file``."""
+    from fewstep.benchmarks.ma_experiments import _config
+    from fewstep.config.build import build_student
+    from fewstep.methods import get_method
+    from fewstep.teachers.presets import load_preset
+
+    words = run["cli"].split(" --run-dir")[0].split()[4:]
+    cfg = _config("reflow" if "reflow" in run["cli"].split()[3] else "perflow", words, Path("/nonexistent"))
+    teacher = load_preset(cfg.teacher.path or cfg.teacher.name)
+    st = build_student(cfg.student, get_method(cfg.method.name), (teacher.dim,), None)
+    st.load_state_dict(torch.load(run["student_file"])["state"])
+    return st.eval(), teacher
+
+
+def claim_i(res: dict[str, Any], tag: str, draws: int = 8) -> dict[str, Any] | None:
+    """The trained pair of ``tag`` with matched held-out FM loss and the largest 1-NFE MMD² gap, re-measured on
+    ``draws`` fresh noise/reference draws (mean ± SE); None when the cached students are missing."""
+    from fewstep.benchmarks.ma_eval import evaluate_student
+
+    runs = {k: r for k, r in res["runs"].items() if k.startswith(tag + "/") and Path(r["student_file"]).is_file()}
+    if len(runs) < 2:
+        return None
+    losses = {k: torch.load(r["student_file"])["fm_rows"] for k, r in runs.items()}
+    score = {k: float(metric(r, "mmd2", 1)) for k, r in runs.items()}
+    pairs = claim_i_pairs(losses, score, top=1)
+    if not pairs:
+        return None
+    best = pairs[0]
+    for side in ("a", "b"):
+        st, teacher = load_student(runs[best[side]])
+        evs = [evaluate_student(st, teacher, n=2000, seed=100 + i, nfe=(1,))[1] for i in range(draws)]
+        for m in ("mmd2", "kl_knn", "tv_knn", "kl_is", "loglik"):
+            v = [e[m] for e in evs if m in e]
+            if v:
+                t = torch.tensor(v, dtype=torch.float64)
+                best[f"{m}_{side}"], best[f"{m}_{side}_se"] = float(t.mean()), float(t.std() / math.sqrt(len(v)))
+    return best
+
+
+def tv_section(res: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Vacuous rows, Spearman ρ(Σε_k, final TV) with bootstrap intervals, per target and pooled."""
+    rows = [(k.split("/")[0], r["tv_bound"], r) for k, r in res["runs"].items() if "tv_bound" in r]
+    if not rows:
+        return [], {}
+    lines = [
+        "| target | students | vacuous (Σε ≥ 1) | median Σε | median TV final | ρ(Σε, TV final) [95 % CI] | "
+        "ρ(Σε, density-free TV 4 NFE) [95 % CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    out: dict[str, Any] = {}
+    for tag in [*dict.fromkeys(t for t, _, _ in rows), "all"]:
+        sel = [(b, r) for t, b, r in rows if tag in ("all", t)]
+        se = [b["sum_eps"] for b, _ in sel]
+        tv = [b["tv_final"] for b, _ in sel]
+        s1 = spearman_ci(se, tv) if len(sel) > 3 else None
+        hist = [(b["sum_eps"], metric(r, "tv_knn", 4)) for b, r in sel if metric(r, "tv_knn", 4) is not None]
+        s2 = spearman_ci(*zip(*hist, strict=True)) if len(hist) > 3 else None
+        vac = sum(v >= 1 for v in se)
+        out[tag] = {"n": len(sel), "vacuous": vac, "rho": s1, "rho_hist": s2}
+
+        def fmt(s: dict[str, float] | None) -> str:
+            return "–" if s is None else f"{s['rho']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}]"
+
+        lines.append(
+            f"| {tag} | {len(sel)} | {vac} | {sorted(se)[len(se) // 2]:.3f} | {sorted(tv)[len(tv) // 2]:.3f} "
+            f"| {fmt(s1)} | {fmt(s2)} |"
+        )
+    return lines, out
+
+
+def tally(recs: list[dict[str, Any]]) -> list[str]:
+    """Counts of better/worse/tie per (metric, matching) and the list of MA wins."""
+    lines = ["| metric | matching | better | worse | tie |", "|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["metric"], r["match"]) for r in recs))
+    for m, match in keys:
+        sel = [r for r in recs if r["metric"] == m and r["match"] == match]
+        c = {v: sum(r["verdict"] == v for r in sel) for v in ("better", "worse", "tie")}
+        lines.append(f"| {m} | {match} | {c['better']} | {c['worse']} | {c['tie']} |")
+    wins = [r for r in recs if r["verdict"] == "better"]
+    lines += ["", "MA better (95 % interval of the seed-paired difference excludes 0):", ""]
+    lines += [
+        f"- {r['target']}, {r['arm']}, {r['nfe']} NFE, {r['metric']} (={r['match']}): "
+        f"{r['diff']:+.4g} ± {r['hw']:.2g} (baseline {r['base']:.4g})"
+        for r in wins
+    ] or ["- none"]
+    return lines
+
+
+def render(res: dict[str, Any], with_claim_i: bool = True) -> tuple[str, dict[str, Any]]:
+    """The markdown tables and the computed summary records."""
+    groups = _groups(res)
+    st = res["settings"]
+    lines = [
+        "# MA experiments: tables (generated)",
+        "",
+        "Generated by `python -m fewstep.benchmarks.ma_experiments report ...` from the sweep JSON; settings: "
+        f"`{json.dumps(st, ensure_ascii=False)}`; cost ratios r (CPU time of an MA step / plain step): "
+        f"`{json.dumps(res.get('ratio', {}))}`.",
+        "",
+        "Intervals are 95 % t-intervals over seeds; comparisons are seed-paired differences MA − baseline "
+        "(relative to the baseline mean), `tie` when the interval contains 0.",
+        "",
+    ]
+    summary: dict[str, Any] = {"compare": [], "claim_i": {}, "tv": {}}
+    for tag in dict.fromkeys(t for t, _, _ in groups):
+        lines += [f"## {tag}", "", "### Arms", "", *arm_table(groups, tag), "", "### MA vs baselines", ""]
+        cl, recs = compare(groups, tag)
+        summary["compare"] += recs
+        lines += [*cl, ""]
+        ci = claim_i(res, tag) if with_claim_i else None
+        if ci:
+            summary["claim_i"][tag] = ci
+            lines += [
+                "### Claim (i): matched pair loss, different marginals",
+                "",
+                "| student | held-out FM loss ± SE | 1-NFE MMD² ± SE (8 draws) | 1-NFE mean log p₀ ± SE |",
+                "|---|---|---|---|",
+            ]
+            for side in ("a", "b"):
+                lines.append(
+                    f"| {ci[side]} | {ci['loss_' + side]:.5f} | {ci['mmd2_' + side]:.4g} ± "
+                    f"{ci['mmd2_' + side + '_se']:.2g} | {ci['loglik_' + side]:.3f} ± "
+                    f"{ci['loglik_' + side + '_se']:.2g} |"
+                )
+            lines += ["", f"Paired loss difference {ci['dloss']:+.2e} ± {ci['dloss_se']:.1e} (SE).", ""]
+    lines += [
+        "## Tally over all targets",
+        "",
+        *tally(summary["compare"]),
+        "",
+        "## Telescoping bound TV(q₀, p₀) ≤ Σε_k (4 windows, 4-NFE sampler)",
+        "",
+    ]
+    tl, summary["tv"] = tv_section(res)
+    lines += tl
+    return "\n".join(lines) + "\n", summary
+
+
+def write_report(files: list[Path], out: Path) -> None:
+    """Merge sweep JSON files and write ``out`` (markdown) and ``out`` with suffix ``.summary.json``."""
+    res: dict[str, Any] = {"runs": {}, "ratio": {}, "settings": {}}
+    for f in files:
+        part = json.loads(f.read_text())
+        res["runs"].update(part["runs"])
+        res["ratio"].update(part.get("ratio", {}))
+        res["settings"] = part.get("settings", res["settings"])
+    text, summary = render(res)
+    out.write_text(text)
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -1,0 +1,78 @@
+"""Smoke test of the MA sweep runner (tiny budget), its CLI equivalence, statistics and the fold detector."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from fewstep.benchmarks import ma_experiments as ME
+from fewstep.benchmarks.ma_eval import sample_with_density
+from fewstep.benchmarks.ma_stats import claim_i_pairs, paired, t_interval
+
+
+def test_quick_sweep_and_report(tmp_path):
+    out, md = tmp_path / "ma.json", tmp_path / "ma.md"
+    ME.main(["sweep", "--quick", "--presets", "ring8", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    res = json.loads(out.read_text())
+    assert len(res["runs"]) == 2 * 5  # 2 seeds x (3 baselines + 1 lambda x 2 schedules)
+    run = res["runs"]["ring8/reflow/base@cpu/1"]
+    assert run["steps"] == 24 and run["lam"] == 0.0  # r = 2 in --quick: equal-CPU baseline = 2 N
+    ma = res["runs"]["ring8/reflow/MA 0.001 mid/0"]
+    assert ma["warmup"] == 6 and "method.cfg.ma_weight=0.001" in ma["cli"] and "method.cfg.ma_warmup=6" in ma["cli"]
+    for r in res["runs"].values():
+        for k in ("1", "2", "4"):
+            e = r["eval"][k]
+            assert math.isfinite(e["mmd2"]) and 0.0 <= e["fold"] <= 1.0 and e["eq_ratio"] > 0
+        assert r["tv_bound"]["sum_eps"] >= 0 and len(r["tv_bound"]["eps"]) == 4
+    ME.main(["report", str(out), "--out", str(md)])
+    text = md.read_text()
+    assert "## ring8" in text and "MA 0.001 start" in text and "Telescoping bound" in text
+
+
+def test_cli_line_builds_the_trained_config(tmp_path):
+    budget = ME.Budget(steps=40)
+    arm = next(a for a in ME.arms(budget, ratio=3.0, lambdas=(1e-2,)) if a.name == "MA 0.01 mid")
+    ov = ME.arm_overrides("aniso3", arm, 3, budget, ME.MA_DEFAULT)
+    line = ME.cli_line("reflow", ov, "runs/x")
+    assert line.startswith("fewstep distill --config configs/reflow_ma.yaml seed=3 ")
+    cfg = ME._config("reflow", line.split(" --run-dir")[0].split()[4:], tmp_path)
+    assert cfg.seed == 3 and cfg.teacher.name == "aniso3" and cfg.train.steps == 40
+    assert cfg.method.cfg["ma_weight"] == 0.01 and cfg.method.cfg["ma_warmup"] == 20
+    assert cfg.method.cfg["ma_mode"] == ME.MA_DEFAULT["ma_mode"]
+    names = [a.name for a in ME.arms(budget, 3.0, (1e-2,))]
+    assert names == ["base@N", "MA 0.01 start", "base@cpu", "MA 0.01 mid", "base@cpu-mid"]
+    assert [a.steps for a in ME.arms(budget, 3.0, (1e-2,))] == [40, 40, 120, 40, 80]
+
+
+def test_fold_detector_flags_a_folding_map():
+    x1 = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def reflect(x, t, s, cond=None):  # det = -1 everywhere: a fold in the orientation sense
+        return x * torch.tensor([-1.0, 1.0], dtype=x.dtype)
+
+    def scale(x, t, s, cond=None):
+        return 2.0 * x
+
+    _, lq, folded = sample_with_density(reflect, x1, 1)
+    assert bool(folded.all())
+    _, lq2, folded2 = sample_with_density(scale, x1, 2)
+    assert not bool(folded2.any())
+    assert torch.allclose(lq2, lq - 2 * 2 * math.log(2.0))  # two jumps, each log|det| = 2 log 2
+
+
+def test_paired_statistics_and_claim_i_pairs():
+    m, hw, n = t_interval([1.0, 2.0, 3.0])
+    assert n == 3 and m == 2.0 and abs(hw - 4.303 * 1.0 / math.sqrt(3)) < 1e-3
+    base = {s: 1.0 + 0.01 * s for s in range(5)}
+    assert paired({s: v - 0.5 for s, v in base.items()}, base)["verdict"] == "better"
+    assert paired({s: v + 0.5 for s, v in base.items()}, base)["verdict"] == "worse"
+    noisy = {s: base[s] + (0.1 if s % 2 else -0.1) for s in base}
+    assert paired(noisy, base)["verdict"] == "tie"
+    g = torch.Generator().manual_seed(0)
+    common = torch.rand(400, generator=g)
+    e = torch.randn(400, generator=g)
+    losses = {"a": common, "b": common + 1e-4 * (e - e.mean()), "c": common + 1.0}
+    pairs = claim_i_pairs(losses, {"a": 0.01, "b": 0.05, "c": 0.9})
+    assert [(p["a"], p["b"]) for p in pairs] == [("a", "b")]  # c's loss differs: never matched
