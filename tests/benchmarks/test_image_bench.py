@@ -83,3 +83,15 @@ def test_sample_class_grid(teacher_run: Path, tmp_path: Path, capsys: pytest.Cap
     assert "--class-grid sets the step counts" in capsys.readouterr().err
     with pytest.raises(ValueError, match="per_cell"):
         class_grid_samples(run.student(), run.sampler, [1], num_classes=10, per_cell=0)
+
+
+def test_image_cost_measure(teacher_run: Path) -> None:
+    """benchmarks.image_cost: CPU time and memory of training steps; the table's ratio is relative to FM."""
+    from fewstep.benchmarks.image_cost import markdown, measure
+
+    row = measure("configs/images/teacher_digits8.yaml", [*TINY, "train.steps=3"], steps=1)
+    assert row["method"] == "flow_matching" and row["batch"] == 8
+    assert row["cpu_s"] > 0 and row["wall_s"] > 0 and row["peak_rss_mib"] > 50 and row["train_rss_mib"] >= 0
+    mf = measure("configs/images/meanflow.yaml", [*TINY, f"teacher.path={teacher_run}"], steps=1)
+    table = markdown([row, {**mf, "cpu_s": 2.5 * row["cpu_s"]}])
+    assert "| flow_matching | teacher_digits8.yaml | 8 |" in table and "| 1.00 |" in table and "| 2.50 |" in table

@@ -72,8 +72,9 @@ def measure(config: str | Path, overrides: Sequence[str] = (), steps: int = 3) -
         cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     w, c = statistics.median(wall[1:]), statistics.median(cpu[1:])
+    added = max(0.0, peak - rss0) / 1024  # ru_maxrss is sampled by the kernel: can read just below the statm RSS
     return {"config": str(config), "method": cfg.method.name, "batch": cfg.train.batch_size, "wall_s": w,
-            "cpu_s": c, "steps_per_s": 1.0 / w, "peak_rss_mib": peak / 1024, "train_rss_mib": (peak - rss0) / 1024}
+            "cpu_s": c, "steps_per_s": 1.0 / w, "peak_rss_mib": peak / 1024, "train_rss_mib": added}
 
 
 def measure_isolated(config: str | Path, overrides: Sequence[str] = (), steps: int = 3) -> dict[str, Any]:
