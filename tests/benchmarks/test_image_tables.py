@@ -1,0 +1,41 @@
+"""benchmarks.image_tables: grouping of eval JSONs by method and training seed, and the 2-standard-error bars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fewstep.benchmarks.image_tables import bar, main
+
+TEACHER = [{"sampler": s, "nfe": k, "fd": fd, "precision": 0.9, "recall": 0.9, "class_acc": 0.98}
+           for s, k, fd in [("Euler 1", 1, 600.0), ("Euler 2", 2, 56.0), ("Euler 4", 4, 20.0), ("Euler 8", 8, 13.0),
+                            ("dopri5 (rtol 0.0001)", 62, 12.0)]]
+
+
+def _eval(path: Path, method: str, fds: list[float]) -> Path:
+    rows = [{"sampler": f"{method} {k}", "nfe": k, "steps": 300, "fd": fd, "precision": 0.8, "recall": 0.7,
+             "class_acc": 0.9} for k, fd in zip((1, 2, 4), fds, strict=True)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_bar_two_standard_errors() -> None:
+    assert bar([10.0], 20.0) == "met" and bar([30.0], 20.0) == "miss"
+    assert bar([10.0, 11.0, 12.0], 20.0) == "met"  # mean 11, se 0.58
+    assert bar([15.0, 25.0, 20.0], 20.0) == "tie"
+    assert bar([29.0, 31.0, 30.0], 20.0) == "miss"
+
+
+def test_table_groups_seeds(tmp_path: Path) -> None:
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps(TEACHER))
+    evals = [_eval(tmp_path / f"a{i}.json", "cd", [15.0 + i, 14.0 + i, 12.0]) for i in range(3)]
+    evals.append(_eval(tmp_path / "b.json", "reflow", [30.0, 12.0, 11.0]))
+    out = tmp_path / "s.md"
+    assert main(["--teacher", str(t), "--evals", *map(str, evals), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| cd | 300 | 3 | 16.00 ± 1.00 | 15.00 ± 1.00 | 12.00 ± 0.00 | 0.800 / 0.700 / 0.900 | met | miss |" in text
+    assert "| reflow | 300 | 1 | 30.00 | 12.00 | 11.00 |" in text and text.count("| miss | met |") == 1
+    assert "Euler 1 " not in text and "teacher Euler 8 | - | - | 13.00 (NFE 8)" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in data["students"]] == ["cd", "reflow"]
