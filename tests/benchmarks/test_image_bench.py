@@ -39,6 +39,8 @@ def test_tiny_teacher_distill_sample_eval(teacher_run: Path, tmp_path: Path) -> 
     assert [r["nfe"] for r in rows] == [1, 2]
     for r in rows:
         assert np.isfinite(r["fd"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and 0 <= r["class_acc"] <= 1
+    (row,) = student_rows(student, n=20, gamma=0.5, grid="1,0.4,0")  # sampler override: explicit times set NFE
+    assert row["sampler"] == "reflow gamma=0.5 grid=1,0.4,0 2" and row["nfe"] == 2 and np.isfinite(row["fd"])
     t_rows = teacher_rows(teacher_run, n=20, steps=(1,))
     assert [r["sampler"] for r in t_rows][0] == "Euler 1" and t_rows[-1]["nfe"] > 1  # + adaptive dopri5
 

@@ -8,7 +8,7 @@ improved precision/recall, class accuracy) against ``n`` real images, next to th
 Commands (``python -m fewstep.benchmarks.image_bench ...``)::
 
     teacher RUN --out docs/results/images_teacher.md [--n 898] [--guidance 1] [--steps 1 2 4 8 16]
-    students TEACHER_RUN RUN [RUN ...] --out FILE.md [--nfe 1 2 4]
+    students RUN [RUN ...] --out FILE.md [--nfe 1 2 4] [--gamma G] [--grid uniform|edm|1,0.3,0]
     grid RUN [RUN ...] --out grid.png [--nfe 1 2 4]        one row per class, one column per (run, NFE)
     timing --teacher TEACHER_RUN --configs A.yaml B.yaml ... [--steps 5]   median step time per config
 """
@@ -69,17 +69,26 @@ def teacher_rows(run_dir: str | Path, n: int | None = None, seed: int = 0, steps
 
 
 def student_rows(run_dir: str | Path, nfe: Sequence[int] = (1, 2, 4), n: int | None = None,
-                 seed: int = 0, split: str = "all") -> list[dict[str, Any]]:
-    """Metrics of a distilled run's EMA student with its own sampler at each NFE."""
+                 seed: int = 0, split: str = "all", gamma: float | None = None,
+                 grid: str | None = None) -> list[dict[str, Any]]:
+    """Metrics of a distilled run's EMA student with its own sampler at each NFE.
+
+    ``gamma`` / ``grid`` override the run's sampler as ``fewstep sample --gamma/--grid`` do; explicit grid times
+    (e.g. ``"1,0.3,0"``) replace ``nfe`` (one row, NFE = number of jumps). The row name records the override.
+    """
+    from fewstep.cli_eval import run_sampler
+
     run = load_run(run_dir)
     name = run.config.data.name
     student = run.student(ema=True)
+    spec, times = run_sampler(run, gamma, grid)
     n = int(n or FLOOR_N[name])
     x1, cond = eval_noise(n, student.net.event_shape, student.net.num_classes, seed)
+    tag = "".join([f" gamma={gamma:g}" if gamma is not None else "", f" grid={grid}" if grid else ""])
     rows = []
-    for k in nfe:
-        x = sample_with(student, x1, run.sampler, nfe=int(k), cond=cond, seed=seed).x
-        rows.append({"sampler": f"{run.config.method.name} {k}", "nfe": int(k), "steps": run.step,
+    for k in ([len(times) - 1] if times else nfe):
+        x = sample_with(student, x1, spec, nfe=int(k), grid=times, cond=cond, seed=seed).x
+        rows.append({"sampler": f"{run.config.method.name}{tag} {k}", "nfe": int(k), "steps": run.step,
                      **image_metrics(name, x, cond, seed=seed, split=split)})
     return rows
 
@@ -122,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("students")
     s.add_argument("runs", nargs="+")
     s.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
+    s.add_argument("--gamma", type=float, default=None, help="sampler gamma override (default: the run's)")
+    s.add_argument("--grid", default=None, help="grid rule (uniform, edm) or explicit times like 1,0.3,0")
     g = sub.add_parser("grid")
     g.add_argument("runs", nargs="+")
     g.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
@@ -145,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = _data_name(a.run)
         text = markdown(rows, fd_floor(name, a.n or FLOOR_N[name], split=a.split))
     elif a.cmd == "students":
-        rows = [r for run in a.runs for r in student_rows(run, a.nfe, a.n, a.seed, a.split)]
+        rows = [r for run in a.runs for r in student_rows(run, a.nfe, a.n, a.seed, a.split, a.gamma, a.grid)]
         text = markdown(rows)
     elif a.cmd == "grid":
         cols: dict[str, Tensor] = {}
