@@ -8,6 +8,7 @@ Commands::
     fewstep sample RUN_DIR [--nfe 4 | --grid 1,0.5,0] [--gamma G] [--n 1000] [--label L] [--out samples]
     fewstep sample RUN_DIR --class-grid 1 2 4 [--out grid]    image students: one row per class, a column per NFE
     fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000] [--gamma G] [--grid uniform|edm]   metrics with the teacher's
+    fewstep eval RUN_DIR --target guided_ode|tilted|mixture [--w W]   class-conditional 2-D teachers: vs one CFG target
     fewstep export RUN_DIR --format diffusers OUT [--nfe K]   a diffusers folder (student of a diffusers teacher)
     fewstep demo                                      ring8: reflow vs reflow+MA vs the teacher's Euler
     fewstep diagnose tv [args ...]                    diagnostics: fewstep.evaluation.diagnose.main_tv(["tv", args ...])
@@ -314,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=2000)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--raw", action="store_true")
+    e.add_argument("--target", choices=("guided_ode", "tilted", "mixture"),
+                   help="class-conditional 2-D analytic teachers: score against the guided-ODE endpoint, the tilted "
+                        "density p(x|c)^w p(x)^(1-w) or the w=1 mixture (fewstep.benchmarks.dm_targets)")
+    e.add_argument("--w", type=float, help="guidance weight of --target (default: the run's)")
     e.add_argument("--out")
     e.set_defaults(fn=cmd_eval)
     x = sub.add_parser("export", help="write a run's student in another library's format (diffusers)")

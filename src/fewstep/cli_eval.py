@@ -190,7 +190,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("fewstep eval takes a grid rule (--grid uniform|edm) and --nfe; explicit times are for "
                          "fewstep sample")
     mix = _analytic(run)
-    res = _eval_analytic(run, student, mix, spec, args) if mix is not None else _eval_data(run, student, spec, args)
+    if getattr(args, "target", None):
+        res = _eval_target(run, student, mix, spec, args)
+    else:
+        res = _eval_analytic(run, student, mix, spec, args) if mix is not None else _eval_data(run, student, spec, args)
     _print(res, args)
     out = Path(args.out or Path(args.run_dir) / "eval.json")
     out.write_text(json.dumps(res, indent=1, default=float))
@@ -212,6 +215,20 @@ def _eval_analytic(run: Any, student: Any, mix: Any, spec: Any, args: argparse.N
     fig = save_figure(xs, Path(args.run_dir) / "eval.png", f"{Path(args.run_dir).name}: {max(args.nfe)} NFE",
                       ref=mix.sample(n, generator=torch.Generator().manual_seed(seed + 1)))
     return _record(run, spec, args, "exact samples of the analytic teacher", res, euler, adaptive, floor, fig)
+
+
+def _eval_target(run: Any, student: Any, mix: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``--target guided_ode|tilted|mixture``: the class-conditional student against one of the three targets of
+    its teacher at guidance w (``--w``, default the run's; :func:`fewstep.benchmarks.dm_targets.eval_target`)."""
+    from fewstep.benchmarks.dm_targets import eval_target, run_guidance
+
+    if mix is None:
+        raise ValueError("--target needs a run with an analytic mixture teacher")
+    w = run_guidance(run.config) if args.w is None else float(args.w)
+    r = eval_target(student, mix, args.target, w, list(args.nfe), args.n, args.seed,
+                    lambda k, z, c: _samples(student, spec, k, args.n, args.seed, z, c))
+    return _record(run, spec, args, r["reference"], r["student"], r["teacher_euler"], r["teacher_adaptive"],
+                   r["floor_exact_vs_exact"], None)
 
 
 def _samples(student: Any, spec: Any, k: int, n: int, seed: int, x1: Tensor, cond: Tensor | None = None) -> Tensor:

@@ -1,0 +1,298 @@
+r"""Which target does each distribution-matching loss drive a student to? (class-overlapping 2-D teachers)
+
+Three candidate targets for a class-conditional teacher under CFG weight w (all sampled exactly, same labels):
+
+* ``guided_ode``: the endpoint of the CFG-guided teacher ODE :math:`\dot x = v_u + w(v_c - v_u)` from t=1 to 0
+  (adaptive dopri5, rtol = atol = 1e-6);
+* ``tilted``: :math:`q_w(x|c) \propto p_0(x|c)^w p_0(x)^{1-w}`, the t→0 fixed point of a DM loss whose real score
+  is the guided score (grid sampler of :mod:`fewstep.benchmarks.guided_targets`);
+* ``mixture``: the w = 1 conditional mixture :math:`p_0(x|c)` (exact samples).
+
+On ring8/aniso3 the tilted density equals the mixture (classes do not overlap at t=0); on ``shared3`` and
+``overlap2`` (:mod:`fewstep.teachers.presets`) the three are apart for w > 1. ``--separation`` reports their
+pairwise MMD² and each target's noise floor (two independent draws of the same target). Training mode trains the
+DM-family variants of :data:`VARIANTS` from a flow-matching teacher init (the machinery of
+:mod:`fewstep.benchmarks.dmd_experiments`) and scores the EMA student at 1, 2, 4 NFE against all three targets
+(report: :mod:`fewstep.benchmarks.dm_targets_report`).
+
+Run: ``python -m fewstep.benchmarks.dm_targets --preset shared3 --separation --w 1 2 4 --seeds 0 1 2 3 4`` and
+``python -m fewstep.benchmarks.dm_targets --preset shared3 --w 2 --seeds 0 1 2 3 4 --steps 300 --tag _w2``, then
+``--merge <json files> --out docs/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep.benchmarks.dm_targets_report import NFES, TARGETS, merge_and_report
+from fewstep.benchmarks.dmd_experiments import make_trainer, pretrain, references, run_settings
+from fewstep.benchmarks.guided_targets import sample_tilted
+from fewstep.evaluation.metrics import mmd2
+from fewstep.sampling.samplers import sample_flowmap
+from fewstep.teachers.presets import load_preset
+
+__all__ = [
+    "TARGETS",
+    "VARIANTS",
+    "target_samples",
+    "score_targets",
+    "separation",
+    "train_variant",
+    "eval_target",
+    "teacher_rows",
+    "run_guidance",
+    "auto_box",
+]
+
+PAPER = {"fake_samples": "anchor", "ca_norm": "separate"}  # the CDM code's choices
+# name -> (method, method config); "guidance" is set to w. One run setting (RUN + CLI overrides) for all.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dmd (1-step, +regression)": ("dmd", {"n_steps": 1, "num_pairs": 1024}),
+    "dmd2 (1-step)": ("dmd2", {"n_steps": 1}),
+    "ddmd (4-step)": ("ddmd", {}),
+    "cdm tuned (fake=final, ca_norm=cfg)": ("cdm", {}),
+    "cdm paper-form (fake=anchor, ca_norm=separate)": ("cdm", dict(PAPER)),
+    "cdm tuned, fixed schedule": ("cdm", {"schedule": "fixed"}),
+    "cdm tuned, no off-trajectory": ("cdm", {"off_trajectory": False}),
+    "cdm tuned, gaussian perturbation": ("cdm", {"perturbation": "gaussian"}),
+    "cdm tuned, CA only": ("cdm", {"dm_weight": 0.0, "cdm_weight": 0.0}),
+    "cdm paper-form, fixed schedule": ("cdm", {**PAPER, "schedule": "fixed"}),
+    "cdm paper-form, no off-trajectory": ("cdm", {**PAPER, "off_trajectory": False}),
+    "cdm paper-form, gaussian perturbation": ("cdm", {**PAPER, "perturbation": "gaussian"}),
+    "cdm paper-form, CA only": ("cdm", {**PAPER, "dm_weight": 0.0, "cdm_weight": 0.0}),
+}
+
+
+def target_samples(
+    teacher: Any,
+    w: float,
+    n: int,
+    seed: int,
+    box: float = 4.5,
+    cell: float = 0.01,
+    cache: dict[Any, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Labels, evaluation noise and two independent draws of each target (``<name>`` and ``<name>_2``).
+
+    Args:
+        teacher: A class-conditional 2-D mixture teacher.
+        w: Guidance weight.
+        n: Samples per draw.
+        seed: Seed of the labels, noise and draws (the labels and noise are those of ``dmd_experiments``).
+        box: Half-width of the tilted sampler's grid.
+        cell: Grid spacing of the tilted sampler.
+        cache: Optional grid-CDF cache of :func:`~fewstep.benchmarks.guided_targets.sample_tilted`.
+
+    Returns:
+        Dict with ``cond``, ``z`` (the students' noise) and each target twice, float64, all with labels ``cond``.
+    """
+    refs = references(teacher, w, n, seed)  # guided ODE from independent noise, and from z ("adaptive")
+    g = torch.Generator().manual_seed(30_000 + seed)
+    cond = refs["cond"]
+    out = {
+        "cond": cond,
+        "z": refs["z"],
+        "guided_ode": refs["ref"],
+        "guided_ode_2": refs["adaptive"],
+        "mixture": refs["ref_w1"],
+        "mixture_2": teacher.sample(n, cond=cond, generator=g, dtype=torch.float64),
+    }
+    for key in ("tilted", "tilted_2"):
+        out[key] = sample_tilted(teacher, cond, w, 0.0, box, cell, generator=g, cache=cache)
+    return out
+
+
+def score_targets(x: Tensor, tg: dict[str, Tensor]) -> dict[str, float]:
+    """MMD² (RBF bandwidths 0.05/0.2/1 summed, unbiased) of samples ``x`` to each of the three targets."""
+    x = x.to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        return {t: float("nan") for t in TARGETS}
+    return {t: mmd2(x, tg[t]) for t in TARGETS}
+
+
+def separation(tg: dict[str, Tensor]) -> dict[str, float]:
+    """Pairwise MMD² of the targets and each target's floor (its two independent draws)."""
+    out = {f"{a} vs {b}": mmd2(tg[a], tg[b]) for i, a in enumerate(TARGETS) for b in TARGETS[i + 1 :]}
+    out.update({f"floor {t}": mmd2(tg[t], tg[t + "_2"]) for t in TARGETS})
+    return out
+
+
+def teacher_rows(
+    teacher: Any, w: float, tg: dict[str, Tensor], steps: tuple[int, ...] = (1, 2, 4, 8, 16)
+) -> dict[str, dict[str, float]]:
+    """The guided teacher's Euler sampler with K steps from the students' noise, MMD² to each target (the bars)."""
+    from fewstep.sampling.samplers import solve
+
+    kw = {"guidance": w} if w != 1.0 else {}
+    return {str(k): score_targets(solve(teacher, tg["z"], k, cond=tg["cond"], **kw).x, tg) for k in steps}
+
+
+def train_variant(
+    teacher: Any, name: str, w: float, seed: int, run: dict[str, Any], init: dict[str, Tensor], tg: dict[str, Tensor]
+) -> dict[str, Any]:
+    """Train variant ``name`` at guidance w from the teacher init; MMD² of its EMA student to each target per NFE."""
+    method, cfg = VARIANTS[name]
+    t0 = time.time()
+    tr = make_trainer(method, teacher, {**cfg, "guidance": w}, init, seed, run)
+    tr.fit()
+    student = tr.student(ema=True)
+    metrics = {}
+    for k in NFES:
+        with torch.no_grad():
+            x = sample_flowmap(student, tg["z"].float(), k, cond=tg["cond"]).x
+        metrics[str(k)] = score_targets(x, tg)
+    return {"metrics": metrics, "wall_s": time.time() - t0}
+
+
+def run_guidance(config: Any) -> float:
+    """The CFG weight w of a run: ``teacher.guidance`` if it is not 1, else the method's ``guidance`` (default 1)."""
+    w = float(config.teacher.guidance)
+    return w if w != 1.0 else float(dict(config.method.cfg).get("guidance", 1.0))
+
+
+def auto_box(teacher: Any) -> float:
+    """Half-width of the tilted sampler's grid: the largest mean coordinate plus 8 of the widest std."""
+    return float(teacher.means.abs().max() + 8.0 * teacher.eigvals.max().sqrt())
+
+
+def eval_target(
+    student: Any, teacher: Any, target: str, w: float, nfe: list[int], n: int, seed: int, sample: Any
+) -> dict[str, Any]:
+    """``fewstep eval --target``: a class-conditional student against one target at guidance w (same labels).
+
+    Args:
+        student: The flow-map student.
+        teacher: The run's class-conditional 2-D mixture.
+        target: One of :data:`TARGETS`.
+        w: Guidance weight defining the target.
+        nfe: Step counts of the student.
+        n: Samples per draw.
+        seed: Seed of the labels, noise and target draws.
+        sample: ``sample(k, z, cond)`` returning the student's k-step samples (the run's own sampler).
+
+    Returns:
+        The sections of ``eval.json``: per-NFE student metrics (``mmd2`` to the target plus ``mmd2_<target>`` to
+        all three), the guided teacher's Euler and adaptive rows, and the target's floor (three independent
+        draws; mean and sd).
+
+    Raises:
+        ValueError: for an unknown target or a teacher that is not a class-conditional 2-D mixture.
+    """
+    from fewstep.sampling.samplers import solve, solve_adaptive
+
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {TARGETS}; got {target!r}")
+    if getattr(teacher, "num_classes", None) is None or getattr(teacher, "dim", None) != 2:
+        raise ValueError(
+            "--target needs a class-conditional 2-D analytic teacher (the tilted density is sampled on "
+            "a grid); this run's teacher is not one"
+        )
+    box = auto_box(teacher)
+    cache: dict[Any, Tensor] = {}
+    tg = target_samples(teacher, w, n, seed, box, box / 450, cache)
+
+    def row(x: Tensor, nfe_k: float) -> dict[str, float]:
+        all3 = score_targets(x, tg)
+        return {"mmd2": all3[target], **{f"mmd2_{t}": v for t, v in all3.items()}, "nfe": nfe_k}
+
+    z, cond = tg["z"], tg["cond"]
+    student_rows = {k: row(sample(int(k), z, cond), float(k)) for k in nfe}
+    kw = {"guidance": w} if w != 1.0 else {}
+    euler = {k: row(solve(teacher, z, int(k), cond=cond, **kw).x, float(k)) for k in nfe}
+    ode = solve_adaptive(teacher, z, cond=cond, rtol=1e-6, atol=1e-6, **kw)
+    adaptive = row(ode.x, float(ode.nfe))
+    floors = [mmd2(tg[target], tg[target + "_2"])]
+    for s in (1, 2):
+        extra = target_samples(teacher, w, n, seed + 1000 * s, box, box / 450, cache)
+        floors.append(mmd2(extra[target], extra[target + "_2"]))
+    mean = sum(floors) / len(floors)
+    sd = (sum((f - mean) ** 2 for f in floors) / (len(floors) - 1)) ** 0.5
+    return {
+        "student": student_rows,
+        "teacher_euler": euler,
+        "teacher_adaptive": adaptive,
+        "floor_exact_vs_exact": {"mmd2": mean, "mmd2_sd": sd},
+        "reference": f"target {target} at w={w:g} (fewstep.benchmarks.dm_targets), samples use its labels",
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="shared3")
+    p.add_argument("--w", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--separation", action="store_true", help="only the targets' pairwise MMD² and floors")
+    p.add_argument("--only", nargs="*", default=None, help="exact variant names to train (default: all)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--pretrain-steps", type=int, default=1000)
+    p.add_argument("--box", type=float, default=4.5)
+    p.add_argument("--cell", type=float, default=0.01)
+    p.add_argument("--cache", default="/tmp/fewstep_dm_targets_cache", help="teacher-init cache (per preset)")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--tag", default="", help="suffix of the JSON file (for runs in separate processes)")
+    p.add_argument("--merge", nargs="*", default=None, help="merge these JSON files into dm_targets.md/.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cmd = "python -m fewstep.benchmarks.dm_targets " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge is not None:
+        print(merge_and_report([Path(f) for f in args.merge], out, cmd))
+        return
+    unknown = set(args.only or []) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; valid: {sorted(VARIANTS)}")
+    teacher = load_preset(args.preset, conditional=True)
+    run = run_settings("all", {}, {"steps": args.steps, "batch_size": args.batch_size})
+    res: dict[str, Any] = {
+        "preset": args.preset,
+        "commands": [cmd],
+        "seeds": args.seeds,
+        "n": args.n,
+        "run": run,
+        "pretrain_steps": args.pretrain_steps,
+        "separation": {},
+        "students": {},
+    }
+    path = out / f"dm_targets_{args.preset}{args.tag}.json"
+    cache: dict[Any, Tensor] = {}
+    for w in args.w:
+        tgs = {}
+        for seed in args.seeds:
+            tgs[seed] = tg = target_samples(teacher, w, args.n, seed, args.box, args.cell, cache)
+            res["separation"].setdefault(f"{w:g}", {})[str(seed)] = sep = separation(tg)
+            res.setdefault("teacher", {}).setdefault(f"{w:g}", {})[str(seed)] = teacher_rows(teacher, w, tg)
+            print(f"w={w:g} seed {seed} " + " ".join(f"{k}: {v:.4f}" for k, v in sep.items()), flush=True)
+        cache.clear()
+        if args.separation:
+            continue
+        for name in args.only or list(VARIANTS):  # variant-major: each variant gets all seeds before the next
+            for seed in args.seeds:
+                init = pretrain(teacher, seed, args.pretrain_steps, Path(args.cache) / args.preset, {})
+                rec = train_variant(teacher, name, w, seed, run, init, tgs[seed])
+                res["students"].setdefault(name, {}).setdefault(f"{w:g}", {})[str(seed)] = rec
+                print(
+                    f"w={w:g} seed {seed} {name:48s} "
+                    + " ".join(
+                        f"{k}:" + "/".join(f"{rec['metrics'][k][t]:.4f}" for t in TARGETS) for k in rec["metrics"]
+                    )
+                    + f" {rec['wall_s']:.0f}s",
+                    flush=True,
+                )
+                path.write_text(json.dumps(res, indent=1))
+    path.write_text(json.dumps(res, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

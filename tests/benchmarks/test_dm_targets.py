@@ -1,0 +1,74 @@
+"""fewstep.benchmarks.dm_targets: the three CFG targets, their separation, the verdict rule and eval --target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.benchmarks.dm_targets import eval_target, run_guidance, separation, target_samples
+from fewstep.benchmarks.dm_targets_report import ci95, nearest_target
+from fewstep.cli import build_parser
+from fewstep.config.schema import load_config
+from fewstep.teachers.presets import load_preset
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def shared3() -> object:
+    return load_preset("shared3", conditional=True)
+
+
+def test_targets_coincide_at_w1_and_separate_at_w4(shared3: object) -> None:
+    """At w = 1 guided ODE, tilted density and mixture are one distribution; at w = 4 every pair is far apart."""
+    one = separation(target_samples(shared3, 1.0, 600, 0, cell=0.02))
+    assert max(abs(v) for v in one.values()) < 0.01
+    four = separation(target_samples(shared3, 4.0, 600, 0, cell=0.02))
+    pairs = [v for k, v in four.items() if " vs " in k]
+    floors = [v for k, v in four.items() if k.startswith("floor")]
+    assert min(pairs) > 0.05 and max(abs(f) for f in floors) < 0.01
+
+
+def test_ci95_and_nearest_target_verdict() -> None:
+    m, h = ci95([1.0, 2.0, 3.0])
+    assert m == pytest.approx(2.0) and h == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+    clear = [{"guided_ode": 0.30 + e, "tilted": 0.05 + e, "mixture": 0.10 + e} for e in (0.0, 0.01, -0.01)]
+    assert nearest_target(clear) == "tilted"
+    close = [{"guided_ode": 0.3, "tilted": 0.05 + e, "mixture": 0.05 - e} for e in (0.01, -0.02, 0.005)]
+    assert nearest_target(close).startswith("tie ")
+
+
+def test_eval_target_scores_exact_samples_at_the_floor(shared3: object) -> None:
+    """A 'student' returning exact tilted samples is at the tilted floor and far from the other targets."""
+    w, n = 4.0, 500
+    ref = target_samples(shared3, w, n, 7, cell=0.02)
+
+    def sample(k: int, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        torch.testing.assert_close(cond, ref["cond"])  # the student gets the targets' labels
+        from fewstep.benchmarks.guided_targets import sample_tilted
+
+        return sample_tilted(shared3, cond, w, box=4.5, cell=0.02, generator=torch.Generator().manual_seed(k))
+
+    res = eval_target(None, shared3, "tilted", w, [1], n, 7, sample)
+    row = res["student"][1]
+    assert abs(row["mmd2"]) < 0.01 and row["mmd2"] == row["mmd2_tilted"]
+    assert row["mmd2_guided_ode"] > 0.05 and row["mmd2_mixture"] > 0.05
+    assert "mmd2_sd" in res["floor_exact_vs_exact"] and res["teacher_adaptive"]["mmd2_guided_ode"] < 0.01
+
+
+def test_eval_target_rejects_bad_input(shared3: object) -> None:
+    with pytest.raises(ValueError, match="--target must be one of"):
+        eval_target(None, shared3, "guided", 2.0, [1], 500, 0, lambda *a: None)
+    with pytest.raises(ValueError, match="class-conditional 2-D"):
+        eval_target(None, load_preset("shared3"), "tilted", 2.0, [1], 500, 0, lambda *a: None)
+
+
+def test_cli_eval_target_flags_and_run_guidance() -> None:
+    args = build_parser().parse_args(["eval", "RUN", "--target", "tilted", "--w", "2"])
+    assert args.target == "tilted" and args.w == 2.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "RUN", "--target", "guided"])
+    cfg = load_config("configs/cdm.yaml", ["teacher.name=shared3", "teacher.guidance=4"])
+    assert run_guidance(cfg) == 4.0
+    cfg = load_config("configs/cdm.yaml", ["teacher.guidance=1", "method.cfg.guidance=2"])
+    assert run_guidance(cfg) == 2.0
