@@ -12,7 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["image_mosaic", "save_grid", "class_grid_samples"]
+__all__ = ["RENOISE_SEED_OFFSET", "image_mosaic", "save_grid", "class_grid_samples"]
+
+#: Re-noising draws of stochastic (gamma > 0) samplers use seed + this offset: with the noise's own seed their first
+#: draw would equal x_1 itself, turning "fresh noise" at the first re-noising into the initial noise.
+RENOISE_SEED_OFFSET = 104_729
 
 
 def image_mosaic(x: Tensor, cols: int | None = None) -> Any:
@@ -70,7 +74,8 @@ def class_grid_samples(student: Any, spec: Any, nfe: list[int] | tuple[int, ...]
     r"""Samples for a class-row grid: one entry per NFE, ``num_classes * per_cell`` images each.
 
     Every column starts from the same noise :math:`x_1 \sim N(0, I)` (generator seed ``seed``) with labels
-    :math:`c_i = i \bmod K`, so a row shows the same draws of one class at each NFE.
+    :math:`c_i = i \bmod K`, so a row shows the same draws of one class at each NFE; re-noising (gamma > 0) draws
+    from seed ``seed + RENOISE_SEED_OFFSET``.
 
     Args:
         student: A conditional flow-map student (``student.net.event_shape``, ``student.net.num_classes``).
@@ -94,4 +99,5 @@ def class_grid_samples(student: Any, spec: Any, nfe: list[int] | tuple[int, ...]
     n = num_classes * per_cell
     x1 = torch.randn((n, *tuple(student.net.event_shape)), generator=torch.Generator().manual_seed(seed))
     cond = torch.arange(n) % num_classes
-    return {f"{k} NFE": sample_with(student, x1, spec, int(k), grid=grid, cond=cond, seed=seed).x for k in nfe}
+    return {f"{k} NFE": sample_with(student, x1, spec, int(k), grid=grid, cond=cond, seed=seed + RENOISE_SEED_OFFSET).x
+            for k in nfe}
