@@ -33,7 +33,8 @@ def test_ci95_and_nearest_target_verdict() -> None:
     m, h = ci95([1.0, 2.0, 3.0])
     assert m == pytest.approx(2.0) and h == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
     clear = [{"guided_ode": 0.30 + e, "tilted": 0.05 + e, "mixture": 0.10 + e} for e in (0.0, 0.01, -0.01)]
-    assert nearest_target(clear) == "tilted"
+    assert nearest_target(clear) == "tilted" and nearest_target(clear, gap=0.2) == "tilted"
+    assert nearest_target(clear, gap=0.04).startswith("at none")  # farther from all than the targets are apart
     close = [{"guided_ode": 0.3, "tilted": 0.05 + e, "mixture": 0.05 - e} for e in (0.01, -0.02, 0.005)]
     assert nearest_target(close).startswith("tie ")
 

@@ -55,6 +55,7 @@ __all__ = [
 PAPER = {"fake_samples": "anchor", "ca_norm": "separate"}  # the CDM code's choices
 # name -> (method, method config); "guidance" is set to w. One run setting (RUN + CLI overrides) for all.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "teacher init (FM net, Euler; not trained)": ("flow_matching", {}),
     "dmd (1-step, +regression)": ("dmd", {"n_steps": 1, "num_pairs": 1024}),
     "dmd2 (1-step)": ("dmd2", {"n_steps": 1}),
     "ddmd (4-step)": ("ddmd", {}),
@@ -141,7 +142,10 @@ def train_variant(
     """Train variant ``name`` at guidance w from the teacher init; MMD² of its EMA student to each target per NFE."""
     method, cfg = VARIANTS[name]
     t0 = time.time()
-    tr = make_trainer(method, teacher, {**cfg, "guidance": w}, init, seed, run)
+    if method == "flow_matching":  # the starting point of every student: the teacher init, 0 steps
+        tr = make_trainer(method, teacher, cfg, init, seed, {**run, "steps": 0})
+    else:
+        tr = make_trainer(method, teacher, {**cfg, "guidance": w}, init, seed, run)
     tr.fit()
     student = tr.student(ema=True)
     metrics = {}
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             res["separation"].setdefault(f"{w:g}", {})[str(seed)] = sep = separation(tg)
             res.setdefault("teacher", {}).setdefault(f"{w:g}", {})[str(seed)] = teacher_rows(teacher, w, tg)
             print(f"w={w:g} seed {seed} " + " ".join(f"{k}: {v:.4f}" for k, v in sep.items()), flush=True)
+            path.write_text(json.dumps(res, indent=1))
         cache.clear()
         if args.separation:
             continue

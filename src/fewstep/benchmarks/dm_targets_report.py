@@ -38,14 +38,19 @@ def fmt(vals: list[float]) -> str:
     return f"{m:.4f} ± {h:.4f}"
 
 
-def nearest_target(per_seed: list[dict[str, float]]) -> str:
-    """The nearest target by mean MMD², or "tie a/b" when the paired 95 % interval of the gap contains 0."""
+def nearest_target(per_seed: list[dict[str, float]], gap: float | None = None) -> str:
+    """The nearest target by mean MMD², or "tie a/b" when the paired 95 % interval of the gap contains 0.
+
+    With ``gap`` (the smallest pairwise MMD² between the targets at this w) a student whose distance to its nearest
+    target is at least ``gap`` is "at none": it is farther from every target than the targets are from each other.
+    """
     means = {t: sum(r[t] for r in per_seed) / len(per_seed) for t in TARGETS}
     first, second = sorted(TARGETS, key=lambda t: means[t])[:2]
     lo = ci95([r[second] - r[first] for r in per_seed])
-    if len(per_seed) > 1 and lo[0] - lo[1] > 0:
-        return SHORT[first]
-    return f"tie {SHORT[first]}/{SHORT[second]}"
+    name = SHORT[first] if len(per_seed) > 1 and lo[0] - lo[1] > 0 else f"tie {SHORT[first]}/{SHORT[second]}"
+    if gap is not None and means[first] >= gap:
+        return f"at none (≥ target gap {gap:.3f}; nearer {name})"
+    return name
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -118,6 +123,9 @@ def report(res: dict[str, Any], cmd: str) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         ws = sorted({w for by_w in res["students"].values() for w in by_w}, key=float)
+        seps = res["separation"].get(str(res["student_n"]), {})
+        pairs = [f"{a} vs {b}" for i, a in enumerate(TARGETS) for b in TARGETS[i + 1 :]]
+        gaps = {w: min(sum(r[k] for r in per.values()) / len(per) for k in pairs) for w, per in seps.items()}
         for w in ws:
             for name, by_w in res["students"].items():
                 if w not in by_w:
@@ -131,7 +139,7 @@ def report(res: dict[str, Any], cmd: str) -> str:
                     lines.append(
                         f"| {w} | {name} | {k} | {len(recs)} | "
                         + " | ".join(fmt([r[t] for r in per_seed]) for t in TARGETS)
-                        + f" | {nearest_target(per_seed)} |"
+                        + f" | {nearest_target(per_seed, gaps.get(w))} |"
                     )
     return "\n".join(lines) + "\n"
 
