@@ -16,7 +16,7 @@ DM-family variants of :data:`VARIANTS` from a flow-matching teacher init (the ma
 (report: :mod:`fewstep.benchmarks.dm_targets_report`).
 
 Run: ``python -m fewstep.benchmarks.dm_targets --preset shared3 --separation --w 1 2 4 --seeds 0 1 2 3 4`` and
-``python -m fewstep.benchmarks.dm_targets --preset shared3 --w 2 --seeds 0 1 2 3 4 --steps 300 --tag _w2``, then
+``python -m fewstep.benchmarks.dm_targets --preset shared3 --w 4 --seeds 0 1 2 3 4 --steps 150 --n 1000``, then
 ``--merge <json files> --out docs/results``.
 """
 
