@@ -36,17 +36,17 @@ MODULES: dict[str, list[str]] = {
     "sampling/samplers.py": ["sampling/test_samplers.py", "sampling/test_mutation_kills_samplers.py"],
     "sampling/logdensity.py": ["sampling/test_logdensity.py"],
     "methods/_shared/alignment.py": ["methods/test_alignment.py", "methods/test_perflow.py"],
-    "methods/flow_matching.py": ["methods/test_reflow.py", "methods/test_mutation_kills_methods.py"],
-    "methods/reflow.py": ["methods/test_reflow.py", "methods/test_mutation_kills_methods.py"],
-    "methods/meanflow.py": ["methods/test_meanflow.py", "methods/test_mutation_kills_methods.py"],
-    "methods/splitmeanflow.py": ["methods/test_splitmeanflow.py", "methods/test_mutation_kills_methods.py"],
-    "methods/shortcut.py": ["methods/test_shortcut.py", "methods/test_mutation_kills_methods.py"],
-    "methods/ayf.py": ["methods/test_ayf.py", "methods/test_mutation_kills_methods.py"],
-    "methods/consistency.py": ["methods/test_consistency.py", "methods/test_mutation_kills_methods.py"],
-    "methods/scm.py": ["methods/test_scm.py", "methods/test_mutation_kills_methods.py"],
-    "methods/imm.py": ["methods/test_imm.py", "methods/test_mutation_kills_methods.py"],
-    "methods/facm.py": ["methods/test_facm.py", "methods/test_mutation_kills_methods.py"],
-    "methods/perflow.py": ["methods/test_perflow.py", "methods/test_mutation_kills_methods.py"],
+    "methods/flow_matching.py": ["methods/test_reflow.py", "methods/test_mutation_kills_flow_matching.py"],
+    "methods/reflow.py": ["methods/test_reflow.py", "methods/test_mutation_kills_reflow.py"],
+    "methods/meanflow.py": ["methods/test_meanflow.py", "methods/test_mutation_kills_meanflow.py"],
+    "methods/splitmeanflow.py": ["methods/test_splitmeanflow.py", "methods/test_mutation_kills_splitmeanflow.py"],
+    "methods/shortcut.py": ["methods/test_shortcut.py", "methods/test_mutation_kills_shortcut.py"],
+    "methods/ayf.py": ["methods/test_ayf.py", "methods/test_mutation_kills_ayf.py"],
+    "methods/consistency.py": ["methods/test_consistency.py", "methods/test_mutation_kills_consistency.py"],
+    "methods/scm.py": ["methods/test_scm.py", "methods/test_mutation_kills_scm.py"],
+    "methods/imm.py": ["methods/test_imm.py", "methods/test_mutation_kills_imm.py"],
+    "methods/facm.py": ["methods/test_facm.py", "methods/test_mutation_kills_facm.py"],
+    "methods/perflow.py": ["methods/test_perflow.py", "methods/test_mutation_kills_perflow.py"],
     "methods/cdm.py": ["methods/test_cdm.py", "methods/test_cdm_terms.py"],
     "methods/dmd.py": ["methods/test_dmd.py"],
     "methods/dmd2.py": ["methods/test_dmd.py"],
@@ -54,7 +54,19 @@ MODULES: dict[str, list[str]] = {
 }
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
-EQUIVALENT: dict[str, str] = {}
+_P, _F = "fewstep.core.paths.xǁGeneralAffinePathǁ", "fewstep.core.flowmap.xǁ"
+_DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
+_ONE_DEVICE = "device argument: tests run on one device (CPU), so x already lies on the parameters' device"
+EQUIVALENT: dict[str, str] = {
+    _P + "__init____mutmut_4": "boundary values checked in float32 instead of float64: far below the 1e-6 tolerance",
+    _P + "__init____mutmut_6": "boundary values checked in float32 instead of float64: far below the 1e-6 tolerance",
+    _F + "FlowMapǁF__mutmut_7": _DEFAULT_T,
+    _F + "FlowMapǁforward__mutmut_9": _DEFAULT_T,
+    _F + "VelocityFlowMapǁforward__mutmut_7": _DEFAULT_T,
+    _F + "FlowMapǁ_check_input__mutmut_35": _ONE_DEVICE + " (the always-taken branch casts to the same dtype)",
+    _F + "FlowMapǁ_check_input__mutmut_39": _ONE_DEVICE,
+    _F + "FlowMapǁ_check_input__mutmut_41": _ONE_DEVICE,
+}
 
 
 def _pyproject(module: str, tests: list[str]) -> str:
@@ -75,14 +87,15 @@ timeout_multiplier = 5.0
 """
 
 
-def prepare(module: str, workdir: Path) -> Path:
-    """Copy src/ and the needed tests into ``workdir/<module>`` (fresh) and write its pyproject.toml."""
+def prepare(module: str, workdir: Path, fresh: bool = True) -> Path:
+    """Copy src/ (when ``fresh``; the folder is wiped first) and the module's tests into ``workdir/<module>``."""
     tests = [t for t in MODULES[module] if (ROOT / "tests" / t).exists()]
     dest = workdir / module.replace("/", "_").removesuffix(".py")
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (dest / "tests").mkdir(parents=True)
+    if fresh:
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "tests").mkdir(parents=True, exist_ok=True)
     for helper in (ROOT / "tests").glob("_*.py"):
         shutil.copy2(helper, dest / "tests" / helper.name)
     for t in tests:
@@ -109,18 +122,31 @@ def _statuses(dest: Path) -> dict[str, str]:
     return res
 
 
-def run(module: str, workdir: Path, max_children: int) -> dict[str, object]:
-    """Run mutmut on ``module``; returns counts, survivors and the score killed / (total - equivalent)."""
-    dest = prepare(module, workdir)
+def run(module: str, workdir: Path, max_children: int, survivors: bool = False) -> dict[str, object]:
+    """Run mutmut on ``module``; returns counts, survivors and the score killed / (total - equivalent).
+
+    With ``survivors`` (and an earlier run's summary.json in the scratch copy) only the tests are refreshed and
+    only the earlier survivors rerun (the source must be unchanged since that run).
+    """
+    old = workdir / module.replace("/", "_").removesuffix(".py") / "summary.json"
+    again = (
+        [n for n in json.loads(old.read_text())["survived"] if n not in EQUIVALENT]
+        if survivors and old.exists()
+        else []
+    )
+    dest = prepare(module, workdir, fresh=not (survivors and old.exists()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     subprocess.run(
-        [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+        [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *again],
         cwd=dest,
         env=env,
         check=False,
         stdout=subprocess.DEVNULL,
     )
     st = _statuses(dest)
+    if again:  # mutmut resets the other results when tests change: keep the earlier run's verdicts for them
+        prev = json.loads(old.read_text())["status"]
+        st = {**prev, **{n: st[n] for n in again if n in st}}
     killed = [n for n, s in st.items() if s in ("killed", "timeout", "segfault", "caught by type check")]
     survived = [n for n, s in st.items() if s not in ("killed", "timeout", "segfault", "caught by type check")]
     equivalent = [n for n in survived if n in EQUIVALENT]
@@ -139,7 +165,7 @@ def run(module: str, workdir: Path, max_children: int) -> dict[str, object]:
     (dest / "summary.json").write_text(json.dumps(summary, indent=1))
     print(
         f"{module}: {len(killed)}/{denom} killed ({100 * summary['score']:.1f} %), {len(equivalent)} equivalent, "
-        f"{len(live)} surviving: {', '.join(s + '=' + st[s] for s in live)}",
+        f"{len(live)} surviving: {', '.join(s + '=' + st[s] for s in live[:40])}",
         flush=True,
     )
     return summary
@@ -153,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the modules and their test files")
     p.add_argument("--workdir", default="/tmp/fewstep_mutation")
     p.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (the CPU is shared: keep 1)")
+    p.add_argument("--survivors", action="store_true", help="rerun only the last run's survivors with fresh tests")
     args = p.parse_args(argv)
     if args.list:
         for m, t in MODULES.items():
@@ -163,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not mods:
         p.error(f"unknown module(s) {bad}; choose from {list(MODULES)}" if bad else "name a module or pass --all")
     for m in mods:
-        run(m, Path(args.workdir), args.max_children)
+        run(m, Path(args.workdir), args.max_children, args.survivors)
     return 0
 
 

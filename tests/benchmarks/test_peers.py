@@ -12,14 +12,13 @@ pytestmark = pytest.mark.peers
 if importlib.util.find_spec("torchcfm") is None or importlib.util.find_spec("rectified_flow_pytorch") is None:
     pytest.skip("the peers extra is not installed (pip install 'fewstep[peers]')", allow_module_level=True)
 
-from fewstep.benchmarks.peers import (  # noqa: E402
+from fewstep.benchmarks.peer_adapters import (  # noqa: E402
     MeanFlowAdapter,
     TeacherAdapter,
     VelocityAdapter,
     load_rectified_flow_pytorch,
-    run,
-    train_peer,
 )
+from fewstep.benchmarks.peers import run, train_peer  # noqa: E402
 from fewstep.evaluation.evaluate import teacher_endpoint  # noqa: E402
 from fewstep.networks.mlp import MLP  # noqa: E402
 from fewstep.teachers.presets import load_preset  # noqa: E402

@@ -7,10 +7,7 @@ gradient clipping, EMA of the counterpart's ``configs/<name>.yaml``) on exact ri
 scored exactly like fewstep's students: uniform deterministic jumps from t = 1 to 0 of the EMA network wrapped as a
 :class:`fewstep.core.flowmap.FlowMap` (Euler steps for the velocity students), MMD² of
 :func:`fewstep.evaluation.evaluate.evaluate_flowmap` against exact teacher samples. Peer losses and time samplers
-are the packages' own; thin adapters only map the conventions. fewstep's time runs from data (t = 0) to noise
-(t = 1), the peers' Reflow / OT-CFM time :math:`\tau = 1 - t` from noise to data with velocity
-:math:`dx/d\tau = -v(x, t)`, so the velocity adapter is :math:`v_{peer}(x, \tau) = -F(x, 1-\tau)`. The peer MeanFlow
-shares fewstep's convention: :math:`u_{peer}(x, t, \delta) = F(x, t, t - \delta)` (δ = t - r).
+are the packages' own; :mod:`fewstep.benchmarks.peer_adapters` only maps the time conventions.
 
 Peers and counterparts: ``rfp_reflow`` <-> ``reflow`` (peer pairs: its frozen model = the exact teacher, sampled
 by the peer's own 16-point midpoint ODE every step), ``rfp_meanflow`` <-> ``meanflow``, ``cfm_otcfm`` <->
@@ -26,15 +23,14 @@ import shlex
 import statistics
 import sys
 import time
-import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fewstep.benchmarks.method_bench import build_method, method_config, student_options, train_method
+from fewstep.benchmarks.peer_adapters import peer_loss
 from fewstep.config.schema import TrainConfig
 from fewstep.core.flowmap import FlowMap
 from fewstep.evaluation.evaluate import evaluate_flowmap, evaluate_velocity_solver
@@ -42,16 +38,7 @@ from fewstep.networks.mlp import MLP
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 from fewstep.training.optim import EMA, lr_factor
 
-__all__ = [
-    "PEERS",
-    "load_rectified_flow_pytorch",
-    "VelocityAdapter",
-    "MeanFlowAdapter",
-    "TeacherAdapter",
-    "train_peer",
-    "run",
-    "main",
-]
+__all__ = ["PEERS", "NOTES", "train_peer", "run", "summarize", "main"]
 
 #: peer name -> (fewstep counterpart whose config gives the network options and train recipe, parameterization)
 PEERS: dict[str, tuple[str, str]] = {
@@ -61,105 +48,28 @@ PEERS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_rectified_flow_pytorch() -> types.ModuleType:
-    """Import rectified_flow_pytorch; where torchvision is missing or broken (CPU torch), stub the three names it
-    imports at module level (``utils.save_image``, ``models.VGG16_Weights``, ``transforms``), unused here.
+NOTES = """Rows: `rfp_*` = rectified-flow-pytorch 0.14.0 (lucidrains), `cfm_otcfm` = torchcfm 1.0.7
+(`ExactOptimalTransportConditionalFlowMatcher`, sigma 0); the others are fewstep's methods with their shipped
+`configs/<name>.yaml` (method, student embedding and optimizer recipe; steps and batch set to the common budget).
+Each peer trains the same MLP (hidden 256, depth 4) as its fewstep counterpart (rfp_reflow and cfm_otcfm: the
+velocity MLP of reflow / flow_matching; rfp_meanflow: meanflow's student embedding) with the counterpart's
+optimizer recipe (Adam, lr, schedule, gradient clipping, EMA), on exact ring8 samples; the peer's own loss and time
+sampler are used unchanged. Sampling and metric are fewstep's for every row: uniform deterministic jumps of the EMA
+network from t = 1 to 0 (Euler steps for the velocity students, average-velocity jumps for the MeanFlows; the
+peer MeanFlow's own `slow_sample` would take Euler steps with delta 0 instead), MMD² (bandwidths 0.05/0.2/1 summed)
+of 2000 samples vs as many exact samples (`fewstep.evaluation.evaluate.evaluate_flowmap`). Train wall time includes
+pair generation: fewstep reflow caches 20000 RK4-64 teacher pairs first, the peer Reflow samples fresh pairs from
+the exact teacher with its own 16-point midpoint ODE at every step. Wall times come from a CPU shared with about
+seven other jobs (compare them only within this table, roughly).
 
-    Returns:
-        The imported ``rectified_flow_pytorch`` package.
-
-    Raises:
-        ImportError: if rectified_flow_pytorch itself is not installed.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError):
-        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[k]
-        tv = types.ModuleType("torchvision")
-        for sub in ("utils", "models", "transforms"):
-            setattr(tv, sub, types.ModuleType(f"torchvision.{sub}"))
-            sys.modules[f"torchvision.{sub}"] = getattr(tv, sub)
-
-        def save_image(*args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("torchvision is not importable; rectified_flow_pytorch's image saving is unavailable")
-
-        tv.utils.save_image = save_image  # type: ignore[attr-defined]
-        tv.models.VGG16_Weights = types.SimpleNamespace(DEFAULT=None)  # type: ignore[attr-defined]
-        sys.modules["torchvision"] = tv
-    import rectified_flow_pytorch
-
-    return rectified_flow_pytorch
-
-
-class VelocityAdapter(nn.Module):
-    r"""A fewstep velocity net seen in the peers' noise-to-data time: :math:`v_{peer}(x,\tau) = -F(x, 1-\tau)`."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor, times: Tensor) -> Tensor:
-        """Peer velocity at peer time ``times`` (shape (batch,) or scalar)."""
-        t = 1.0 - times.reshape(-1).expand(x.shape[0]).to(x.dtype)
-        return -self.net(x, t, t)
-
-
-class TeacherAdapter(nn.Module):
-    r"""The exact teacher in the peers' time: :math:`v_{peer}(x,\tau) = -v_{teacher}(x, 1-\tau)` (a frozen model)."""
-
-    def __init__(self, teacher: GaussianMixtureTeacher) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # the peer reads .device from a parameter
-
-    def forward(self, x: Tensor, times: Tensor) -> Tensor:
-        """Teacher velocity at peer time ``times``."""
-        return -self.teacher.velocity(x, 1.0 - times.reshape(-1).expand(x.shape[0]).to(x.dtype))
-
-
-class MeanFlowAdapter(nn.Module):
-    r"""A fewstep average-velocity net called as the peer's ``model(x, t, delta)``: :math:`u = F(x, t, t-\delta)`."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor, times: Tensor, delta: Tensor) -> Tensor:
-        """Average velocity over [t - delta, t]."""
-        return self.net(x, times, times - delta)
-
-
-def _peer_loss(
-    name: str, net: nn.Module, teacher: GaussianMixtureTeacher, batch: int, gen: torch.Generator
-) -> Callable[[], Tensor]:
-    """The peer's own training loss on a fresh batch (exact teacher samples / teacher pairs), as a closure."""
-    dim = teacher.dim
-
-    def data() -> Tensor:
-        return teacher.sample(batch, generator=gen).float()
-
-    if name == "cfm_otcfm":
-        from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
-
-        fm, model = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0), VelocityAdapter(net)
-
-        def cfm() -> Tensor:  # x0: noise (tau = 0), x1: data (tau = 1)
-            tau, xt, ut = fm.sample_location_and_conditional_flow(torch.randn(batch, dim), data())
-            return ((model(xt, tau) - ut) ** 2).mean()
-
-        return cfm
-    rfp = load_rectified_flow_pytorch()
-    if name == "rfp_meanflow":
-        mf = rfp.MeanFlow(MeanFlowAdapter(net), data_shape=(dim,))
-        return lambda: mf(data())
-    if name == "rfp_reflow":
-        kw = {"data_shape": (dim,), "data_normalize_fn": None, "data_unnormalize_fn": None}
-        frozen = rfp.RectifiedFlow(TeacherAdapter(teacher), **kw)
-        reflow = rfp.Reflow(rfp.RectifiedFlow(VelocityAdapter(net), **kw), frozen_model=frozen, batch_size=batch)
-        reflow.device = torch.device("cpu")  # Reflow.forward reads self.device, defined as a method in 0.14.0
-        return reflow
-    raise ValueError(f"unknown peer {name!r}; expected one of {sorted(PEERS)}")
+Install (CPU torch): `pip install -c <(echo torch==2.13.0) -e ".[peers]"` (the pin stops pip from replacing the
+CPU torch with a CUDA build), then `pip uninstall torchvision` if `import torchvision` fails: the PyPI torchvision
+0.28.0 wheel that rectified-flow-pytorch pulls does not load next to torch 2.13.0+cpu (`operator torchvision::nms
+does not exist`); `make test-peers` does both. rectified-flow-pytorch imports torchvision only for image saving and
+LPIPS, so `fewstep.benchmarks.peers.load_rectified_flow_pytorch` stubs those names when torchvision is absent.
+Second workaround: `Reflow.forward` in 0.14.0 reads `self.device`, defined as a plain method, so the benchmark sets
+the attribute on the instance. The peers' tests run with `pytest -m peers` (excluded from the default run).
+"""
 
 
 def _train_config(counterpart: str, steps: int, batch: int) -> TrainConfig:
@@ -182,7 +92,7 @@ def train_peer(
         teacher.dim, hidden=hidden, depth=depth, use_s=param == "average_velocity", **student_options(counterpart, {})
     )
     cfg = _train_config(counterpart, steps, batch)
-    loss_fn = _peer_loss(name, net, teacher, batch, gen)
+    loss_fn = peer_loss(name, net, teacher, batch, gen)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     ema = EMA(net, cfg.ema_decays, cfg.ema_warmup) if cfg.ema_decays else None
     t0 = time.perf_counter()
@@ -289,7 +199,7 @@ def summarize(res: dict[str, Any]) -> str:
         runs = [r for r in res["runs"] if r["method"] == name]
         cells = [_fmt([r["mmd2"][k] if k in r["mmd2"] else r["mmd2"][str(k)] for r in runs]) for k in (1, 2, 4)]
         lines.append(f"| {name} | {' | '.join(cells)} | {_fmt([r['train_wall_s'] for r in runs], 0)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + NOTES
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -306,8 +216,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=2000, help="evaluation samples")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/results/peers.md")
+    p.add_argument("--report", default=None, help="only rewrite --out from this earlier run's JSON")
     args = p.parse_args(argv)
     args.argv = argv
+    if args.report:
+        import json
+
+        res = json.loads(Path(args.report).read_text())
+        Path(args.out).write_text(summarize(res))
+        return res
     return run(args)
 
 
