@@ -69,3 +69,15 @@ def test_data_free_batch_is_refused() -> None:
 def test_defaults() -> None:
     cfg = get_method("flow_matching").make_config()
     assert (cfg.time_sampler, cfg.logit_mean, cfg.logit_std, cfg.cond_drop) == ("uniform", 0.0, 1.0, 0.1)
+
+
+def test_unconditional_batch_with_label_drop() -> None:
+    """A batch without labels trains the unconditional velocity even when cond_drop > 0."""
+    cls = get_method("flow_matching")
+    net = _Probe()
+    method = cls(FlowMap(net, "velocity"), None, cls.make_config(cond_drop=0.5))
+    b = _batch()
+    t = b.u[:, U_T]
+    x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
+    loss, _ = method.loss("student", Batch(x1=b.x1, u=b.u, x0=b.x0), 0)
+    torch.testing.assert_close(loss, ((net(x_t, t, t) - (b.x1 - b.x0)) ** 2).mean())
