@@ -37,7 +37,7 @@ def test_cli_line_builds_the_trained_config(tmp_path):
     ov = ME.arm_overrides("aniso3", arm, 3, budget, ME.MA_DEFAULT)
     line = ME.cli_line("reflow", ov, "runs/x")
     assert line.startswith("fewstep distill --config configs/reflow_ma.yaml seed=3 ")
-    cfg = ME._config("reflow", line.split(" --run-dir")[0].split()[4:], tmp_path)
+    cfg = ME.arm_config("reflow", line.split(" --run-dir")[0].split()[4:], tmp_path)
     assert cfg.seed == 3 and cfg.teacher.name == "aniso3" and cfg.train.steps == 40
     assert cfg.method.cfg["ma_weight"] == 0.01 and cfg.method.cfg["ma_warmup"] == 20
     assert cfg.method.cfg["ma_mode"] == ME.MA_DEFAULT["ma_mode"]

@@ -18,43 +18,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fewstep.config.schema import load_config
 from fewstep.core.paths import LinearPath
 from fewstep.evaluation.metrics import kl_tv_importance, mmd2
-from fewstep.sampling.logdensity import standard_normal_logprob
-from fewstep.sampling.samplers import time_grid
+from fewstep.sampling.jump_density import flowmap_logdensity
 
-__all__ = ["jump_sign_logdet", "sample_with_density", "evaluate_student", "heldout_fm_loss", "density_free"]
+__all__ = [
+    "BASE_CONFIG",
+    "arm_config",
+    "load_student",
+    "sample_with_density",
+    "evaluate_student",
+    "heldout_fm_loss",
+    "density_free",
+]
 
-
-def jump_sign_logdet(student: Any, x: Tensor, t: float, s: float) -> tuple[Tensor, Tensor, Tensor]:
-    r"""One jump :math:`y = f_{t\to s}(x)` with the sign and :math:`\log|\det|` of its per-row Jacobian.
-
-    Args:
-        student: Flow map ``f(x, t, s)`` (rows independent).
-        x: Points, shape (batch, d).
-        t: Start time.
-        s: End time.
-
-    Returns:
-        (y, sign, logabsdet), each of the batch's length (sign in {-1, 0, 1}).
-    """
-    b, d = x.shape[0], x[0].numel()
-    tt = torch.full((b,), float(t), dtype=x.dtype)
-    ss = torch.full((b,), float(s), dtype=x.dtype)
-
-    def summed(xx: Tensor) -> tuple[Tensor, Tensor]:
-        y = student(xx, tt, ss)
-        return y.sum(0), y
-
-    with torch.enable_grad():
-        jac, y = torch.func.jacrev(summed, has_aux=True)(x.detach())
-    sign, logabsdet = torch.linalg.slogdet(jac.reshape(d, b, d).permute(1, 0, 2))
-    return y.detach(), sign.detach(), logabsdet.detach()
+BASE_CONFIG = {"reflow": "configs/reflow_ma.yaml", "perflow": "configs/perflow_ma.yaml"}
 
 
 def sample_with_density(student: Any, x1: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,13 +53,8 @@ def sample_with_density(student: Any, x1: Tensor, k: int) -> tuple[Tensor, Tenso
     Returns:
         (x, log_q, folded) where ``folded`` is True for rows with :math:`\det < 0` in at least one jump.
     """
-    g = time_grid(k)
-    x, log_q = x1, standard_normal_logprob(x1)
-    folded = torch.zeros(x1.shape[0], dtype=torch.bool)
-    for i in range(k):
-        x, sign, ld = jump_sign_logdet(student, x, float(g[i]), float(g[i + 1]))
-        folded |= sign <= 0
-        log_q = log_q - ld
+    r = flowmap_logdensity(student, x1, int(k))
+    x, log_q, folded = r.x, r.log_q, r.folded
     return x, log_q, folded
 
 
@@ -165,3 +145,27 @@ def heldout_fm_loss(student: Any, x1: Tensor, x0: Tensor, t: Tensor) -> Tensor:
     with torch.no_grad():
         v = student.velocity(LinearPath().interpolate(x0, x1, t), t)
     return ((v - (x1 - x0)) ** 2).mean(dim=1)
+
+
+def arm_config(method: str, overrides: list[str], pair_dir: Path) -> Any:
+    """The config of one MA-experiment arm: :data:`BASE_CONFIG` with ``overrides`` and the shared pair cache."""
+    root = Path(__file__).resolve().parents[3]
+    base = Path(BASE_CONFIG[method])
+    base = base if base.is_file() else root / base
+    return load_config(
+        base, [*overrides, f"method.cfg.pair_dir={pair_dir}", "train.progress=false", "train.tensorboard=false"]
+    )
+
+
+def load_student(run: dict[str, Any]) -> Any:
+    """Rebuild a cached student from its run record (``cli`` overrides) and ``student_file``."""
+    from fewstep.config.build import build_student
+    from fewstep.methods import get_method
+    from fewstep.teachers.presets import load_preset
+
+    words = run["cli"].split(" --run-dir")[0].split()[4:]
+    cfg = arm_config("reflow" if "reflow" in run["cli"].split()[3] else "perflow", words, Path("/nonexistent"))
+    teacher = load_preset(cfg.teacher.path or cfg.teacher.name)
+    st = build_student(cfg.student, get_method(cfg.method.name), (teacher.dim,), None)
+    st.load_state_dict(torch.load(run["student_file"], weights_only=True)["state"])
+    return st.eval(), teacher

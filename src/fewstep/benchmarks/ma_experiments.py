@@ -30,16 +30,14 @@ from typing import Any
 
 import torch
 
-from fewstep.benchmarks.ma_eval import evaluate_student, heldout_fm_loss
+from fewstep.benchmarks.ma_eval import BASE_CONFIG, arm_config, evaluate_student, heldout_fm_loss, load_student
 from fewstep.config.build import build_run
-from fewstep.config.schema import load_config
 from fewstep.evaluation.diagnose import diagnose_tv
 from fewstep.methods._shared.pairs import PairSolver, generate_pairs
 from fewstep.teachers.presets import load_preset
 
 __all__ = ["Arm", "Budget", "arms", "arm_overrides", "cli_line", "calibrate", "train_arm", "sweep", "main"]
 
-BASE_CONFIG = {"reflow": "configs/reflow_ma.yaml", "perflow": "configs/perflow_ma.yaml"}
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
 # MA in the ODE form of the current API: exact divergence of the student velocity along 4 Euler sub-steps of [t_min, 1]
 MA_DEFAULT: dict[str, Any] = {
@@ -117,18 +115,9 @@ def cli_line(method: str, overrides: list[str], run_dir: str) -> str:
     )
 
 
-def _config(method: str, overrides: list[str], pair_dir: Path) -> Any:
-    root = Path(__file__).resolve().parents[3]
-    base = Path(BASE_CONFIG[method])
-    base = base if base.is_file() else root / base
-    return load_config(
-        base, [*overrides, f"method.cfg.pair_dir={pair_dir}", "train.progress=false", "train.tensorboard=false"]
-    )
-
-
 def train_arm(method: str, overrides: list[str], pair_dir: Path) -> tuple[Any, Any, dict[str, float]]:
     """Train one arm in-process; returns (EMA student, method, timings: CPU and wall seconds per step)."""
-    cfg = _config(method, overrides, pair_dir)
+    cfg = arm_config(method, overrides, pair_dir)
     tr = build_run(cfg, run_dir=None, with_eval=False)
     tr.prepare()  # pair generation is not counted
     c0, w0 = time.process_time(), time.perf_counter()
@@ -252,8 +241,6 @@ def sweep(
                 if key in res["runs"]:
                     old = res["runs"][key]
                     if teacher.dim <= 3 and "kl_knn" not in old["eval"]["1"] and Path(old["student_file"]).is_file():
-                        from fewstep.benchmarks.ma_report import load_student  # measured before the k-NN metrics
-
                         m, _ = measure(load_student(old)[0], teacher, held, seed, n_eval)
                         old.update(m)
                         out.write_text(json.dumps(res, indent=1, default=float))

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from fewstep.benchmarks.ma_eval import evaluate_student, load_student
 from fewstep.benchmarks.ma_stats import LOWER_IS_BETTER, claim_i_pairs, metric, paired, spearman_ci, t_interval
 
-__all__ = ["write_report", "render", "load_student"]
+__all__ = ["write_report", "render"]
 
 NFES = (1, 2, 4)
 
@@ -74,6 +75,7 @@ def compare(
     groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]],
     tag: str,
     metrics: tuple[str, ...] = ("mmd2", "KL", "TV", "loglik"),
+    nfes: tuple[int, ...] = NFES,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """MA arms vs base@N (equal steps) and vs the equal-CPU baseline, seed-paired; table lines and records."""
     lines = [
@@ -89,7 +91,7 @@ def compare(
             "CPU": groups.get((t, method, "base@cpu" if arm.endswith("start") else "base@cpu-mid")),
         }
         kl, tv = _kl_tv_names(runs)
-        for k in NFES:
+        for k in nfes:
             cells = []
             for m in metrics:
                 name = {"KL": kl, "TV": tv}.get(m, m)
@@ -104,30 +106,14 @@ def compare(
     return lines, recs
 
 
-def load_student(run: dict[str, Any]) -> Any:
-    """Rebuild a cached student from its run record (``cli`` overrides) and ``student_file``."""
-    from fewstep.benchmarks.ma_experiments import _config
-    from fewstep.config.build import build_student
-    from fewstep.methods import get_method
-    from fewstep.teachers.presets import load_preset
-
-    words = run["cli"].split(" --run-dir")[0].split()[4:]
-    cfg = _config("reflow" if "reflow" in run["cli"].split()[3] else "perflow", words, Path("/nonexistent"))
-    teacher = load_preset(cfg.teacher.path or cfg.teacher.name)
-    st = build_student(cfg.student, get_method(cfg.method.name), (teacher.dim,), None)
-    st.load_state_dict(torch.load(run["student_file"])["state"])
-    return st.eval(), teacher
-
-
-def claim_i(res: dict[str, Any], tag: str, draws: int = 8) -> dict[str, Any] | None:
+def claim_i(res: dict[str, Any], tag: str, draws: int = 6) -> dict[str, Any] | None:
     """The trained pair of ``tag`` with matched held-out FM loss and the largest 1-NFE MMD² gap, re-measured on
     ``draws`` fresh noise/reference draws (mean ± SE); None when the cached students are missing."""
-    from fewstep.benchmarks.ma_eval import evaluate_student
 
     runs = {k: r for k, r in res["runs"].items() if k.startswith(tag + "/") and Path(r["student_file"]).is_file()}
     if len(runs) < 2:
         return None
-    losses = {k: torch.load(r["student_file"])["fm_rows"] for k, r in runs.items()}
+    losses = {k: torch.load(r["student_file"], weights_only=True)["fm_rows"] for k, r in runs.items()}
     score = {k: float(metric(r, "mmd2", 1)) for k, r in runs.items()}
     pairs = claim_i_pairs(losses, score, top=1)
     if not pairs:
@@ -135,7 +121,9 @@ def claim_i(res: dict[str, Any], tag: str, draws: int = 8) -> dict[str, Any] | N
     best = pairs[0]
     for side in ("a", "b"):
         st, teacher = load_student(runs[best[side]])
-        evs = [evaluate_student(st, teacher, n=2000, seed=100 + i, nfe=(1,))[1] for i in range(draws)]
+        evs = [
+            evaluate_student(st, teacher, n=2000, seed=100 + i, nfe=(1,), density_max_dim=0)[1] for i in range(draws)
+        ]
         for m in ("mmd2", "kl_knn", "tv_knn", "kl_is", "loglik"):
             v = [e[m] for e in evs if m in e]
             if v:
@@ -220,14 +208,17 @@ def render(res: dict[str, Any], with_claim_i: bool = True) -> tuple[str, dict[st
             lines += [
                 "### Claim (i): matched pair loss, different marginals",
                 "",
-                "| student | held-out FM loss ± SE | 1-NFE MMD² ± SE (8 draws) | 1-NFE mean log p₀ ± SE |",
-                "|---|---|---|---|",
+                "| student | held-out FM loss | 1-NFE MMD² ± SE (6 draws) | 1-NFE k-NN KL ± SE | 1-NFE log p₀ ± SE |",
+                "|---|---|---|---|---|",
             ]
+
+            def pm(side: str, m: str, fmt: str = ".4g") -> str:
+                return f"{ci[f'{m}_{side}']:{fmt}} ± {ci[f'{m}_{side}_se']:.2g}" if f"{m}_{side}" in ci else "–"
+
             for side in ("a", "b"):
                 lines.append(
-                    f"| {ci[side]} | {ci['loss_' + side]:.5f} | {ci['mmd2_' + side]:.4g} ± "
-                    f"{ci['mmd2_' + side + '_se']:.2g} | {ci['loglik_' + side]:.3f} ± "
-                    f"{ci['loglik_' + side + '_se']:.2g} |"
+                    f"| {ci[side]} | {ci['loss_' + side]:.5f} | {pm(side, 'mmd2')} | {pm(side, 'kl_knn')} | "
+                    f"{pm(side, 'loglik', '.3f')} |"
                 )
             lines += ["", f"Paired loss difference {ci['dloss']:+.2e} ± {ci['dloss_se']:.1e} (SE).", ""]
     lines += [
@@ -239,7 +230,11 @@ def render(res: dict[str, Any], with_claim_i: bool = True) -> tuple[str, dict[st
         "",
     ]
     tl, summary["tv"] = tv_section(res)
-    lines += tl
+    lines += [*tl, "", "Does MA lower Σε_k and the final TV (4 windows, 4 NFE)? Seed-paired MA − baseline:", ""]
+    for tag in dict.fromkeys(t for t, _, _ in groups):
+        cl, recs = compare(groups, tag, metrics=("sum_eps", "tv_final"), nfes=(4,))
+        summary["tv"].setdefault("compare", []).extend(recs)
+        lines += [f"**{tag}**", "", *cl, ""]
     return "\n".join(lines) + "\n", summary
 
 

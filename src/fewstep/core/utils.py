@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 TimeLike = float | int | Tensor
 
 __all__ = ["TimeLike", "as_time", "bcast", "check_batch", "count_dims", "set_unregistered",
-           "per_sample_sq_norm", "per_sample_mean_sq"]
+           "per_sample_sq_norm", "per_sample_mean_sq", "standard_normal_logprob"]
 
 
 def as_time(t: TimeLike, x: Tensor, name: str = "t", check_range: bool = True) -> Tensor:
@@ -111,3 +112,8 @@ def set_unregistered(module: nn.Module, name: str, value: Any) -> None:
     saved with its owner, but reads as a plain attribute.
     """
     module.__dict__[name] = value
+
+
+def standard_normal_logprob(x: Tensor) -> Tensor:
+    r""":math:`\log\mathcal N(x; 0, I) = -\tfrac12\|x\|^2 - \tfrac d2\log 2\pi` per row, shape (batch,)."""
+    return -0.5 * per_sample_sq_norm(x) - 0.5 * x[0].numel() * math.log(2 * math.pi)

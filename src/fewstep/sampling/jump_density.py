@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fewstep.core.utils import standard_normal_logprob
 from fewstep.sampling.samplers import check_grid, time_grid
 
 __all__ = ["JumpLogDet", "FlowMapLogDensity", "jump_logdet", "flowmap_logdensity", "fold_fraction"]
@@ -175,8 +176,6 @@ def flowmap_logdensity(
     g = time_grid(grid) if isinstance(grid, int) else check_grid(grid, order="monotone")
     if float(g[0]) != 1.0 or not bool((g[1:] < g[:-1]).all()):
         raise ValueError(f"flow-map sampling needs a decreasing grid starting at t=1; got {g.tolist()}")
-    from fewstep.sampling.logdensity import standard_normal_logprob  # logdensity re-exports this module
-
     x, log_q = x1, standard_normal_logprob(x1)
     sign = torch.ones(x1.shape[0], dtype=x1.dtype, device=x1.device)
     folded = torch.zeros(x1.shape[0], dtype=torch.bool, device=x1.device)

@@ -23,7 +23,6 @@ NFE convention: one forward evaluation of the velocity field (with its divergenc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.core.utils import per_sample_sq_norm
+from fewstep.core.utils import standard_normal_logprob
 from fewstep.sampling.integrators import RK_METHODS, rk_step
 from fewstep.sampling.jump_density import flowmap_logdensity, jump_logdet
 from fewstep.sampling.samplers import check_grid, time_grid
@@ -73,11 +72,6 @@ class LogDensityResult:
     times: Tensor
     trajectory: list[Tensor] | None = field(default=None, repr=False)
     log_q_trajectory: list[Tensor] | None = field(default=None, repr=False)
-
-
-def standard_normal_logprob(x: Tensor) -> Tensor:
-    r""":math:`\log\mathcal N(x; 0, I) = -\tfrac12\|x\|^2 - \tfrac d2\log 2\pi` per row, shape (batch,)."""
-    return -0.5 * per_sample_sq_norm(x) - 0.5 * x[0].numel() * math.log(2 * math.pi)
 
 
 def make_probes(x: Tensor, k: int, generator: torch.Generator | None = None, kind: str = "rademacher") -> Tensor:
