@@ -29,7 +29,7 @@ from torch import Tensor
 from fewstep.config.build import build_teacher, load_run
 from fewstep.config.schema import TeacherConfig
 from fewstep.evaluation.image_features import FLOOR_N, fd_floor, image_metrics
-from fewstep.sampling.image_grid import RENOISE_SEED_OFFSET, image_mosaic, save_grid
+from fewstep.sampling.image_grid import image_mosaic, save_grid
 from fewstep.sampling.samplers import solve, solve_adaptive
 from fewstep.sampling.spec import sample_with
 
@@ -87,7 +87,7 @@ def student_rows(run_dir: str | Path, nfe: Sequence[int] = (1, 2, 4), n: int | N
     tag = "".join([f" gamma={gamma:g}" if gamma is not None else "", f" grid={grid}" if grid else ""])
     rows = []
     for k in ([len(times) - 1] if times else nfe):
-        x = sample_with(student, x1, spec, nfe=int(k), grid=times, cond=cond, seed=seed + RENOISE_SEED_OFFSET).x
+        x = sample_with(student, x1, spec, nfe=int(k), grid=times, cond=cond, seed=seed).x
         rows.append({"sampler": f"{run.config.method.name}{tag} {k}", "nfe": int(k), "steps": run.step,
                      **image_metrics(name, x, cond, seed=seed, split=split)})
     return rows
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             for k in a.nfe:
                 cols[f"{run.config.method.name} {k}"] = sample_with(st, x1, run.sampler, nfe=k, cond=cond,
-                                                                    seed=a.seed + RENOISE_SEED_OFFSET).x
+                                                                    seed=a.seed).x
         print(f"wrote {save_grid(cols, out)}")
         return 0
     else:

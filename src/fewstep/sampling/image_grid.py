@@ -12,11 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RENOISE_SEED_OFFSET", "image_mosaic", "save_grid", "class_grid_samples"]
+__all__ = ["image_mosaic", "save_grid", "class_grid_samples"]
 
-#: Re-noising draws of stochastic (gamma > 0) samplers use seed + this offset: with the noise's own seed their first
-#: draw would equal x_1 itself, turning "fresh noise" at the first re-noising into the initial noise.
-RENOISE_SEED_OFFSET = 104_729
 
 
 def image_mosaic(x: Tensor, cols: int | None = None) -> Any:
@@ -75,7 +72,7 @@ def class_grid_samples(student: Any, spec: Any, nfe: list[int] | tuple[int, ...]
 
     Every column starts from the same noise :math:`x_1 \sim N(0, I)` (generator seed ``seed``) with labels
     :math:`c_i = i \bmod K`, so a row shows the same draws of one class at each NFE; re-noising (gamma > 0) draws
-    from seed ``seed + RENOISE_SEED_OFFSET``.
+    from seed ``seed + RENOISE_SEED_OFFSET`` (:func:`~fewstep.sampling.spec.sample_with`).
 
     Args:
         student: A conditional flow-map student (``student.net.event_shape``, ``student.net.num_classes``).
@@ -99,5 +96,5 @@ def class_grid_samples(student: Any, spec: Any, nfe: list[int] | tuple[int, ...]
     n = num_classes * per_cell
     x1 = torch.randn((n, *tuple(student.net.event_shape)), generator=torch.Generator().manual_seed(seed))
     cond = torch.arange(n) % num_classes
-    return {f"{k} NFE": sample_with(student, x1, spec, int(k), grid=grid, cond=cond, seed=seed + RENOISE_SEED_OFFSET).x
+    return {f"{k} NFE": sample_with(student, x1, spec, int(k), grid=grid, cond=cond, seed=seed).x
             for k in nfe}

@@ -27,7 +27,15 @@ from torch import Tensor
 
 from fewstep.sampling.samplers import SampleResult, check_grid, gamma_sample, sample_flowmap, time_grid
 
-__all__ = ["SamplerSpec", "GRID_KINDS", "DETERMINISTIC", "CONSISTENCY", "sample_with", "resolve_grid"]
+__all__ = [
+    "RENOISE_SEED_OFFSET",
+    "SamplerSpec",
+    "GRID_KINDS",
+    "DETERMINISTIC",
+    "CONSISTENCY",
+    "sample_with",
+    "resolve_grid",
+]
 
 GRID_KINDS: tuple[str, ...] = ("uniform", "edm")
 
@@ -93,6 +101,11 @@ def resolve_grid(spec: SamplerSpec, nfe: int | None = None, grid: Any = None,
     return g
 
 
+#: Re-noising draws of stochastic (gamma > 0) samplers use seed + this offset: with the noise's own seed their first
+#: draw would equal x_1 itself, turning "fresh noise" at the first re-noising into the initial noise.
+RENOISE_SEED_OFFSET = 104_729
+
+
 @torch.no_grad()
 def sample_with(flowmap: Callable[..., Tensor], x1: Tensor, spec: SamplerSpec, nfe: int | None = None,
                 grid: Any = None, cond: Tensor | None = None, seed: int = 0,
@@ -100,11 +113,13 @@ def sample_with(flowmap: Callable[..., Tensor], x1: Tensor, spec: SamplerSpec, n
                 allow_nonzero_end: bool = False) -> SampleResult:
     """Sample ``flowmap`` from noise ``x1`` with ``spec`` on ``grid`` (or ``spec.times(nfe)``); one NFE per step.
 
-    The re-noising draws (gamma > 0) come from ``generator`` or a CPU generator seeded with ``seed``.
+    The re-noising draws (gamma > 0) come from ``generator`` or a CPU generator seeded with
+    ``seed + RENOISE_SEED_OFFSET``: callers draw x_1 with ``seed`` itself, and a generator with the same seed
+    would make the first "fresh" noise equal x_1.
     """
     g = resolve_grid(spec, nfe, grid, allow_nonzero_end)
     if not spec.stochastic:
         return sample_flowmap(flowmap, x1, g, cond=cond, return_trajectory=return_trajectory)
-    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed) + RENOISE_SEED_OFFSET)
     return gamma_sample(flowmap, x1, g, gamma=float(spec.gamma), cond=cond, generator=gen,
                         return_trajectory=return_trajectory)
