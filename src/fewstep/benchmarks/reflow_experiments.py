@@ -53,9 +53,11 @@ COMMON: dict[str, dict[str, Any]] = {
     "reflow": {"n_pairs": 20000, "pair_solver": "rk4", "pair_steps": 64, "ma_t_min": 0.05, "ma_batch": 128},
     "perflow": {"num_windows": 2, "solver": "rk4", "solve_steps": 4, "ma_t_min": 0.05, "ma_batch": 128},
 }
-# in 64-D the exact jump log-det costs 64 backward passes; use Hutchinson (2 probes) on one Euler sub-step, the
-# first-order expansion of the same jump: log|det(I - h dv/dx)| = -h div v + O(h^2)
-HIGH_DIM: dict[str, Any] = {"ma_mode": "hutchinson", "ma_probes": 2, "ma_substeps": 1, "ma_solver": "euler"}
+# MA runs in each method's own default (ma_mode ode: the student's ODE on RK4 sub-steps, exact divergence up to 16
+# entries, Hutchinson with probes held along the path above). Results generated before 2026-12-07 used, for every
+# teacher with d > 2, Hutchinson with 2 probes on one Euler sub-step (46 % gradient error on a 64-D closed-form
+# check, docs/results/ma_gradient.md); reproduce those with --extra '{"reflow": LEGACY_HIGH_DIM, "perflow": ...}'.
+LEGACY_HIGH_DIM: dict[str, Any] = {"ma_mode": "hutchinson", "ma_probes": 2, "ma_substeps": 1, "ma_solver": "euler"}
 # the 64-D mixture teacher costs ~1 ms per row-evaluation on this CPU: fewer pairs, cheaper window solves
 PRESET_CFG: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {"reflow": {"n_pairs": 4096, "pair_steps": 16, "shard_size": 1024},
@@ -99,7 +101,7 @@ def train_one(preset: str, variant: str, seed: int, steps: int, hidden: int, dep
 
     teacher = load_preset(preset)
     name, cfg = VARIANTS[variant]
-    cfg = {**COMMON[name], **(HIGH_DIM if teacher.dim > 2 else {}), **cfg, "ma_warmup": steps // 2,
+    cfg = {**COMMON[name], **cfg, "ma_warmup": steps // 2,
            **PRESET_CFG.get(preset, {}).get(name, {}), **(extra or {}).get(name, {})}
     if name == "reflow":  # one cached pair set per preset, shared by every seed and variant
         cfg.setdefault("pair_dir", str(PAIR_CACHE / preset))
