@@ -63,9 +63,9 @@ def test_exact_consistency_function_needs_gamma_1_not_deterministic_jumps() -> N
 
     n = 600
     x1, ref = noise(n, teacher, 0), reference_samples(teacher, n, 0)
-    one = mmd2(sample_with(f, x1, CONSISTENCY, 1).x, ref)
-    for k in (2, 4):
-        assert mmd2(sample_with(f, x1, CONSISTENCY, k, seed=1).x, ref) < one + 2e-3 < 5e-3  # exact at any NFE
+    assert abs(mmd2(sample_with(f, x1, CONSISTENCY, 1).x, ref)) < 3e-3
+    for k in (2, 4):  # exact at any NFE: re-noised samples are exact draws; one draw's MMD² at n=600 spreads ~±3e-3
+        assert sum(mmd2(sample_with(f, x1, CONSISTENCY, k, seed=i).x, ref) for i in range(4)) / 4 < 3e-3
         assert mmd2(sample_with(f, x1, DETERMINISTIC, k).x, ref) > 0.01  # deterministic jumps blur the modes
 
 
