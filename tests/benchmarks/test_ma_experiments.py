@@ -76,3 +76,30 @@ def test_paired_statistics_and_claim_i_pairs():
     losses = {"a": common, "b": common + 1e-4 * (e - e.mean()), "c": common + 1.0}
     pairs = claim_i_pairs(losses, {"a": 0.01, "b": 0.05, "c": 0.9})
     assert [(p["a"], p["b"]) for p in pairs] == [("a", "b")]  # c's loss differs: never matched
+
+
+def _fake_run(sum_eps: float, tv_final: float, mmd: float) -> dict:
+    ev = {str(k): {"mmd2": mmd, "kl_knn": 1.0, "tv_knn": 0.5, "loglik": -1.0} for k in (1, 2, 4)}
+    bound = {"sum_eps": sum_eps, "tv_final": tv_final}
+    return {"eval": ev, "tv_bound": bound, "steps": 10, "cpu_s_per_step": 1e-3, "fm_loss": 0.1}
+
+
+def test_tv_bound_comparison_reads_the_bound_fields():
+    from fewstep.benchmarks.ma_report import _groups, compare, render
+
+    runs = {}
+    for s in range(5):
+        runs[f"ring8/reflow/base@N/{s}"] = _fake_run(0.8 + 0.01 * s, 0.4 + 0.01 * s, 0.1)
+        runs[f"ring8/reflow/base@cpu/{s}"] = _fake_run(0.9 + 0.01 * s, 0.6 + 0.01 * s, 0.1)
+        runs[f"ring8/reflow/MA 0.01 start/{s}"] = _fake_run(0.6 + 0.01 * s, 0.5 + 0.01 * s, 0.1)
+    res = {"runs": runs, "settings": {}, "ratio": {}}
+    lines, recs = compare(_groups(res), "ring8", metrics=("sum_eps", "tv_final"), nfes=(4,))
+    got = {(r["metric"], r["match"]): r for r in recs}
+    assert set(got) == {(m, k) for m in ("sum_eps", "tv_final") for k in ("steps", "CPU")}
+    assert abs(got["sum_eps", "steps"]["diff"] + 0.2) < 1e-9 and got["sum_eps", "steps"]["verdict"] == "better"
+    assert abs(got["tv_final", "steps"]["diff"] - 0.1) < 1e-9 and got["tv_final", "steps"]["verdict"] == "worse"
+    assert abs(got["tv_final", "CPU"]["diff"] + 0.1) < 1e-9 and got["tv_final", "CPU"]["verdict"] == "better"
+    assert "better" in lines[2] and "–" not in lines[2]
+    text, summary = render(res, with_claim_i=False)
+    tail = text.split("Does MA lower")[1]
+    assert "| MA 0.01 start | 4 | -" in tail and len(summary["tv"]["compare"]) == 4

@@ -86,6 +86,8 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], boots: int = 2000, seed:
         if math.isfinite(float(r)):
             rs.append(float(r))
     rs.sort()
+    if not rs:  # constant input: rho undefined in every resample
+        return {"rho": rho, "lo": math.nan, "hi": math.nan, "n": float(len(xs))}
     return {"rho": rho, "lo": rs[int(0.025 * len(rs))], "hi": rs[int(0.975 * len(rs)) - 1], "n": float(len(xs))}
 
 
