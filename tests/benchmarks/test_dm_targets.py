@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import torch
 
-from fewstep.benchmarks.dm_targets import eval_target, run_guidance, separation, target_samples
-from fewstep.benchmarks.dm_targets_report import ci95, nearest_target
+from fewstep.benchmarks.dm_targets import VARIANTS, eval_target, run_guidance, separation, target_samples
+from fewstep.benchmarks.dm_targets_report import as_parts, ci95, clean_command, merge, nearest_target, students_table
 from fewstep.cli import build_parser
 from fewstep.config.schema import load_config
 from fewstep.teachers.presets import load_preset
@@ -73,3 +75,50 @@ def test_cli_eval_target_flags_and_run_guidance() -> None:
     assert run_guidance(cfg) == 4.0
     cfg = load_config("configs/cdm.yaml", ["teacher.guidance=1", "method.cfg.guidance=2"])
     assert run_guidance(cfg) == 2.0
+
+
+def test_clean_command_is_repo_relative_and_quoted() -> None:
+    names = tuple(VARIANTS)
+    old = (
+        "python -m fewstep.benchmarks.dm_targets --preset shared3 --seeds 0 --out /tmp/dmt/runs3 --w 4 "
+        "--only cdm tuned, CA only cdm tuned (fake=final, ca_norm=cfg) dmd2 (1-step) --tag _s0"
+    )
+    new = clean_command(old, names)
+    assert "/tmp" not in new and "--out runs/dm_targets " in new
+    argv = shlex.split(new)
+    only = argv[argv.index("--only") + 1 : argv.index("--tag")]
+    assert only == ["cdm tuned, CA only", "cdm tuned (fake=final, ca_norm=cfg)", "dmd2 (1-step)"]
+    assert clean_command(new, names) == new
+
+
+def _part(steps: int, w: str, value: float, sep: float) -> dict:
+    rec = {"metrics": {str(k): {"guided_ode": value, "tilted": value + 0.1, "mixture": value + 0.2} for k in (1, 2, 4)}}
+    pairs = {"guided_ode vs tilted": sep, "guided_ode vs mixture": sep, "tilted vs mixture": sep}
+    return {
+        "preset": "shared3",
+        "commands": [f"cmd {steps} {w}"],
+        "seeds": [0, 1, 2],
+        "n": 1000,
+        "run": {"steps": steps, "lr": 3e-4},
+        "pretrain_steps": 1000,
+        "separation": {w: {str(s): {k: v + 0.001 * s for k, v in pairs.items()} for s in range(3)}},
+        "teacher": {},
+        "students": {"dmd2 (1-step)": {w: {str(s): rec for s in range(3)}}},
+    }
+
+
+def test_merge_keeps_budgets_apart_and_round_trips() -> None:
+    """Two budgets of one variant at one w stay two rows; a merged file split into parts merges to itself."""
+    merged = merge([_part(150, "4", 0.3, 0.1), _part(1000, "4", 0.05, 0.1)])
+    assert set(merged["students"]["dmd2 (1-step)"]["4"]) == {"150", "1000"}
+    assert merge(as_parts({"shared3": merged})) == merged
+    rows = [r for r in students_table(merged) if r.startswith("| 4 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["150"] * 3 + ["1000"] * 3
+    assert "at none" in rows[0] and rows[-1].endswith("| ODE |")
+
+
+def test_students_table_says_targets_coincide_where_they_are_not_apart() -> None:
+    """At w = 1 the targets' separation is ~0 (interval reaches 0): no 'nearest'/'at none' verdict is given."""
+    rows = students_table(merge([_part(150, "1", 0.05, -0.001)]))
+    verdicts = [r.rsplit(" | ", 1)[1] for r in rows if r.startswith("| 1 |")]
+    assert verdicts == ["targets coincide |"] * 3

@@ -17,13 +17,15 @@ DM-family variants of :data:`VARIANTS` from a flow-matching teacher init (the ma
 
 Run: ``python -m fewstep.benchmarks.dm_targets --preset shared3 --separation --w 1 2 4 --seeds 0 1 2 3 4`` and
 ``python -m fewstep.benchmarks.dm_targets --preset shared3 --w 4 --seeds 0 1 2 3 4 --steps 150 --n 1000``, then
-``--merge <json files> --out docs/results``.
+``--merge <json files> --out docs/results`` (per-run files and/or an earlier merged ``dm_targets.json``; runs
+with different ``--steps`` are kept apart).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -241,17 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain-steps", type=int, default=1000)
     p.add_argument("--box", type=float, default=4.5)
     p.add_argument("--cell", type=float, default=0.01)
-    p.add_argument("--cache", default="/tmp/fewstep_dm_targets_cache", help="teacher-init cache (per preset)")
+    p.add_argument("--cache", default="runs/dm_targets/cache", help="teacher-init cache (per preset)")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--tag", default="", help="suffix of the JSON file (for runs in separate processes)")
     p.add_argument("--merge", nargs="*", default=None, help="merge these JSON files into dm_targets.md/.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    cmd = "python -m fewstep.benchmarks.dm_targets " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python -m fewstep.benchmarks.dm_targets " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge is not None:
-        print(merge_and_report([Path(f) for f in args.merge], out, cmd))
+        print(merge_and_report([Path(f) for f in args.merge], out, cmd, tuple(VARIANTS)))
         return
     unknown = set(args.only or []) - set(VARIANTS)
     if unknown:

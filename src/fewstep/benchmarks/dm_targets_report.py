@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
 from scipy.stats import t as student_t
 
-__all__ = ["TARGETS", "NFES", "ci95", "nearest_target", "merge", "report", "merge_and_report"]
+__all__ = [
+    "TARGETS",
+    "NFES",
+    "ci95",
+    "nearest_target",
+    "clean_command",
+    "as_parts",
+    "merge",
+    "report",
+    "merge_and_report",
+]
 
 TARGETS: tuple[str, ...] = ("guided_ode", "tilted", "mixture")  #: the three targets of fewstep.benchmarks.dm_targets
 NFES: tuple[int, ...] = (1, 2, 4)  #: student step counts scored
@@ -53,26 +65,87 @@ def nearest_target(per_seed: list[dict[str, float]], gap: float | None = None) -
     return name
 
 
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Union of several runs' JSON (same preset): separations and students by w and seed."""
-    res = {
-        **parts[0],
-        "commands": [c for p in parts for c in p["commands"]],
+def clean_command(cmd: str, names: tuple[str, ...] = ()) -> str:
+    """An earlier run's command made repo-relative and copy-pasteable.
+
+    Output folders under ``/tmp/dmt/`` become ``runs/dm_targets`` (the per-seed JSON names stay distinct), and the
+    variant names after ``--only`` are shell-quoted (they contain spaces; ``names`` are the known ones, matched
+    longest first).
+    """
+    cmd = re.sub(r"/tmp/dmt/runs\d*", "runs/dm_targets", cmd)
+    if " --only " not in cmd or "'" in cmd:
+        return cmd
+    head, rest = cmd.split(" --only ", 1)
+    only, sep, tail = rest.partition(" --")
+    quoted = []
+    while only:
+        match = max((n for n in names if only.startswith(n)), key=len, default=None)
+        if match is None:  # unknown name: leave the command as it was
+            return cmd
+        quoted.append(shlex.quote(match))
+        only = only[len(match) :].lstrip()
+    return f"{head} --only {' '.join(quoted)}{sep}{tail}"
+
+
+def as_parts(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """One run's JSON as a list of parts; a merged ``dm_targets.json`` (keyed by preset) is split back into parts.
+
+    A merged file keeps separations by sample size and students by budget (``students[name][w][steps][seed]``,
+    run settings in ``runs[steps]``); files written before budgets were recorded hold ``students[name][w][seed]``
+    with the run settings in ``runs[name]``.
+    """
+    if "preset" in obj:
+        return [obj]
+    parts = []
+    for m in obj.values():
+        base = {k: m[k] for k in ("preset", "seeds", "pretrain_steps")}
+        empty = {"separation": {}, "teacher": {}, "students": {}, "commands": []}
+        parts.append(
+            {
+                **base,
+                **empty,
+                "n": m.get("student_n"),
+                "run": {},
+                "commands": m["commands"],
+                "teacher": m.get("teacher", {}),
+            }
+        )
+        for n, by_w in m["separation"].items():
+            parts.append({**base, **empty, "n": int(n), "run": {}, "separation": by_w})
+        for name, by_w in m["students"].items():
+            for w, per in by_w.items():
+                legacy = any("metrics" in r for r in per.values())
+                by_steps = {str(m["runs"][name]["steps"]): per} if legacy else per
+                for steps, recs in by_steps.items():
+                    run = m["runs"][name] if legacy else m["runs"][steps]
+                    parts.append({**base, **empty, "n": m["student_n"], "run": run, "students": {name: {w: recs}}})
+    return parts
+
+
+def merge(parts: list[dict[str, Any]], names: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Union of several runs' JSON (same preset): separations by n and w, students by w and budget (steps)."""
+    res: dict[str, Any] = {
+        **{k: parts[0][k] for k in ("preset", "pretrain_steps")},
+        "commands": [],
         "separation": {},
+        "teacher": {},
         "students": {},
         "runs": {},
     }
-    res["teacher"] = {}
-    for p in parts:  # separations by sample size n, then w
-        for w, per in p["separation"].items():
+    for p in parts:
+        res["commands"] += [
+            clean_command(c, names) for c in p["commands"] if clean_command(c, names) not in res["commands"]
+        ]
+        for w, per in p["separation"].items():  # separations by sample size n, then w
             res["separation"].setdefault(str(p["n"]), {}).setdefault(w, {}).update(per)
         for w, per in p.get("teacher", {}).items():
             res["teacher"].setdefault(w, {}).update(per)
         for name, by_w in p["students"].items():
+            steps = str(p["run"]["steps"])
             for w, per in by_w.items():
-                res["students"].setdefault(name, {}).setdefault(w, {}).update(per)
-                res["runs"][name] = p["run"]
-                res["student_n"] = p["n"]
+                res["students"].setdefault(name, {}).setdefault(w, {}).setdefault(steps, {}).update(per)
+            res["runs"][steps] = p["run"]
+            res["student_n"] = p["n"]
     res["seeds"] = sorted({int(s) for by_n in res["separation"].values() for by_w in by_n.values() for s in by_w})
     return res
 
@@ -111,46 +184,59 @@ def report(res: dict[str, Any], cmd: str) -> str:
                 lines.append(f"| {w} | {k} | " + " | ".join(fmt([r[k][t] for r in rows]) for t in TARGETS) + " |")
         lines.append("")
     if res["students"]:
-        run = next(iter(res["runs"].values()))
-        lines += [
-            "",
-            "### Students: MMD² to each target (mean ± 95 % CI) and the nearest target",
-            "",
-            f"Run settings (every variant): {run}; teacher init {res['pretrain_steps']} flow-matching steps; "
-            f"EMA 0.99 student; {res['student_n']} samples, the targets' labels.",
-            "",
-            "| w | student | NFE | seeds | to guided ODE | to tilted | to w=1 mixture | nearest |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        ws = sorted({w for by_w in res["students"].values() for w in by_w}, key=float)
-        seps = res["separation"].get(str(res["student_n"]), {})
-        pairs = [f"{a} vs {b}" for i, a in enumerate(TARGETS) for b in TARGETS[i + 1 :]]
-        gaps = {w: min(sum(r[k] for r in per.values()) / len(per) for k in pairs) for w, per in seps.items()}
-        for w in ws:
-            for name, by_w in res["students"].items():
-                if w not in by_w:
-                    continue
-                recs = list(by_w[w].values())
-                for k in NFES:
-                    per_seed = [r["metrics"][str(k)] for r in recs]
-                    if any(not math.isfinite(v) for r in per_seed for v in r.values()):
-                        lines.append(f"| {w} | {name} | {k} | {len(recs)} | diverged (non-finite samples) | | | |")
-                        continue
-                    lines.append(
-                        f"| {w} | {name} | {k} | {len(recs)} | "
-                        + " | ".join(fmt([r[t] for r in per_seed]) for t in TARGETS)
-                        + f" | {nearest_target(per_seed, gaps.get(w))} |"
-                    )
+        lines += students_table(res)
     return "\n".join(lines) + "\n"
 
 
-def merge_and_report(paths: list[Path], out: Path, cmd: str) -> str:
-    """Merge JSON files (grouped by preset) into dm_targets.json and the tables of dm_targets_tables.md."""
-    parts = [json.loads(p.read_text()) for p in paths]
+def students_table(res: dict[str, Any]) -> list[str]:
+    """Rows of the students' table: MMD² to each target per (w, budget, variant, NFE) and the verdict.
+
+    Where the targets are not resolved apart at a w (the 95 % interval of their smallest pairwise MMD² reaches 0,
+    as at w = 1) the verdict is "targets coincide": there is one target and only the distance to it has meaning.
+    """
+    run = {k: v for k, v in next(iter(res["runs"].values())).items() if k != "steps"}
+    lines = [
+        "",
+        "### Students: MMD² to each target (mean ± 95 % CI) and the nearest target",
+        "",
+        f"Run settings (every variant; the budget is the steps column): {run}; teacher init "
+        f"{res['pretrain_steps']} flow-matching steps; EMA 0.99 student; {res['student_n']} samples, the targets' "
+        "labels.",
+        "",
+        "| w | steps | student | NFE | seeds | to guided ODE | to tilted | to w=1 mixture | nearest |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    seps = res["separation"].get(str(res["student_n"]), {})
+    pairs = [f"{a} vs {b}" for i, a in enumerate(TARGETS) for b in TARGETS[i + 1 :]]
+    gaps: dict[str, float | None] = {}
+    for w, per in seps.items():
+        lo = min(ci95([r[k] for r in per.values()]) for k in pairs)
+        gaps[w] = lo[0] if lo[0] - lo[1] > 0 else None  # None: the targets coincide at this w
+    keys = {(w, steps) for by_w in res["students"].values() for w, by_s in by_w.items() for steps in by_s}
+    for w, steps in sorted(keys, key=lambda k: (float(k[0]), int(k[1]))):
+        for name, by_w in res["students"].items():
+            recs = list(by_w.get(w, {}).get(steps, {}).values())
+            if not recs:
+                continue
+            for k in NFES:
+                per_seed = [r["metrics"][str(k)] for r in recs]
+                head = f"| {w} | {steps} | {name} | {k} | {len(recs)} | "
+                if any(not math.isfinite(v) for r in per_seed for v in r.values()):
+                    lines.append(head + "diverged (non-finite samples) | | | |")
+                    continue
+                verdict = "targets coincide" if w in gaps and gaps[w] is None else nearest_target(per_seed, gaps.get(w))
+                lines.append(head + " | ".join(fmt([r[t] for r in per_seed]) for t in TARGETS) + f" | {verdict} |")
+    return lines
+
+
+def merge_and_report(paths: list[Path], out: Path, cmd: str, names: tuple[str, ...] = ()) -> str:
+    """Merge JSON files (per-run files or an earlier merged dm_targets.json) into dm_targets.json and the tables of
+    dm_targets_tables.md, one section per preset; ``names`` are the variant names (for :func:`clean_command`)."""
+    parts = [q for p in paths for q in as_parts(json.loads(p.read_text()))]
     by_preset: dict[str, list[dict[str, Any]]] = {}
     for p in parts:
         by_preset.setdefault(p["preset"], []).append(p)
-    merged = {name: merge(ps) for name, ps in by_preset.items()}
+    merged = {name: merge(ps, names) for name, ps in by_preset.items()}
     (out / "dm_targets.json").write_text(json.dumps(merged, indent=1))
     text = "\n".join(report(r, cmd) for r in merged.values())
     (out / "dm_targets_tables.md").write_text(text)
