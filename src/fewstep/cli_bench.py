@@ -5,7 +5,10 @@ Examples::
     fewstep bench --quick                                  # minutes: small budget, 2 targets, 1 seed
     fewstep bench                                          # the full grid into docs/leaderboard.md (+ .json, .png)
     fewstep bench --targets random --seeds 0 --shard 0/2   # one of two processes sharing the cache
-    fewstep bench --report-only                            # regenerate the page from the cached cells
+    fewstep bench --report-only                            # regenerate the page from the stored cells
+
+Finished cells are stored as small metrics JSON files under ``--cells-dir`` (``docs/leaderboard_cells`` for the full
+leaderboard, tracked by git, so results survive a machine change; :mod:`fewstep.benchmarks.leaderboard.store`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ FULL: dict[str, Any] = {
     "depth": 4,
     "n": 2000,
     "probes": 4,
-    "run_dir": "runs/bench",
+    "cells_dir": "docs/leaderboard_cells",
     "out": "docs/leaderboard.md",
 }
 QUICK: dict[str, Any] = {
@@ -38,7 +41,7 @@ QUICK: dict[str, Any] = {
     "depth": 3,
     "n": 500,
     "probes": 2,
-    "run_dir": "runs/bench-quick",
+    "cells_dir": "runs/bench-quick",
     "out": "runs/bench-quick/leaderboard.md",
 }
 
@@ -68,11 +71,22 @@ def add_bench_parser(sub: Any) -> None:
     b.add_argument("--seeds", nargs="+", type=int, default=None)
     for name in ("steps", "batch-size", "hidden", "depth", "n", "probes"):
         b.add_argument(f"--{name}", type=int, default=None)
-    b.add_argument("--run-dir", default=None, help="cache folder (default runs/bench, --quick runs/bench-quick)")
+    b.add_argument(
+        "--cells-dir",
+        "--run-dir",
+        dest="cells_dir",
+        default=None,
+        help="cell store (default docs/leaderboard_cells, tracked; --quick runs/bench-quick)",
+    )
+    b.add_argument(
+        "--import-json",
+        default=None,
+        help="first import the one-seed rows of an earlier leaderboard JSON as cells (eval version 1)",
+    )
     b.add_argument("--out", default=None, help="markdown path; .json and .png beside it (default docs/leaderboard.md)")
     b.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: run every N-th cell from the I-th")
     b.add_argument("--retry-failed", action="store_true", help="rerun cells cached as failed")
-    b.add_argument("--report-only", action="store_true", help="only regenerate the page from the cache")
+    b.add_argument("--report-only", action="store_true", help="only regenerate the page from the stored cells")
     b.add_argument("--no-figure", action="store_true")
     b.set_defaults(fn=cmd_bench)
 
@@ -82,6 +96,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from fewstep.benchmarks.leaderboard import Budget, run_grid, write_leaderboard
+    from fewstep.benchmarks.leaderboard.runner import grid_cells
+    from fewstep.benchmarks.leaderboard.store import import_leaderboard_json
     from fewstep.benchmarks.leaderboard.targets import expand_targets
     from fewstep.methods.registry import get_method, list_methods
 
@@ -126,25 +142,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
             str(budget.n),
             "--probes",
             str(budget.probes),
-            "--run-dir",
-            opt["run_dir"],
+            "--cells-dir",
+            opt["cells_dir"],
             "--out",
             opt["out"],
         ]
     )
+    if args.import_json:
+        n = import_leaderboard_json(args.import_json, opt["cells_dir"], _provenance(args.import_json))
+        print(f"import {args.import_json}: " + ", ".join(f"{v} {k}" for k, v in n.items()))
     if not args.report_only:
         counts = run_grid(
             methods,
             targets,
             list(opt["seeds"]),
             budget,
-            opt["run_dir"],
+            opt["cells_dir"],
             cmd,
             shard=args.shard,
             retry_failed=args.retry_failed,
         )
         print(f"cells: {counts['ran']} run, {counts['cached']} cached, {counts['failed']} failed")
     page = f"{cmd} --report-only" if args.report_only else ""
-    d = write_leaderboard(opt["run_dir"], budget, opt["out"], figure=not args.no_figure, page_command=page)
-    print(f"leaderboard: {opt['out']} (+ .json); {len(d['missing'])} cells missing, {len(d['failed'])} failed")
+    grid = grid_cells(methods, targets, list(opt["seeds"]))
+    d = write_leaderboard(opt["cells_dir"], budget, grid, opt["out"], figure=not args.no_figure, page_command=page)
+    print(
+        f"leaderboard: {opt['out']} (+ .json); {len(d['missing'])} cells missing, {len(d['stale'])} stale, "
+        f"{len(d['failed'])} failed"
+    )
     return 0
+
+
+def _provenance(path: str) -> str:
+    """``<path> at commit <hash>`` (the last commit that changed the file), or the path alone outside git."""
+    import subprocess
+
+    try:
+        h = subprocess.run(
+            ["git", "log", "-1", "--format=%h", "--", path], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        h = ""
+    return f"{path} at commit {h}" if h else path

@@ -41,15 +41,19 @@ def test_bench_quick_smoke_writes_and_resumes(tmp_path: Path, capsys: pytest.Cap
     assert "fewstep bench --methods flow_matching cd --targets aniso3" in text and "### aniso3" in text
     d = json.loads(out.with_suffix(".json").read_text())
     assert {r["method"] for r in d["rows"]} == {"flow_matching", "cd"} and not d["missing"]
-    cells = sorted(run.glob("*/cells/*.json"))
+    cells = sorted(run.glob("*/aniso3/*/seed0.json"))  # <cells dir>/<budget tag>/<target>/<method>/seed<k>.json
     assert len(cells) == 2
-    cd = json.loads(next(c for c in cells if c.name.startswith("cd__")).read_text())
+    cd = json.loads(next(c for c in cells if c.parent.name == "cd").read_text())
     assert cd["status"] == "ok" and cd["sampler"].startswith("gamma=1") and len(cd["probes"]) == 2
     assert cd["net_evals_per_sample"] > 0 and cd["teacher_evals_per_sample"] > 0
+    assert cd["eval_version"] == 2 and cd["command"].startswith("fewstep bench") and cd["host"]
     stamps = {c: c.stat().st_mtime_ns for c in cells}
     assert main(argv) == 0  # second run: everything cached, nothing recomputed
     assert "cells: 0 run, 2 cached, 0 failed" in capsys.readouterr().out
     assert {c: c.stat().st_mtime_ns for c in cells} == stamps
+    out.unlink()
+    assert main([*argv, "--report-only"]) == 0  # the page again, from the stored cells alone
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == d["rows"]
 
 
 def test_bad_target_and_method_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,15 +88,15 @@ def test_design_limits_come_from_the_configs() -> None:
     assert design_limits(cell_config("meanflow", "ring8", 0, b)) == {}
 
 
-def _cell(method: str, target: str, mmd: dict[str, float], step_s: float) -> dict:
+def _cell(method: str, target: str, mmd: dict[str, float], step_s: float, host: str = "h") -> dict:
     return {
         "method": method,
         "target": target,
         "seed": 0,
         "status": "ok",
-        "sampler": "s",
+        "sampler": "gamma=0 (deterministic jumps), uniform grid",
         "config": "c",
-        "budget": {},
+        "budget": {"steps": 10},
         "final": {k: {"mmd2": v, "sample_s": 0.1} for k, v in mmd.items()},
         "step_s": step_s,
         "train_s": 1.0,
@@ -103,25 +107,31 @@ def _cell(method: str, target: str, mmd: dict[str, float], step_s: float) -> dic
         "throughput": {"1": 1.0, "2": 1.0, "4": 1.0},
         "time_to_bar_s": {"1": 0.5, "2": None, "4": None},
         "design_limits": {},
+        "resolved": {"method": {"cfg": {}}},
+        "host": host,
+        "eval_version": 2,
     }
 
 
 def test_summary_pass_counts_and_cost_ratio(tmp_path: Path) -> None:
-    from fewstep.benchmarks.leaderboard.runner import write_json
+    from fewstep.benchmarks.leaderboard.store import bars_dir, cell_path, write_json
 
     euler = {str(k): {"mmd2": v} for k, v in zip((1, 2, 4, 8, 16, 32, 64), (3, 0.3, 0.05, 0.02, 0.01, 0.005, 0.004))}
     for t in ("random:0", "random:1"):
-        write_json(tmp_path / "bars" / f"{t.replace(':', '-')}__s0.json", {"dim": 3, "components": 4, "euler": euler})
+        write_json(bars_dir(tmp_path) / f"{t.replace(':', '-')}__s0.json", {"dim": 3, "components": 4, "euler": euler})
     # random:0 passes 1 NFE (0.04 < E4 0.05) and 2 NFE (0.01 < E8 0.02); random:1 passes neither
-    write_json(tmp_path / "cells" / "a.json", _cell("m", "random:0", {"1": 0.04, "2": 0.01, "4": 0.02}, 2.0))
-    write_json(tmp_path / "cells" / "b.json", _cell("m", "random:1", {"1": 0.06, "2": 0.03, "4": 0.001}, 3.0))
-    write_json(tmp_path / "cells" / "c.json", _cell("flow_matching", "random:0", {"1": 1, "2": 1, "4": 1}, 1.0))
-    write_json(tmp_path / "requests" / "r.json", {"command": "x", "budget": {}, "grid": [["m", "random:2", 0]]})
-    d = collect(tmp_path)
+    write_json(cell_path(tmp_path, "m", "random:0", 0), _cell("m", "random:0", {"1": 0.04, "2": 0.01, "4": 0.02}, 2.0))
+    write_json(cell_path(tmp_path, "m", "random:1", 0), _cell("m", "random:1", {"1": 0.06, "2": 0.03, "4": 0.001}, 3))
+    fm = _cell("flow_matching", "random:0", {"1": 1, "2": 1, "4": 1}, 1.0)
+    write_json(cell_path(tmp_path, "flow_matching", "random:0", 0), fm)
+    write_json(cell_path(tmp_path, "flow_matching", "random:1", 0), {**fm, "target": "random:1", "host": "other"})
+    grid = [(m, t, 0) for t in ("random:0", "random:1", "random:2") for m in ("m", "flow_matching")]
+    d = collect(tmp_path, grid)
     rp = d["methods_summary"]["m"]["random_pass"]
     assert (rp["1"]["passed"], rp["1"]["of"], rp["2"]["passed"], rp["4"]["passed"]) == (1, 2, 1, 1)
-    assert d["methods_summary"]["m"]["step_vs_fm"] == 2.0  # only random:0 has a flow_matching cell
-    assert d["missing"] == [["m", "random:2", 0]]
+    # random:0 pairs with flow_matching on the same host; random:1's flow_matching ran on another host
+    assert d["methods_summary"]["m"]["step_vs_fm"] == 2.0
+    assert d["missing"] == [["flow_matching", "random:2", 0], ["m", "random:2", 0]]
 
 
 def test_targets_expand_and_bars_are_cached(tmp_path: Path) -> None:

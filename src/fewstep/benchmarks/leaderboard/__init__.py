@@ -3,8 +3,9 @@
 Modules: :mod:`~fewstep.benchmarks.leaderboard.targets` (targets, teacher Euler bars),
 :mod:`~fewstep.benchmarks.leaderboard.cells` (one cell: shipped config, common budget, own sampler),
 :mod:`~fewstep.benchmarks.leaderboard.runner` (the resumable grid), :mod:`~fewstep.benchmarks.leaderboard.summary`
-(aggregation), :mod:`~fewstep.benchmarks.leaderboard.report` (markdown) and
-:mod:`~fewstep.benchmarks.leaderboard.figure` (quality vs NFE).
+(aggregation), :mod:`~fewstep.benchmarks.leaderboard.report` (markdown),
+:mod:`~fewstep.benchmarks.leaderboard.figure` (quality vs NFE) and :mod:`~fewstep.benchmarks.leaderboard.store`
+(the tracked per-cell metric records, ``docs/leaderboard_cells``).
 """
 
 from __future__ import annotations
@@ -12,19 +13,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from fewstep.benchmarks.leaderboard.cells import Budget
-from fewstep.benchmarks.leaderboard.runner import budget_dir, run_grid, write_json
+from fewstep.benchmarks.leaderboard.runner import budget_dir, run_grid
+from fewstep.benchmarks.leaderboard.store import write_json
 
 __all__ = ["Budget", "run_grid", "write_leaderboard"]
 
 
 def write_leaderboard(
-    run_dir: str | Path, budget: Budget, out: str | Path, figure: bool = True, page_command: str = ""
+    cells_dir: str | Path,
+    budget: Budget,
+    grid: list[tuple[str, str, int]],
+    out: str | Path,
+    figure: bool = True,
+    page_command: str = "",
 ) -> dict:
-    """Aggregate the cached cells of ``budget`` into ``out`` (markdown), ``out`` .json and ``out`` .png.
+    """Aggregate the stored cells of ``grid`` at ``budget`` into ``out`` (markdown), ``out`` .json and ``out`` .png.
 
     Args:
-        run_dir: The bench run folder.
-        budget: Selects ``<run_dir>/<budget tag>``.
+        cells_dir: The cell store.
+        budget: Selects ``<cells_dir>/<budget tag>``.
+        grid: The requested (method, target, seed) cells (the page lists those without a record as missing).
         out: Markdown path; the JSON and figure take its stem.
         figure: Draw the figure (skipped with a note when matplotlib is missing).
         page_command: The command writing the page, shown on it.
@@ -37,7 +45,7 @@ def write_leaderboard(
     from fewstep.benchmarks.leaderboard.summary import collect
 
     out = Path(out)
-    d = collect(budget_dir(run_dir, budget))
+    d = collect(budget_dir(cells_dir, budget), grid)
     png = out.with_suffix(".png")
     note = save_figure(d, png) if figure else "disabled (--no-figure)"
     out.parent.mkdir(parents=True, exist_ok=True)

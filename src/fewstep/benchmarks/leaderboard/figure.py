@@ -47,9 +47,10 @@ def save_figure(d: dict[str, Any], path: Path, max_panels: int = 16) -> str:
             r = next((r for r in d["rows"] if r["method"] == m and r["target"] == t), None)
             if r is None:
                 continue
+            ks_m = [k for k in STUDENT_NFE if str(k) in r["nfe"]]  # an entry may be pending (stale)
             ax.plot(
-                STUDENT_NFE,
-                [max(r["nfe"][str(k)]["mmd2"], FLOOR) for k in STUDENT_NFE],
+                ks_m,
+                [max(r["nfe"][str(k)]["mmd2"], FLOOR) for k in ks_m],
                 "o-",
                 ms=3,
                 color=cmap(i % 20),

@@ -13,8 +13,10 @@ def _f(v: float | None, digits: int = 4) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _cell(ent: dict[str, Any], limit: str | None, key: str = "mmd2") -> str:
+def _cell(ent: dict[str, Any] | None, limit: str | None, key: str = "mmd2") -> str:
     """``mean ± std`` with a mark: ✓ beats the 4K Euler bar, ✗ misses it, (design) for a by-design miss."""
+    if ent is None:
+        return "pending"
     s = f"{ent[key]:.4f} ± {ent[key + '_std']:.4f}"
     if key != "mmd2":
         return s
@@ -30,8 +32,27 @@ def _budget_line(d: dict[str, Any]) -> str:
         f"{b.get('steps')} training steps × batch {b.get('batch_size')}; everything else (method "
         "hyper-parameters, lr and schedule, EMA, time embedding) from the method's shipped "
         f"`configs/<method>.yaml`. Evaluation: {b.get('n')} samples of the EMA student with its own sampler "
-        f"vs {b.get('n')} exact mixture samples; {b.get('probes')} evaluations during training time the bars."
+        f"vs {b.get('n')} exact mixture samples; {b.get('probes')} evaluations during training time the bars.\n\n"
+        "Equal budget here means the same number of optimiser steps and training samples (steps × batch) and the "
+        "same student network, not the same wall time or the same number of network evaluations: a step of "
+        "DMD2 or CDM costs several flow-matching steps. The cost that differs is reported beside the quality: "
+        "training time per step relative to flow matching (× FM, the per-step cost ratio) and network / "
+        "teacher evaluations per training sample and step (the Cost table), and the time to reach each bar."
     )
+
+
+def _provenance(d: dict[str, Any]) -> list[str]:
+    """Where the cells come from: hosts (timings are compared only within one), imported records, stale entries."""
+    L = ["Cells per host (ms/step and × FM compare cells of one host only):", ""]
+    L += [f"- {h}: {n}" for h, n in d.get("hosts", {}).items()]
+    if d.get("imported"):
+        L += [
+            "",
+            f"{d['imported']} cells are imported from an earlier run ({'; '.join(d['imported_from'])}): their "
+            "MMD² entries and step time only (no time to bar, throughput or evaluation counts); multi-step "
+            "entries of gamma > 0 samplers computed before the re-noise seed fix are dropped and listed as stale.",
+        ]
+    return L + [""]
 
 
 def _target_table(d: dict[str, Any], target: str) -> list[str]:
@@ -39,7 +60,7 @@ def _target_table(d: dict[str, Any], target: str) -> list[str]:
     rows = [r for r in d["rows"] if r["target"] == target]
     if not rows:
         return []
-    fd = "fd" in rows[0]["nfe"]["1"]
+    fd = any("fd" in e for r in rows for e in r["nfe"].values())
     head = f"### {target} (d = {info['dim']}, {info['components']} components)"
     lines = [
         head,
@@ -51,9 +72,9 @@ def _target_table(d: dict[str, Any], target: str) -> list[str]:
         "|---|---|" + "---|" * (len(STUDENT_NFE) * (2 if fd else 1)) + "---|",
     ]
     for r in rows:
-        cols = [_cell(r["nfe"][str(k)], r["design_limits"].get(str(k))) for k in STUDENT_NFE]
+        cols = [_cell(r["nfe"].get(str(k)), r["design_limits"].get(str(k))) for k in STUDENT_NFE]
         if fd:
-            cols += [_cell(r["nfe"][str(k)], None, "fd") for k in STUDENT_NFE]
+            cols += [_cell(r["nfe"].get(str(k)), None, "fd") for k in STUDENT_NFE]
         lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cols) + f" | {_f(r['step_vs_fm'], 2)} |")
     eu = info["euler"]
     for mult in (4, 8, 16):
@@ -86,7 +107,7 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
     L += [f"    {c}" for c in d["commands"]] + [""]
     if page_command:
         L += ["This page was written by:", "", f"    {page_command}", ""]
-    L += [_budget_line(d), ""]
+    L += [_budget_line(d), ""] + _provenance(d)
     L += [
         "MMD²: unbiased RBF, bandwidths {0.05, 0.2, 1}·√(d/2) summed (`fewstep.evaluation.metrics.mmd2`), mean ± "
         "sample std over seeds (± 0 with one seed: then a margin below the estimator noise, about 1e-3 at these "
@@ -106,6 +127,8 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
             "Mixtures drawn from a seed (`fewstep.teachers.random_mixtures`: d 2-16, 3-10 full-covariance "
             "components, unequal weights); no config was tuned on them, and none was changed for them.",
             "",
+            "Entries are passed / mixtures with a valid result at that NFE (the missing ones are listed at the end).",
+            "",
             "| method | sampler | 1 NFE < Euler 4 | 2 NFE < Euler 8 | 4 NFE < Euler 16 | by design; budget |",
             "|---|---|---|---|---|---|",
         ]
@@ -120,7 +143,8 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
     L += [
         "## Cost",
         "",
-        "Medians over all cells of the method. Evaluations per training sample and step count every "
+        "Medians over the cells of the method computed by this code (imported cells carry no timings). "
+        "Evaluations per training sample and step count every "
         "row through any network of the method (student, fake score, target copies) and through the teacher; "
         "setup = teacher rows evaluated before training (e.g. reflow's pair generation). Time to bar: training "
         "(+ setup) wall time at the first evaluation that beats the Euler-4K bar (reached / cells), resolution "
@@ -151,7 +175,7 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
     L += ["## Per target", ""]
     for t in d["targets"]:
         L += _target_table(d, t)
-    L += ["## Missing and failed cells", ""]
+    L += ["## Missing, stale and failed cells", ""]
     if d["missing"]:
         L.append(f"{len(d['missing'])} requested cells are not computed yet (rerun the command to resume):")
         L.append("")
@@ -163,6 +187,10 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
             L.append(f"- {t} seed {s}: {names}")
     else:
         L.append("None missing.")
+    if d.get("stale"):
+        n = len(d["stale"])
+        L += ["", f"{n} cells hold entries of an older evaluation (shown as pending; a rerun recomputes them):", ""]
+        L += [f"- {c['method']}/{c['target']}/s{c['seed']}: NFE {', '.join(c['nfe'])}" for c in d["stale"]]
     for f in d["failed"]:
         L.append(f"- failed: {f['method']}/{f['target']}/s{f['seed']}: {f['error']}")
     return "\n".join(L) + "\n"

@@ -1,15 +1,15 @@
-"""The leaderboard grid: one cell at a time, each cached as JSON under the run folder, so a rerun resumes.
+"""The leaderboard grid: one cell at a time, each finished cell written to the tracked store, so a rerun resumes.
 
-Layout of ``<run_dir>/<budget tag>/``: ``cells/<method>__<target>__s<seed>.json`` (one finished cell, written
-atomically), ``bars/<target>__s<seed>.json`` (the teacher's Euler curve), ``requests/*.json`` (the command and
-grid of every invocation, so the report can name the cells still missing). A cell that is already cached is never
-recomputed; a failed cell is cached as failed (``retry_failed`` runs it again).
+Cells live in :mod:`~fewstep.benchmarks.leaderboard.store` (``<cells_dir>/<budget tag>/<target>/<method>/
+seed<k>.json``, the metrics only, small enough to commit) and the teacher's Euler curves beside them. A complete
+cell (:func:`~fewstep.benchmarks.leaderboard.store.is_complete`) is never recomputed; a failed cell is cached as
+failed (``retry_failed`` runs it again); a cell with stale entries (computed with an older evaluation) is rerun and
+its record replaced.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,39 +17,40 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.benchmarks.leaderboard.cells import CONFIG_DIR, Budget, run_cell
+from fewstep.benchmarks.leaderboard.store import (
+    EVAL_VERSION,
+    bars_dir,
+    budget_root,
+    cell_path,
+    host_label,
+    is_complete,
+    read_json,
+    write_json,
+)
 from fewstep.benchmarks.leaderboard.targets import teacher_curve
 
-__all__ = ["cell_path", "read_json", "write_json", "run_grid", "budget_dir"]
+__all__ = ["budget_dir", "run_grid", "grid_cells"]
 
 
-def budget_dir(run_dir: str | Path, budget: Budget) -> Path:
-    """``<run_dir>/<budget.tag()>``: every cell of one budget."""
-    return Path(run_dir) / budget.tag()
+def budget_dir(cells_dir: str | Path, budget: Budget) -> Path:
+    """``<cells_dir>/<budget.tag()>``: every cell of one budget."""
+    return budget_root(cells_dir, budget.tag())
 
 
-def _safe(name: str) -> str:
-    return name.replace(":", "-").replace("/", "_")
+def grid_cells(methods: list[str], targets: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
+    """The grid in run order: target-major, then seed, then method (a partial run covers every method)."""
+    return [(m, t, s) for t in targets for s in seeds for m in methods]
 
 
-def cell_path(root: Path, method: str, target: str, seed: int) -> Path:
-    """Cache file of one cell under a budget folder."""
-    return root / "cells" / f"{method}__{_safe(target)}__s{seed}.json"
-
-
-def read_json(path: Path) -> Any:
-    """A cached JSON file, or None when it is missing or unreadable (a cell cut off mid-write is redone)."""
+def _commit() -> str | None:
+    """The git commit of the source tree, when it is a git checkout."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
         return None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file + rename), creating folders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
+    return out.stdout.strip() or None
 
 
 def _progress(total: int, quiet: bool) -> Any:
@@ -68,7 +69,7 @@ def run_grid(
     targets: list[str],
     seeds: list[int],
     budget: Budget,
-    run_dir: str | Path,
+    cells_dir: str | Path,
     command: str,
     shard: tuple[int, int] = (0, 1),
     retry_failed: bool = False,
@@ -76,17 +77,17 @@ def run_grid(
     quiet: bool = False,
     cell_fn: Callable[..., dict[str, Any]] = run_cell,
 ) -> dict[str, int]:
-    """Run every missing cell of methods x targets x seeds (target-major, so a partial run covers all methods).
+    """Run every cell of methods x targets x seeds that the store does not hold complete.
 
     Args:
         methods: Registered method names.
         targets: Expanded target names.
         seeds: Seeds.
         budget: The common budget.
-        run_dir: Run folder (cells under ``<run_dir>/<budget tag>``).
-        command: The command line, recorded for the report.
-        shard: (i, n): run only cells whose index in the grid is i mod n (parallel processes share the cache).
-        retry_failed: Run cells cached as failed again.
+        cells_dir: The cell store (cells under ``<cells_dir>/<budget tag>``).
+        command: The command line, recorded in every cell it computes.
+        shard: (i, n): run only cells whose index in the grid is i mod n (parallel processes share the store).
+        retry_failed: Run cells stored as failed again.
         config_dir: Folder of the shipped configs.
         quiet: No progress bar or per-cell lines.
         cell_fn: The cell runner (:func:`~fewstep.benchmarks.leaderboard.cells.run_cell`).
@@ -94,25 +95,22 @@ def run_grid(
     Returns:
         Counts: ``ran``, ``cached``, ``failed`` (of this invocation's share of the grid).
     """
-    root = budget_dir(run_dir, budget)
-    grid = [(m, t, s) for t in targets for s in seeds for m in methods]
-    write_json(
-        root / "requests" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.json",
-        {"command": command, "budget": budget.to_dict(), "grid": grid},
-    )
-    mine = [c for i, c in enumerate(grid) if i % shard[1] == shard[0]]
+    root = budget_dir(cells_dir, budget)
+    mine = [c for i, c in enumerate(grid_cells(methods, targets, seeds)) if i % shard[1] == shard[0]]
     counts = {"ran": 0, "cached": 0, "failed": 0}
     bar = _progress(len(mine), quiet)
+    stamp = {"command": command, "host": host_label(), "commit": _commit(), "eval_version": EVAL_VERSION}
     for method, target, seed in mine:
         path = cell_path(root, method, target, seed)
         old = read_json(path)
-        if old is not None and (old.get("status") == "ok" or not retry_failed):
+        if is_complete(old) or (old is not None and old.get("status") == "failed" and not retry_failed):
             counts["cached"] += 1
         else:
-            bars = teacher_curve(target, seed, budget.n, root / "bars")
-            t0 = time.perf_counter()
+            bars = teacher_curve(target, seed, budget.n, bars_dir(root))
+            t0, c0 = time.perf_counter(), time.process_time()
             rec = cell_fn(method, target, seed, budget, bars, config_dir)
-            rec["cell_wall_s"] = time.perf_counter() - t0
+            rec.update(stamp, cell_wall_s=time.perf_counter() - t0, cell_cpu_s=time.process_time() - c0)
+            rec["computed_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             write_json(path, rec)
             counts["ran"] += 1
             counts["failed"] += rec.get("status") != "ok"
@@ -130,7 +128,7 @@ def run_grid(
             bar.update(1)
     if bar is not None:
         bar.close()
-    for target in targets:  # bars of every target, also when all its cells were cached by another shard
+    for target in targets:  # bars of every target, also when all its cells were computed by another shard
         for seed in seeds:
-            teacher_curve(target, seed, budget.n, root / "bars")
+            teacher_curve(target, seed, budget.n, bars_dir(root))
     return counts

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fewstep.benchmarks.leaderboard.runner import read_json
+from fewstep.benchmarks.leaderboard.store import bars_dir, cell_path, read_json, stale_nfe
 from fewstep.benchmarks.leaderboard.targets import BAR_MULTIPLES, EULER_NFE, STUDENT_NFE, is_random_target
 
 __all__ = ["collect", "mean_std"]
@@ -31,8 +31,8 @@ def _median(vals: list[float]) -> float | None:
 
 
 def _bars(root: Path, target: str, seeds: list[int]) -> dict[str, dict[str, float]]:
-    """Mean teacher Euler metrics per step count over the seeds with a cached curve."""
-    recs = [r for s in seeds if (r := read_json(root / "bars" / f"{target.replace(':', '-')}__s{s}.json"))]
+    """Mean teacher Euler metrics per step count over the seeds with a stored curve."""
+    recs = [r for s in seeds if (r := read_json(bars_dir(root) / f"{target.replace(':', '-')}__s{s}.json"))]
     out: dict[str, dict[str, float]] = {}
     for k in EULER_NFE:
         vals = [r["euler"][str(k)] for r in recs]
@@ -45,18 +45,40 @@ def _bars(root: Path, target: str, seeds: list[int]) -> dict[str, dict[str, floa
 SCHEDULE_KEYS = ("warmup_steps", "curriculum_steps")
 
 
+def _config_file(config: str) -> Path | None:
+    """A record's config path (absolute, or relative to the repository root), if the file exists."""
+    from fewstep.benchmarks.leaderboard.cells import CONFIG_DIR
+
+    if config in ("defaults", "?", ""):
+        return None
+    p = Path(config)
+    for cand in (p, CONFIG_DIR.parent / p, CONFIG_DIR / p.name):
+        if cand.is_file():
+            return cand
+    return None
+
+
 def shipped_budget(config: str) -> dict[str, int]:
     """``train.steps`` and ``train.batch_size`` of a shipped config file (the defaults for ``"defaults"``)."""
     from fewstep.config.schema import RunConfig, load_config
 
-    cfg = load_config(config) if config != "defaults" and Path(config).is_file() else RunConfig()
+    path = _config_file(config)
+    cfg = load_config(path) if path is not None else RunConfig()
     return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size}
 
 
 def budget_notes(cell: dict[str, Any]) -> list[str]:
-    """Schedules of the shipped method config that are longer than the bench's training (from the resolved config)."""
+    """Schedules of the method config that are longer than the bench's training.
+
+    From the record's resolved config, else (an imported record) from the current config of the cell.
+    """
     steps = cell["budget"].get("steps", 0)
-    mcfg = ((cell.get("resolved") or {}).get("method") or {}).get("cfg") or {}
+    if "resolved" in cell:
+        mcfg = ((cell.get("resolved") or {}).get("method") or {}).get("cfg") or {}
+    else:
+        from fewstep.benchmarks.leaderboard.cells import Budget, cell_config
+
+        mcfg = cell_config(cell["method"], cell["target"], cell["seed"], Budget(**cell["budget"])).method.cfg
     return [
         f"method.cfg.{k}={mcfg[k]} >= {steps} bench steps (schedule unfinished)"
         for k in SCHEDULE_KEYS
@@ -64,111 +86,144 @@ def budget_notes(cell: dict[str, Any]) -> list[str]:
     ]
 
 
-def collect(root: Path) -> dict[str, Any]:
-    """The leaderboard dict of the budget folder ``root`` (cells, requests and bars cached there).
+def _row(cs: list[dict[str, Any]], euler: dict[str, Any], fm: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    """One (method, target) row from its cells: per NFE the seeds with a valid entry, pass flags, cost."""
+    c0 = cs[0]
+    row: dict[str, Any] = {
+        "method": c0["method"],
+        "target": c0["target"],
+        "seeds": [c["seed"] for c in cs],
+        "nfe": {},
+        "sampler": c0["sampler"],
+        "design_limits": c0.get("design_limits", {}),
+        "imported": sum("imported_from" in c for c in cs),
+    }
+    for k in STUDENT_NFE:
+        got = [c for c in cs if str(k) in c["final"]]
+        if not got:
+            continue
+        vals = [c["final"][str(k)]["mmd2"] for c in got]
+        mu, sd = mean_std(vals)
+        ent: dict[str, Any] = {"mmd2": mu, "mmd2_std": sd, "mmd2_values": vals, "seeds": [c["seed"] for c in got]}
+        if "fd" in got[0]["final"][str(k)]:
+            ent["fd"], ent["fd_std"] = mean_std([c["final"][str(k)]["fd"] for c in got])
+        ent["pass"] = {
+            str(mult): (mu < euler[str(mult * k)]["mmd2"]) if str(mult * k) in euler else None
+            for mult in BAR_MULTIPLES
+        }
+        row["nfe"][str(k)] = ent
+    row["step_s"] = statistics.fmean(c["step_s"] for c in cs)
+    ratios = _fm_ratios(cs, fm)
+    row["step_vs_fm"] = statistics.fmean(ratios) if ratios else None
+    return row
+
+
+def _fm_ratios(cs: list[dict[str, Any]], fm: dict[tuple, dict[str, Any]]) -> list[float]:
+    """Step time over flow matching's on the same target and seed, only where both ran on the same host."""
+    out = []
+    for c in cs:
+        f = fm.get((c["target"], c["seed"]))
+        if f is not None and f.get("host") == c.get("host") and f.get("step_s") and c.get("step_s"):
+            out.append(c["step_s"] / f["step_s"])
+    return out
+
+
+def _method_summary(m: str, mine: list[dict[str, Any]], rows: list[dict[str, Any]], fm: dict) -> dict[str, Any]:
+    """Cost, time to the bars, throughput and random-mixture pass counts of one method."""
+    timed = [c for c in mine if "train_s" in c]  # imported records carry only step_s
+    summary: dict[str, Any] = {
+        "cells": len(mine),
+        "timed_cells": len(timed),
+        "sampler": mine[0]["sampler"],
+        "config": mine[0]["config"],
+        "step_ms": 1000 * _median([c["step_s"] for c in (timed or mine)]),
+        "step_vs_fm": _median(_fm_ratios(mine, fm)),
+        "train_s": _median([c["train_s"] for c in timed]),
+        "prepare_s": _median([c["prepare_s"] for c in timed]),
+        "net_evals_per_sample": _median([c["net_evals_per_sample"] for c in timed]),
+        "teacher_evals_per_sample": _median([c["teacher_evals_per_sample"] for c in timed]),
+        "prepare_teacher_evals": _median([c["prepare_teacher_evals"] for c in timed]),
+        "throughput": {str(k): _median([c["throughput"][str(k)] for c in timed]) for k in STUDENT_NFE},
+        "time_to_bar": {},
+        "random_pass": {},
+        "design_limits": mine[0].get("design_limits", {}),
+        "shipped": shipped_budget(mine[0]["config"]),
+        "budget_notes": budget_notes(mine[0]),
+    }
+    for k in STUDENT_NFE:
+        hits = [c["time_to_bar_s"][str(k)] for c in timed if c["time_to_bar_s"][str(k)] is not None]
+        summary["time_to_bar"][str(k)] = {"reached": len(hits), "of": len(timed), "median_s": _median(hits)}
+    rand = [r for r in rows if r["method"] == m and is_random_target(r["target"])]
+    for k in STUDENT_NFE:  # the headline bar of K NFE: Euler at 4K steps
+        flags = [r["nfe"][str(k)]["pass"]["4"] for r in rand if str(k) in r["nfe"]]
+        summary["random_pass"][str(k)] = {
+            "euler_steps": 4 * k,
+            "passed": sum(bool(f) for f in flags),
+            "of": len(flags),
+        }
+    return summary
+
+
+def collect(root: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
+    """The leaderboard dict of the cells of ``grid`` stored under the budget folder ``root``.
 
     Args:
-        root: ``<run_dir>/<budget tag>``.
+        root: ``<cells_dir>/<budget tag>``.
+        grid: The requested (method, target, seed) cells.
 
     Returns:
         JSON-able dict: ``budget``, ``commands``, ``methods``, ``targets`` (with dimension, components, bars),
         ``rows`` (per method and target), ``methods_summary`` (cost, time to bar, throughput, random pass counts),
-        ``missing`` and ``failed`` cells.
+        ``missing`` cells (no record), ``stale`` entries (recorded with an older evaluation, to recompute),
+        ``failed`` cells, ``hosts`` and ``imported`` counts.
     """
-    requests = [r for p in sorted((root / "requests").glob("*.json")) if (r := read_json(p))]
-    cells = [c for p in sorted((root / "cells").glob("*.json")) if (c := read_json(p))]
-    grid = {tuple(g) for r in requests for g in r["grid"]}
-    done = {(c["method"], c["target"], c["seed"]) for c in cells}
-    methods = list(dict.fromkeys([g[0] for r in requests for g in r["grid"]] + [c["method"] for c in cells]))
-    targets = list(dict.fromkeys([g[1] for r in requests for g in r["grid"]] + [c["target"] for c in cells]))
+    grid = [tuple(g) for g in grid]
+    recs = {g: read_json(cell_path(root, *g)) for g in grid}
+    cells = [r for r in recs.values() if r]
     ok = [c for c in cells if c.get("status") == "ok"]
+    methods = list(dict.fromkeys(g[0] for g in grid))
+    targets = list(dict.fromkeys(g[1] for g in grid))
     out: dict[str, Any] = {
-        "budget": (requests[0]["budget"] if requests else (cells[0]["budget"] if cells else {})),
-        "commands": list(dict.fromkeys(r["command"] for r in requests)),
+        "budget": cells[0]["budget"] if cells else {},
+        "commands": list(dict.fromkeys(c["command"] for c in cells if c.get("command"))),
         "methods": methods,
         "targets": {},
         "rows": [],
         "methods_summary": {},
-        "missing": sorted([list(g) for g in grid - done]),
+        "missing": sorted([list(g) for g, r in recs.items() if r is None]),
+        "stale": [
+            {"method": c["method"], "target": c["target"], "seed": c["seed"], "nfe": sorted(st)}
+            for c in ok
+            if (st := {**stale_nfe(c), **c.get("stale", {})})
+        ],
         "failed": [
             {"method": c["method"], "target": c["target"], "seed": c["seed"], "error": c.get("error")}
             for c in cells
             if c.get("status") != "ok"
         ],
+        "hosts": dict(sorted({h: sum(c.get("host") == h for c in ok) for h in {c.get("host") for c in ok}}.items())),
+        "imported": sum("imported_from" in c for c in ok),
+        "imported_from": sorted({c["imported_from"] for c in ok if "imported_from" in c}),
     }
+    for c in ok:  # entries an older evaluation recorded are not metrics of the current one
+        c["final"] = {k: v for k, v in c["final"].items() if k not in stale_nfe(c)}
     for t in targets:
-        seeds = sorted({c["seed"] for c in ok if c["target"] == t} | {g[2] for g in grid if g[1] == t})
-        bar_rec = next(
-            (r for s in seeds if (r := read_json(root / "bars" / f"{t.replace(':', '-')}__s{s}.json"))), None
-        )
+        seeds = sorted({g[2] for g in grid if g[1] == t})
+        bar_files = [bars_dir(root) / f"{t.replace(':', '-')}__s{s}.json" for s in seeds]
+        bar_rec = next((r for f in bar_files if (r := read_json(f))), None)
         out["targets"][t] = {
             "dim": bar_rec["dim"] if bar_rec else None,
             "components": bar_rec.get("components") if bar_rec else None,
             "euler": _bars(root, t, seeds),
             "random": is_random_target(t),
         }
-    fm = {(c["target"], c["seed"]): c["step_s"] for c in ok if c["method"] == "flow_matching"}
+    fm = {(c["target"], c["seed"]): c for c in ok if c["method"] == "flow_matching"}
     for m in methods:
         mine = [c for c in ok if c["method"] == m]
         for t in targets:
             cs = [c for c in mine if c["target"] == t]
-            if not cs:
-                continue
-            euler = out["targets"][t]["euler"]
-            row: dict[str, Any] = {
-                "method": m,
-                "target": t,
-                "seeds": [c["seed"] for c in cs],
-                "nfe": {},
-                "sampler": cs[0]["sampler"],
-                "design_limits": cs[0].get("design_limits", {}),
-            }
-            for k in STUDENT_NFE:
-                vals = [c["final"][str(k)]["mmd2"] for c in cs]
-                mu, sd = mean_std(vals)
-                ent: dict[str, Any] = {"mmd2": mu, "mmd2_std": sd, "mmd2_values": vals}
-                if "fd" in cs[0]["final"][str(k)]:
-                    ent["fd"], ent["fd_std"] = mean_std([c["final"][str(k)]["fd"] for c in cs])
-                ent["pass"] = {
-                    str(mult): (mu < euler[str(mult * k)]["mmd2"]) if str(mult * k) in euler else None
-                    for mult in BAR_MULTIPLES
-                }
-                row["nfe"][str(k)] = ent
-            row["step_s"] = statistics.fmean(c["step_s"] for c in cs)
-            ratios = [c["step_s"] / fm[(t, c["seed"])] for c in cs if (t, c["seed"]) in fm]
-            row["step_vs_fm"] = statistics.fmean(ratios) if ratios else None
-            out["rows"].append(row)
-        if not mine:
-            continue
-        ratios = [c["step_s"] / fm[(c["target"], c["seed"])] for c in mine if (c["target"], c["seed"]) in fm]
-        summary: dict[str, Any] = {
-            "cells": len(mine),
-            "sampler": mine[0]["sampler"],
-            "config": mine[0]["config"],
-            "step_ms": 1000 * _median([c["step_s"] for c in mine]),
-            "step_vs_fm": _median(ratios),
-            "train_s": _median([c["train_s"] for c in mine]),
-            "prepare_s": _median([c["prepare_s"] for c in mine]),
-            "net_evals_per_sample": _median([c["net_evals_per_sample"] for c in mine]),
-            "teacher_evals_per_sample": _median([c["teacher_evals_per_sample"] for c in mine]),
-            "prepare_teacher_evals": _median([c["prepare_teacher_evals"] for c in mine]),
-            "throughput": {str(k): _median([c["throughput"][str(k)] for c in mine]) for k in STUDENT_NFE},
-            "time_to_bar": {},
-            "random_pass": {},
-            "design_limits": mine[0].get("design_limits", {}),
-            "shipped": shipped_budget(mine[0]["config"]),
-            "budget_notes": budget_notes(mine[0]),
-        }
-        for k in STUDENT_NFE:
-            hits = [c["time_to_bar_s"][str(k)] for c in mine if c["time_to_bar_s"][str(k)] is not None]
-            summary["time_to_bar"][str(k)] = {"reached": len(hits), "of": len(mine), "median_s": _median(hits)}
-        rand = [r for r in out["rows"] if r["method"] == m and is_random_target(r["target"])]
-        for k in STUDENT_NFE:  # the headline bar of K NFE: Euler at 4K steps
-            flags = [r["nfe"][str(k)]["pass"]["4"] for r in rand]
-            summary["random_pass"][str(k)] = {
-                "euler_steps": 4 * k,
-                "passed": sum(bool(f) for f in flags),
-                "of": len(flags),
-            }
-        out["methods_summary"][m] = summary
+            if cs:
+                out["rows"].append(_row(cs, out["targets"][t]["euler"], fm))
+        if mine:
+            out["methods_summary"][m] = _method_summary(m, mine, out["rows"], fm)
     return out
