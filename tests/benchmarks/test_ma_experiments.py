@@ -29,6 +29,7 @@ def test_quick_sweep_and_report(tmp_path):
     ME.main(["report", str(out), "--out", str(md)])
     text = md.read_text()
     assert "## ring8" in text and "MA 0.001 start" in text and "Telescoping bound" in text
+    assert "### Claim (i)" in text and "cached students have held-out FM losses" in text
 
 
 def test_cli_line_builds_the_trained_config(tmp_path):
