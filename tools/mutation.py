@@ -77,6 +77,7 @@ MODULES: dict[str, list[str]] = {
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
 _P, _F = "fewstep.core.paths.xǁGeneralAffinePathǁ", "fewstep.core.flowmap.xǁ"
+_PW = "fewstep.methods.perflow.xǁPerflowǁ"
 _DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
 _ONE_DEVICE = "device argument: tests run on one device (CPU), so x already lies on the parameters' device"
 EQUIVALENT: dict[str, str] = {
@@ -91,6 +92,13 @@ EQUIVALENT: dict[str, str] = {
     _F + "FlowMapǁ_check_input__mutmut_35": _ONE_DEVICE + " (the always-taken branch casts to the same dtype)",
     _F + "FlowMapǁ_check_input__mutmut_39": _ONE_DEVICE,
     _F + "FlowMapǁ_check_input__mutmut_41": _ONE_DEVICE,
+    "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_6": "anchor(batch, ) : grad=True is the default of anchor",
+    "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_22": 'renoise_time(u, ) : kind="uniform" is the default',
+    _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
+    _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
+    _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",
+    _PW + "window_starts__mutmut_20": _ONE_DEVICE + " (the grid is moved to x1's device)",
+    _PW + "window_starts__mutmut_22": _ONE_DEVICE + " (the grid is moved to x1's device)",
 }
 
 

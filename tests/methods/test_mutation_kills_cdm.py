@@ -26,10 +26,12 @@ def make(**kw: object) -> nn.Module:
     return cls(student_net(param="velocity"), ring_teacher(), cls.make_config(guidance=3.0, **kw))
 
 
-@pytest.mark.parametrize("perturbation", ["euler", "gaussian"])
-@pytest.mark.parametrize("weight", [1.0, 2.5])
-def test_student_loss_is_the_cdm_equation(perturbation: str, weight: float) -> None:
-    m = make(perturbation=perturbation, cdm_weight=weight, t_min=0.05, t_max=0.9)
+@pytest.mark.parametrize(("perturbation", "weight", "renoise"), [("euler", 1.0, "uniform"),
+                                                                  ("gaussian", 2.5, "uniform"),
+                                                                  ("euler", 2.5, "uniform_capped")])
+def test_student_loss_is_the_cdm_equation(perturbation: str, weight: float, renoise: str) -> None:
+    """``uniform_capped`` DM re-noising: the off-trajectory DM term is re-noised below its own sigma_s."""
+    m = make(perturbation=perturbation, cdm_weight=weight, t_min=0.05, t_max=0.9, dm_renoise=renoise)
     b = class_batch(48, seed=3)
     torch.manual_seed(11)
     loss, logs = m.loss("student", b, 0)

@@ -36,6 +36,17 @@ class _Probe(nn.Module):
         return self.a * x + (self.b * t + self.d * s + self.e * lab)[:, None]
 
 
+class _Bare(nn.Module):
+    """A velocity student with neither ``parameterization`` nor ``F`` (PeRFlow treats it as a velocity student)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.w * x - t[:, None]
+
+
 class _VelocityOnly(nn.Module):
     """A velocity student without ``F``: v(x, t, c) = 0.5 x - t (+ label)."""
 
@@ -136,6 +147,7 @@ def test_window_velocity_of_a_student_without_F() -> None:
 
 
 def test_window_grid_values_and_refusals() -> None:
+    torch.testing.assert_close(window_grid(), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
     torch.testing.assert_close(window_grid(1), torch.tensor([1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(window_grid(2, []), torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
     torch.testing.assert_close(window_grid(5, (1.0, 0.4, 0.0)), torch.tensor([1.0, 0.4, 0.0], dtype=torch.float64))
@@ -190,3 +202,24 @@ def test_data_window_input_needs_data() -> None:
     b = _batch()
     with pytest.raises(ValueError, match=r"^perflow with window_input='data' needs data batches \(x0\)$"):
         m.loss("student", Batch(x1=b.x1, u=b.u), 0)
+
+
+def test_student_without_parameterization_is_a_velocity_student() -> None:
+    """No ``parameterization`` attribute: treated as ``velocity``, so MA in ODE mode is accepted."""
+    cls = get_method("perflow")
+    m = cls(_Bare(), _teacher(), cls.make_config(ma_weight=0.5, ma_mode="ode"))
+    assert m.config.ma_mode == "ode"
+
+
+def test_window_choice_at_u_one_and_batch_dtype() -> None:
+    """u = 1 (the closed end of U_SELECT) selects the last window; the window times take the batch's dtype."""
+    cls = get_method("perflow")
+    m = cls(FlowMap(_Probe(), "velocity"), _teacher(), cls.make_config(num_windows=4))
+    b = _batch()
+    b.u[:, U_SELECT] = torch.linspace(0.0, 1.0, N, dtype=torch.float64)
+    _, t_s, t_e, _ = m.window_starts(b)
+    assert float(t_s[-1]) == 0.25 and float(t_e[-1]) == 0.0
+    assert float(t_s[0]) == 1.0 and float(t_e[0]) == 0.75
+    b32 = Batch(x1=b.x1.float(), u=b.u.float(), x0=b.x0.float(), cond=b.cond)
+    x_s, t_s, t_e, _ = m.window_starts(b32)
+    assert t_s.dtype == t_e.dtype == x_s.dtype == torch.float32
