@@ -94,6 +94,7 @@ EQUIVALENT: dict[str, str] = {
     _F + "FlowMapǁ_check_input__mutmut_41": _ONE_DEVICE,
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_6": "anchor(batch, ) : grad=True is the default of anchor",
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_22": 'renoise_time(u, ) : kind="uniform" is the default',
+    "fewstep.methods._shared.alignment.x_ma_loss__mutmut_89": "create_graph=True dropped: it is the default",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
     _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fewstep.methods._shared.alignment import end_log_prob, ma_loss, window_logdensity
+from fewstep.methods._shared.alignment import end_log_prob, end_score, ma_loss, window_logdensity
 from fewstep.sampling.logdensity import make_probes
 from fewstep.teachers import GaussianMixtureTeacher
 
@@ -35,6 +35,9 @@ class _Affine(nn.Module):
         lab = self.fixed if self.fixed is not None else cond
         shift = 0.0 if lab is None else self.e * lab.to(x.dtype)[:, None]
         return x @ self.a.T + self.b + shift
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        return x - (t - s)[:, None] * self.velocity(x, t, cond)
 
 
 def _teacher(path: str = "linear") -> GaussianMixtureTeacher:
@@ -133,3 +136,42 @@ def test_window_time_refusals_name_the_argument() -> None:
     msg = r"^every MA window needs t_end < t_start; got t_start in \[0\.3, 0\.3\], t_end in \[0\.5, 0\.5\]$"
     with pytest.raises(ValueError, match=msg):
         ma_loss(s, t, x, 0.3, 0.5)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_loss_is_delta_minus_the_conditional_target_score_term(guidance: float) -> None:
+    r""":math:`L_{MA} = E[\Delta - \langle sg(\tilde s(x_{end} \mid c; w)), x_{end}\rangle]` (KL only at w = 1)."""
+    x, cond = _x(), torch.tensor([0, 1, 1, 0, -1, 1])
+    t = _teacher()
+    res = ma_loss(_Affine(), t, x, 0.8, 0.0, cond, mode="exact", substeps=2, t_min=0.05, guidance=guidance)
+    te = torch.zeros(6, dtype=DT)
+    score = end_score(t, res.x_end.detach(), te, 0.05, cond, guidance)
+    torch.testing.assert_close(res.loss, (res.delta - (score * res.x_end).sum(1)).mean())
+    uncond = end_score(t, res.x_end.detach(), te, 0.05, None, guidance)
+    assert float((score - uncond).abs().max()) > 1e-2
+    assert (res.kl is None) == (guidance != 1.0)
+
+
+def test_t_min_refusals_by_message() -> None:
+    x, s, t = _x(4), _Affine(), _teacher()
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"^ma_t_min must lie in \[0, 1\); got {bad}$"):
+            ma_loss(s, t, x, 0.8, 0.3, t_min=bad)
+    ma_loss(s, t, x, 0.8, 0.3, t_min=0.0)  # t_min = 0 is allowed for windows ending above 0
+
+
+def test_exact_dim_selects_the_ode_estimator() -> None:
+    x, s, t = _x(4), _Affine(), _teacher()
+    assert ma_loss(s, t, x, 0.8, 0.3, mode="ode").mode == "exact"
+    assert ma_loss(s, t, x, 0.8, 0.3, mode="ode", exact_dim=1,
+                   generator=torch.Generator().manual_seed(0)).mode == "hutchinson"
+
+
+@pytest.mark.parametrize("mode", ["exact", "jump"])
+def test_no_probes_are_drawn_outside_hutchinson(mode: str) -> None:
+    """Only the Hutchinson mode draws probes: the other modes leave the global random stream untouched."""
+    torch.manual_seed(0)
+    ma_loss(_Affine(), _teacher(), _x(4), 0.8, 0.3, mode=mode)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after, torch.rand(3))
