@@ -44,6 +44,7 @@ MODULES: dict[str, list[str]] = {
             "test_jump_mode_reports_folded_share")),
         "methods/test_perflow.py::test_perflow_ma_gradient_is_the_window_kl_gradient",
         "methods/test_mutation_kills_alignment.py",
+        "methods/test_mutation_kills_alignment_targets.py",
     ],
     "methods/flow_matching.py": ["methods/test_reflow.py", "methods/test_mutation_kills_flow_matching.py"],
     "methods/reflow.py": ["methods/test_reflow.py", "methods/test_mutation_kills_reflow.py"],
@@ -95,6 +96,8 @@ EQUIVALENT: dict[str, str] = {
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_6": "anchor(batch, ) : grad=True is the default of anchor",
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_22": 'renoise_time(u, ) : kind="uniform" is the default',
     "fewstep.methods._shared.alignment.x_ma_loss__mutmut_89": "create_graph=True dropped: it is the default",
+    "fewstep.methods._shared.alignment.x__end_times__mutmut_2": "t_end <= t_min: at t_end = t_min, c = 1 and the "
+    "score time is t_end either way",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
     _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",
