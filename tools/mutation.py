@@ -78,7 +78,7 @@ MODULES: dict[str, list[str]] = {
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
 _P, _F = "fewstep.core.paths.xǁGeneralAffinePathǁ", "fewstep.core.flowmap.xǁ"
-_PW = "fewstep.methods.perflow.xǁPerflowǁ"
+_PW, _AL = "fewstep.methods.perflow.xǁPerflowǁ", "fewstep.methods._shared.alignment.x_"
 _DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
 _ONE_DEVICE = "device argument: tests run on one device (CPU), so x already lies on the parameters' device"
 EQUIVALENT: dict[str, str] = {
@@ -96,6 +96,11 @@ EQUIVALENT: dict[str, str] = {
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_6": "anchor(batch, ) : grad=True is the default of anchor",
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_22": 'renoise_time(u, ) : kind="uniform" is the default',
     "fewstep.methods._shared.alignment.x_ma_loss__mutmut_89": "create_graph=True dropped: it is the default",
+    _AL + "window_logdensity__mutmut_28": _ONE_DEVICE,
+    _AL + "window_logdensity__mutmut_31": _ONE_DEVICE,
+    _AL + "window_logdensity__mutmut_36": _ONE_DEVICE,
+    _AL + "window_logdensity__mutmut_39": _ONE_DEVICE,
+    _AL + "window_logdensity__mutmut_48": "range(substeps + 2): the extra sub-grid time is never used",
     "fewstep.methods._shared.alignment.x__end_times__mutmut_2": "t_end <= t_min: at t_end = t_min, c = 1 and the "
     "score time is t_end either way",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",

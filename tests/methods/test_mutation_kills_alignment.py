@@ -175,3 +175,54 @@ def test_no_probes_are_drawn_outside_hutchinson(mode: str) -> None:
     after = torch.rand(3)
     torch.manual_seed(0)
     torch.testing.assert_close(after, torch.rand(3))
+
+
+@pytest.mark.parametrize("substeps", [1, 3])
+def test_jump_window_gets_the_labels_and_takes_every_jump(substeps: int) -> None:
+    """``jump``: M jumps of the labelled student, Δ = -Σ log|det ∂f/∂x| = -M log|det(I - hA)|, h = (t_s-t_e)/M."""
+    x, cond = _x(), torch.tensor([0, 1, 1, 0, -1, 1])
+    s = _Affine()
+    ts, te = torch.full((6,), 0.8, dtype=DT), torch.full((6,), 0.2, dtype=DT)
+    x_end, delta = window_logdensity(s, x, ts, te, cond, mode="jump", substeps=substeps)
+    want, h = x, 0.6 / substeps
+    for i in range(substeps):
+        t0 = torch.full((6,), 0.8 - i * h, dtype=DT)
+        want = s(want, t0, t0 - h, cond)
+    torch.testing.assert_close(x_end, want)
+    logdet = torch.linalg.slogdet(torch.eye(2, dtype=DT) - h * A0)[1]
+    torch.testing.assert_close(delta, torch.full((6,), -substeps * float(logdet), dtype=DT))
+
+
+def test_singular_jump_counts_as_folded() -> None:
+    """A jump with det ∂f/∂x = 0 exactly is folded (it is not injective)."""
+
+    class _Flatten(nn.Module):
+        def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+            return torch.stack([x[:, 0] + x[:, 1], torch.zeros_like(x[:, 0])], dim=1)
+
+    stats: dict[str, float] = {}
+    ts, te = torch.full((4,), 0.8, dtype=DT), torch.full((4,), 0.2, dtype=DT)
+    window_logdensity(_Flatten(), _x(4), ts, te, mode="jump", substeps=1, stats=stats)
+    assert stats["folded"] == 1.0
+
+
+def test_window_logdensity_refuses_non_decreasing_windows() -> None:
+    msg = r"^every MA window needs t_end < t_start \(sampling runs from t_start down to t_end\)$"
+    ts = torch.full((4,), 0.5, dtype=DT)
+    for te in (ts.clone(), torch.full((4,), 0.7, dtype=DT)):
+        with pytest.raises(ValueError, match=msg):
+            window_logdensity(_Affine(), _x(4), ts, te, mode="exact")
+
+
+def test_delta_has_the_input_dtype_whatever_the_default() -> None:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = _x(4).float()
+        s = _Affine().float()
+        ts, te = torch.full((4,), 0.8), torch.full((4,), 0.2)
+        for mode in ("exact", "jump"):
+            _, delta = window_logdensity(s, x, ts.float(), te.float(), mode=mode, substeps=1)
+            assert delta.dtype == torch.float32, mode
+    finally:
+        torch.set_default_dtype(old)
