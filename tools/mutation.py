@@ -13,6 +13,7 @@ Usage::
     python tools/mutation.py core/paths.py core/flowmap.py      # some modules
     python tools/mutation.py --all                                 # every module in MODULES (hours on 2 cores)
     python tools/mutation.py --list                                # modules and their test files
+    python tools/mutation.py --record 2026-12-07 core/paths.py     # last scratch summary -> docs/results/*.json
 
 Writes ``<workdir>/<module>/summary.json`` (per-mutant status) and prints the survivors and the score.
 """
@@ -213,6 +214,21 @@ def run(module: str, workdir: Path, max_children: int, survivors: bool = False) 
     return summary
 
 
+def record(module: str, workdir: Path, date: str, first_run: str = "") -> None:
+    """Copy the scratch summary of ``module`` (no per-mutant statuses) to docs/results/mutation_survivors.json."""
+    summary = json.loads((workdir / module.replace("/", "_").removesuffix(".py") / "summary.json").read_text())
+    out = ROOT / "docs" / "results" / "mutation_survivors.json"
+    table = json.loads(out.read_text()) if out.exists() else {}
+    entry = {k: summary[k] for k in ("tests", "mutants", "killed", "equivalent", "score", "survived")}
+    entry["date"] = date
+    if first_run:
+        entry["first_run"] = first_run
+    elif "first_run" in table.get(module, {}):
+        entry["first_run"] = table[module]["first_run"]
+    table[module] = entry
+    out.write_text(json.dumps(dict(sorted(table.items())), indent=1, ensure_ascii=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -222,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/tmp/fewstep_mutation")
     p.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (the CPU is shared: keep 1)")
     p.add_argument("--survivors", action="store_true", help="rerun only the last run's survivors with fresh tests")
+    p.add_argument("--record", metavar="DATE", help="only copy the modules' last scratch summaries into "
+                   "docs/results/mutation_survivors.json, dated DATE (no run)")
+    p.add_argument("--first-run", default="", help="with --record: the first run's score, e.g. '92/129'")
     args = p.parse_args(argv)
     if args.list:
         for m, t in MODULES.items():
@@ -232,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not mods:
         p.error(f"unknown module(s) {bad}; choose from {list(MODULES)}" if bad else "name a module or pass --all")
     for m in mods:
-        run(m, Path(args.workdir), args.max_children, args.survivors)
+        if args.record:
+            record(m, Path(args.workdir), args.record, args.first_run)
+        else:
+            run(m, Path(args.workdir), args.max_children, args.survivors)
     return 0
 
 

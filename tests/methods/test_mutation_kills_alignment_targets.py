@@ -45,13 +45,13 @@ class _Affine(nn.Module):
 
 
 class _NoPath:
-    """A teacher given only by its velocity (no ``path`` attribute); log_prob in float64 whatever the input."""
+    """A teacher given only by its velocity (no ``path`` attribute), computing in float64 whatever the input."""
 
     def __init__(self, inner: GaussianMixtureTeacher) -> None:
         self.inner = inner
 
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float = 1.0) -> Tensor:
-        return self.inner.velocity(x, t, cond, guidance)
+        return self.inner.velocity(x.double(), t.double(), cond, guidance)
 
     def log_prob(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.inner.log_prob(x.double(), t, cond).double()
@@ -89,6 +89,7 @@ def test_teacher_without_path_is_on_the_linear_path() -> None:
         torch.testing.assert_close(end_score(_NoPath(t), x, te, eps, COND), end_score(t, x, te, eps, COND))
     tt = torch.full((6,), 0.4, dtype=DT)
     torch.testing.assert_close(teacher_score(_NoPath(t), x, tt, COND), t.score(x, tt, COND))
+    assert teacher_score(_NoPath(t), x.float(), tt.float(), COND).dtype == torch.float32  # in the input's dtype
 
 
 @pytest.mark.parametrize("path", ["linear", "cosine"])
