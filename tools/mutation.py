@@ -80,6 +80,9 @@ MODULES: dict[str, list[str]] = {
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
 _P, _F = "fewstep.core.paths.xǁGeneralAffinePathǁ", "fewstep.core.flowmap.xǁ"
 _PW, _AL = "fewstep.methods.perflow.xǁPerflowǁ", "fewstep.methods._shared.alignment.x_"
+_SA = "fewstep.sampling.samplers.x_"
+_F64_TIMES = ("output times passed to torchdiffeq in float64 instead of the state's dtype: torchdiffeq casts t to "
+              "the state's dtype in every call; only the step-size arithmetic's rounding differs")
 _DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
 _ONE_DEVICE = "device argument: tests run on one device (CPU), so x already lies on the parameters' device"
 EQUIVALENT: dict[str, str] = {
@@ -102,6 +105,14 @@ EQUIVALENT: dict[str, str] = {
     _AL + "window_logdensity__mutmut_36": _ONE_DEVICE,
     _AL + "window_logdensity__mutmut_39": _ONE_DEVICE,
     _AL + "window_logdensity__mutmut_48": "range(substeps + 2): the extra sub-grid time is never used",
+    _SA + "_tvec__mutmut_4": _ONE_DEVICE,
+    _SA + "_tvec__mutmut_8": _ONE_DEVICE,
+    _SA + "solve_adaptive__mutmut_81": _ONE_DEVICE,
+    _SA + "solve_adaptive__mutmut_83": _ONE_DEVICE,
+    _SA + "solve_adaptive__mutmut_82": _F64_TIMES,
+    _SA + "solve_adaptive__mutmut_84": _F64_TIMES,
+    _SA + "renoise__mutmut_25": _ONE_DEVICE,
+    _SA + "gamma_sample__mutmut_28": "tn < 0 instead of tn <= 0: at tn = 0 the gamma formula gives u = 0 exactly",
     "fewstep.methods._shared.alignment.x__end_times__mutmut_2": "t_end <= t_min: at t_end = t_min, c = 1 and the "
     "score time is t_end either way",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",

@@ -215,3 +215,51 @@ def test_gamma_sample_defaults_and_refusals() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=rf"^gamma must lie in \[0, 1\]; got {bad}$"):
             gamma_sample(_Recorder(), x, 2, gamma=bad)
+
+
+def test_grid_details() -> None:
+    """End points are validated in float64 (a 1e-9 step is a valid grid); increasing means every step increases."""
+    torch.testing.assert_close(time_grid(2, 1.0, 1.0 - 1e-9), torch.tensor([1.0, 1.0 - 5e-10, 1.0 - 1e-9], dtype=DT),
+                               rtol=0, atol=1e-16)
+    for order, msg in (("increasing", "strictly increasing"), ("monotone", "strictly monotone")):
+        with pytest.raises(ValueError, match=msg):
+            check_grid([0.0, 0.5, 0.3], order=order)
+
+
+def test_solve_adaptive_uses_atol() -> None:
+    x = _x()
+    loose = solve_adaptive(_Field(), x, 0.9, 0.2, rtol=1e-2, atol=1e-2)
+    tight = solve_adaptive(_Field(), x, 0.9, 0.2, rtol=1e-2, atol=1e-10)
+    assert float((loose.x - tight.x).abs().max()) > 1e-4  # the absolute tolerance reaches the solver
+
+
+def test_trajectories_hold_every_state() -> None:
+    x, grid = _x(), [1.0, 0.6, 0.3, 0.0]
+    for res in (sample_flowmap(_Recorder(), x, grid, return_trajectory=True),
+                gamma_sample(_Recorder(), x, grid, gamma=0.5, generator=torch.Generator().manual_seed(0),
+                             return_trajectory=True)):
+        assert res.trajectory is not None and len(res.trajectory) == 4
+        torch.testing.assert_close(res.trajectory[0], x)
+        torch.testing.assert_close(res.trajectory[-1], res.x)
+        assert all(s is not None and s.shape == x.shape for s in res.trajectory)
+    step = sample_flowmap(_Recorder(), x, grid, return_trajectory=True).trajectory[1]
+    torch.testing.assert_close(step, 0.8 * x)
+
+
+def test_renoise_is_exactly_the_formula() -> None:
+    x = _x()
+    a = (1 - 0.8) / (1 - 0.3)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
+    want = a * x + math.sqrt(max(0.8 * 0.8 - (a * 0.3) ** 2, 0.0)) * z
+    torch.testing.assert_close(renoise(x, 0.3, 0.8, torch.Generator().manual_seed(2)), want, rtol=0, atol=0)
+
+
+def test_gamma_zero_is_deterministic_on_any_grid() -> None:
+    """gamma = 0 never re-noises (no random draw), even where t/(1-t) round-trips below t (t' = 0.001)."""
+    x, grid = _x(), [1.0, 0.5, 0.001, 0.0]
+    torch.manual_seed(0)
+    got = gamma_sample(_Recorder(), x, grid, gamma=0.0).x
+    after = torch.rand(2)
+    torch.testing.assert_close(got, sample_flowmap(_Recorder(), x, grid).x, rtol=0, atol=0)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after, torch.rand(2))
