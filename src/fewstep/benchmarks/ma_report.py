@@ -170,7 +170,7 @@ def claim_i_lines(ci: dict[str, Any]) -> list[str]:
         )
     lines.append(
         "| b − a (paired over draws) | "
-        + f"{ci['dloss']:+.2e} ± {ci['dloss_se']:.1e} | "
+        + f"{-ci['dloss']:+.2e} ± {ci['dloss_se']:.1e} | "
         + " | ".join(pm(f"{m}{s}_diff") for m, s in cols)
         + " |"
     )
