@@ -109,10 +109,13 @@ def _part(steps: int, w: str, value: float, sep: float) -> dict:
 
 def test_merge_keeps_budgets_apart_and_round_trips() -> None:
     """Two budgets of one variant at one w stay two rows; a merged file split into parts merges to itself."""
-    merged = merge([_part(150, "4", 0.3, 0.1), _part(1000, "4", 0.05, 0.1)])
+    init = _part(150, "4", 0.2, 0.1)
+    init["students"] = {"teacher init (not trained)": init["students"]["dmd2 (1-step)"]}
+    merged = merge([_part(150, "4", 0.3, 0.1), _part(1000, "4", 0.05, 0.1), init])
     assert set(merged["students"]["dmd2 (1-step)"]["4"]) == {"150", "1000"}
+    assert set(merged["students"]["teacher init (not trained)"]["4"]) == {"0"}  # scored untrained
     assert merge(as_parts({"shared3": merged})) == merged
-    rows = [r for r in students_table(merged) if r.startswith("| 4 |")]
+    rows = [r for r in students_table(merged) if r.startswith("| 4 |") and "dmd2" in r]
     assert [r.split(" | ")[1] for r in rows] == ["150"] * 3 + ["1000"] * 3
     assert "at none" in rows[0] and rows[-1].endswith("| ODE |")
 

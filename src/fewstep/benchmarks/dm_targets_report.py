@@ -32,6 +32,7 @@ __all__ = [
 TARGETS: tuple[str, ...] = ("guided_ode", "tilted", "mixture")  #: the three targets of fewstep.benchmarks.dm_targets
 NFES: tuple[int, ...] = (1, 2, 4)  #: student step counts scored
 
+UNTRAINED = "teacher init"  #: name prefix of the untrained starting point (budget 0 steps)
 SHORT = {"guided_ode": "ODE", "tilted": "tilted", "mixture": "w=1 mix"}
 
 
@@ -117,7 +118,7 @@ def as_parts(obj: dict[str, Any]) -> list[dict[str, Any]]:
                 legacy = any("metrics" in r for r in per.values())
                 by_steps = {str(m["runs"][name]["steps"]): per} if legacy else per
                 for steps, recs in by_steps.items():
-                    run = m["runs"][name] if legacy else m["runs"][steps]
+                    run = m["runs"][name] if legacy else m["runs"].get(steps, {"steps": int(steps)})
                     parts.append({**base, **empty, "n": m["student_n"], "run": run, "students": {name: {w: recs}}})
     return parts
 
@@ -141,10 +142,12 @@ def merge(parts: list[dict[str, Any]], names: tuple[str, ...] = ()) -> dict[str,
         for w, per in p.get("teacher", {}).items():
             res["teacher"].setdefault(w, {}).update(per)
         for name, by_w in p["students"].items():
-            steps = str(p["run"]["steps"])
+            untrained = name.startswith(UNTRAINED)  # the teacher init is scored after 0 steps whatever --steps says
+            steps = "0" if untrained else str(p["run"]["steps"])
             for w, per in by_w.items():
                 res["students"].setdefault(name, {}).setdefault(w, {}).setdefault(steps, {}).update(per)
-            res["runs"][steps] = p["run"]
+            if not untrained:
+                res["runs"][steps] = p["run"]
             res["student_n"] = p["n"]
     res["seeds"] = sorted({int(s) for by_n in res["separation"].values() for by_w in by_n.values() for s in by_w})
     return res
