@@ -49,6 +49,14 @@ MODULES: dict[str, list[str]] = {
     ],
     "methods/flow_matching.py": ["methods/test_reflow.py", "methods/test_mutation_kills_flow_matching.py"],
     "methods/reflow.py": ["methods/test_reflow.py", "methods/test_mutation_kills_reflow.py"],
+    "methods/_shared/reflow_family.py": [  # the MA term lambda * L_MA of reflow, reflow_distill and perflow
+        "methods/test_mutation_kills_reflow.py", "methods/test_mutation_kills_perflow.py",
+        "methods/test_mutation_kills_reflow_family.py",
+        "methods/test_perflow.py::test_perflow_ma_gradient_is_the_window_kl_gradient",
+        *(f"methods/test_reflow.py::{t}" for t in (
+            "test_reflow_distill_loss_falls_and_config_errors", "test_distill_loss_vanishes_for_exact_teacher_flow_map",
+            "test_k_rectified_flow_uses_previous_student_as_teacher")),
+    ],
     "methods/meanflow.py": ["methods/test_meanflow.py", "methods/test_mutation_kills_meanflow.py"],
     "methods/splitmeanflow.py": ["methods/test_splitmeanflow.py", "methods/test_mutation_kills_splitmeanflow.py"],
     "methods/shortcut.py": ["methods/test_shortcut.py", "methods/test_mutation_kills_shortcut.py"],

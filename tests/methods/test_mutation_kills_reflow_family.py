@@ -1,0 +1,145 @@
+r"""Tests added to kill mutants of methods/_shared/reflow_family.py (tools/mutation.py): the MA term
+:math:`\lambda L_{MA}` on the first ``ma_batch`` rows when it is on (weight > 0, step >= warm-up, every
+``ma_every`` steps), its logs, the total, the MA options' refusals, and the pair handling.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fewstep.core.flowmap import FlowMap
+from fewstep.methods import Batch, get_method
+from fewstep.methods._shared.alignment import ma_loss
+from fewstep.methods._shared.reflow_family import add_ma, ma_term
+from fewstep.teachers import GaussianMixtureTeacher
+
+torch.set_num_threads(1)
+DT = torch.float64
+
+
+class _Probe(nn.Module):
+    """F(x, t, s, c) = a x + b t + d s + e * label."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.d, self.e = (nn.Parameter(torch.tensor(v, dtype=DT)) for v in (0.3, -0.7, 0.4, 0.5))
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)
+        return self.a * x + (self.b * t + self.d * s + self.e * lab)[:, None]
+
+
+def _teacher() -> GaussianMixtureTeacher:
+    cov = torch.eye(2, dtype=DT)[None].repeat(2, 1, 1) * 0.3
+    return GaussianMixtureTeacher([0.5, 0.5], [[2.0, 0.0], [-1.0, 1.5]], cov, classes=[0, 1])
+
+
+def _cfg(**kw: object):
+    return get_method("reflow").make_config(**kw)
+
+
+def _x(n: int = 8) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 2, generator=g, dtype=DT), torch.randint(0, 2, (n,), generator=g)
+
+
+@pytest.mark.parametrize("mode", ["exact", "jump"])
+def test_ma_term_is_lambda_times_the_surrogate_on_the_first_rows(mode: str) -> None:
+    st, t = FlowMap(_Probe(), "velocity"), _teacher()
+    x, cond = _x()
+    ts, te = torch.linspace(0.9, 0.6, 8, dtype=DT), torch.linspace(0.5, 0.0, 8, dtype=DT)
+    cfg = _cfg(ma_weight=0.4, ma_batch=5, ma_mode=mode, ma_substeps=3, ma_solver="heun", ma_t_min=0.07,
+               ma_probes=2, guidance=1.0)
+    term, logs = ma_term(st, t, cfg, x, ts, te, cond, 0)
+    res = ma_loss(st, t, x[:5], ts[:5], te[:5], cond[:5], mode=mode, substeps=3, solver="heun", num_probes=2,
+                  t_min=0.07)
+    torch.testing.assert_close(term, 0.4 * res.loss)
+    assert logs["ma"] == pytest.approx(float(res.loss)) and logs["ma_kl"] == pytest.approx(float(res.kl))
+    assert ("ma_folded" in logs) == (mode == "jump")
+    if mode == "jump":
+        assert logs["ma_folded"] == res.folded
+    # scalar window ends and every row (ma_batch = 0)
+    term0, _ = ma_term(st, t, _cfg(ma_weight=1.0, ma_batch=0, ma_mode=mode, ma_t_min=0.07), x, 0.8, 0.0, cond, 0)
+    ref = ma_loss(st, t, x, 0.8, 0.0, cond, mode=mode, t_min=0.07).loss
+    torch.testing.assert_close(term0, ref)
+
+
+def test_ma_term_guidance_and_score_teacher() -> None:
+    st, t = FlowMap(_Probe(), "velocity"), _teacher()
+    other = GaussianMixtureTeacher([0.5, 0.5], [[3.0, 3.0], [2.0, -2.0]], torch.eye(2, dtype=DT)[None].repeat(2, 1, 1),
+                                   classes=[0, 1])
+    x, cond = _x()
+    term, logs = ma_term(st, t, _cfg(ma_weight=1.0, ma_batch=0, guidance=2.0), x, 0.8, 0.3, cond, 0,
+                         score_teacher=other)
+    ref = ma_loss(st, t, x, 0.8, 0.3, cond, guidance=2.0, score_teacher=other)
+    torch.testing.assert_close(term, ref.loss)
+    assert "ma_kl" not in logs  # no KL estimate under guidance
+
+
+def test_ma_term_schedule() -> None:
+    st, t = FlowMap(_Probe(), "velocity"), _teacher()
+    x, cond = _x()
+    on = {"ma_weight": 0.5, "ma_warmup": 3, "ma_every": 2}
+    for step, active in ((0, False), (2, False), (3, False), (4, True), (5, False), (6, True)):
+        term, logs = ma_term(st, t, _cfg(**on), x, 0.8, 0.3, cond, step)
+        assert (term is not None) == active and bool(logs) == active, step
+    assert ma_term(st, t, _cfg(ma_weight=0.0), x, 0.8, 0.3, cond, 0) == (None, {})
+    assert ma_term(st, t, _cfg(ma_weight=0.5), x, 0.8, 0.3, cond, 0)[0] is not None
+
+
+def test_add_ma_total_and_logs() -> None:
+    loss = torch.tensor(1.5, dtype=DT, requires_grad=True)
+    total, logs = add_ma(loss, {"loss_fm": 1.5}, (torch.tensor(0.25, dtype=DT), {"ma": 0.5}))
+    assert float(total) == 1.75 and logs == {"loss_fm": 1.5, "ma": 0.5, "loss": 1.75}
+    total, logs = add_ma(loss, {"loss_fm": 1.5}, (None, {}))
+    assert total is loss and logs == {"loss_fm": 1.5, "loss": 1.5}
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"ma_mode": "fisher"}, r"^unknown ma_mode 'fisher'; expected one of \('ode', 'exact', 'hutchinson', 'jump'\)$"),
+    ({"ma_substeps": 0}, r"^ma_substeps must be >= 1; got 0$"),
+    ({"ma_probes": 0}, r"^ma_probes must be >= 1; got 0$"),
+    ({"ma_every": 0}, r"^ma_every must be >= 1; got 0$"),
+    ({"ma_exact_dim": 0}, r"^ma_exact_dim must be >= 1; got 0$"),
+    ({"ma_weight": -0.1}, r"^need ma_weight >= 0, 0 < ma_t_min < 1, ma_batch >= 0; got -0\.1, 0\.02, 256$"),
+    ({"ma_t_min": 0.0}, r"^need ma_weight >= 0, 0 < ma_t_min < 1, ma_batch >= 0; got 0\.0, 0\.0, 256$"),
+    ({"ma_t_min": 1.0}, r"^need ma_weight >= 0, 0 < ma_t_min < 1, ma_batch >= 0; got 0\.0, 1\.0, 256$"),
+    ({"ma_batch": -1}, r"^need ma_weight >= 0, 0 < ma_t_min < 1, ma_batch >= 0; got 0\.0, 0\.02, -1$"),
+])
+def test_ma_options_refused_by_message(kw: dict, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        get_method("reflow")(FlowMap(_Probe(), "velocity"), _teacher(), _cfg(**kw))
+
+
+def test_ma_options_boundaries_accepted() -> None:
+    for kw in ({"ma_substeps": 1, "ma_probes": 1, "ma_every": 1, "ma_exact_dim": 1}, {"ma_weight": 0.0},
+               {"ma_batch": 0}, {"ma_t_min": 0.999}):
+        get_method("reflow")(FlowMap(_Probe(), "velocity"), _teacher(), _cfg(**kw))
+
+
+def test_score_teacher_is_frozen_and_not_a_submodule() -> None:
+    m = get_method("reflow")(FlowMap(_Probe(), "velocity"), _teacher(), _cfg())
+    assert m.score_teacher is None
+    other = _teacher().train()
+    m.set_score_teacher(other)
+    assert m.score_teacher is other and not other.training
+    assert not any(p.requires_grad for p in other.parameters())
+    assert all(mod is not other for mod in m.modules())
+    m.set_score_teacher(None)
+    assert m.score_teacher is None
+
+
+def test_pairs_taken_in_the_batch_dtype_and_unconditional_for_an_unconditional_student() -> None:
+    """An unconditional student of a class-conditional teacher gets unconditional pairs (labels -1)."""
+    from fewstep.networks.mlp import MLP
+
+    cls = get_method("reflow")
+    m = cls(FlowMap(MLP(2, 8, 1, use_s=False), "velocity"), _teacher(),
+            cls.make_config(n_pairs=16, pair_solver="euler", pair_steps=2))
+    b = Batch(x1=torch.zeros(4, 2), u=torch.rand(4, 8, generator=torch.Generator().manual_seed(0)))
+    x1, x0, c = m.take_pairs(b)
+    assert m.pairs is not None and len(m.pairs) == 16
+    assert x1.dtype == x0.dtype == torch.float32 and x1.shape == (4, 2)
+    assert c is not None and bool((c == -1).all())
