@@ -92,7 +92,7 @@ _SA = "fewstep.sampling.samplers.x_"
 _F64_TIMES = ("output times passed to torchdiffeq in float64 instead of the state's dtype: torchdiffeq casts t to "
               "the state's dtype in every call; only the step-size arithmetic's rounding differs")
 _DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
-_ONE_DEVICE = "device argument: tests run on one device (CPU), so x already lies on the parameters' device"
+_ONE_DEVICE = "device argument: the tests run on one device (CPU), where every tensor already lies on the target device"
 EQUIVALENT: dict[str, str] = {
     _P + "__init____mutmut_4": "boundary values checked in float32 instead of float64: far below the 1e-6 tolerance",
     _P + "__init____mutmut_6": "boundary values checked in float32 instead of float64: far below the 1e-6 tolerance",
