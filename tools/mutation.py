@@ -35,7 +35,7 @@ MODULES: dict[str, list[str]] = {
     "core/paths.py": ["core/test_paths.py", "core/test_mutation_kills_paths.py"],
     "core/flowmap.py": ["core/test_flowmap.py", "core/test_mutation_kills_flowmap.py"],
     "sampling/samplers.py": ["sampling/test_samplers.py", "sampling/test_mutation_kills_samplers.py"],
-    "sampling/logdensity.py": ["sampling/test_logdensity.py"],
+    "sampling/logdensity.py": ["sampling/test_logdensity.py", "sampling/test_mutation_kills_logdensity.py"],
     "methods/_shared/alignment.py": [  # not the 23-s learned-teacher test
         *(f"methods/test_alignment.py::{t}" for t in (
             "test_surrogate_gradient_matches_closed_form_kl", "test_surrogate_gradient_is_exact_for_fixed_samples",

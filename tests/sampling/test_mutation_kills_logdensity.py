@@ -1,0 +1,89 @@
+r"""Tests added to kill mutants of sampling/logdensity.py (tools/mutation.py): probes, the divergence's time argument
+and defaults, and every refusal by its full message.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from fewstep.sampling.logdensity import divergence, likelihood, make_probes, ode_logdensity
+
+torch.set_num_threads(1)
+DT = torch.float64
+A = torch.tensor([[0.9, 0.3], [-0.2, 0.6]], dtype=DT)
+
+
+class _Field:
+    """v(x, t) = A x + t (affine, divergence tr A), recording the time tensors it is called with."""
+
+    def __init__(self, param: Tensor | None = None) -> None:
+        self.times: list[Tensor] = []
+        self.param = param
+
+    def __call__(self, x: Tensor, t: Tensor, **kw: object) -> Tensor:
+        self.times.append(t)
+        a = A.to(x.dtype) if self.param is None else self.param * A.to(x.dtype)
+        return x @ a.T + t[:, None]
+
+
+def _x(n: int = 3, dtype: torch.dtype = DT) -> Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+def test_make_probes_values_dtype_and_generator() -> None:
+    x = _x(dtype=torch.float32)
+    z = make_probes(x, 4, torch.Generator().manual_seed(3))
+    want = torch.randint(0, 2, (4, 3, 2), generator=torch.Generator().manual_seed(3)).to(DT) * 2 - 1
+    assert z.dtype == torch.float32 and z.shape == (4, 3, 2)
+    torch.testing.assert_close(z, want.float(), rtol=0, atol=0)
+    zg = make_probes(_x(), 2, torch.Generator().manual_seed(5), kind="gaussian")
+    torch.testing.assert_close(zg, torch.randn((2, 3, 2), generator=torch.Generator().manual_seed(5), dtype=DT),
+                               rtol=0, atol=0)
+    assert make_probes(x, 2, kind="gaussian").dtype == torch.float32
+    with pytest.raises(ValueError, match=r"^number of probes k must be >= 1, got 0$"):
+        make_probes(x, 0)
+    with pytest.raises(ValueError, match=r"^unknown probe kind 'sphere'; expected 'rademacher' or 'gaussian'$"):
+        make_probes(x, 1, kind="sphere")
+
+
+def test_probe_refusals_by_message() -> None:
+    x = _x()
+    with pytest.raises(ValueError, match=r"^method='hutchinson' needs probes of shape \(K, \*x\.shape\); build them "
+                                         r"with make_probes$"):
+        divergence(_Field(), x, 0.5, method="hutchinson")
+    with pytest.raises(ValueError, match=r"^probes must have shape \(K, 3, 2\); got \(2, 3, 3\)$"):
+        divergence(_Field(), x, 0.5, method="hutchinson", probes=torch.ones(2, 3, 3, dtype=DT))
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_divergence_defaults_and_time_argument(n: int) -> None:
+    """Default: exact, no graph; a scalar t becomes a (batch,) tensor in x's dtype."""
+    x, f = _x(n), _Field()
+    div = divergence(f, x, 0.5)
+    torch.testing.assert_close(div, torch.full((n,), float(torch.trace(A)), dtype=DT))
+    assert f.times[-1].shape == (n,) and f.times[-1].dtype == DT
+    assert f.times[-1].tolist() == [0.5] * n
+    p = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    assert not divergence(_Field(p), x, 0.5).requires_grad
+    assert divergence(_Field(p), x, 0.5, create_graph=True).requires_grad
+    tv = torch.linspace(0.1, 0.9, n, dtype=torch.float32)
+    g = _Field()
+    divergence(g, x, tv)
+    assert g.times[-1].dtype == DT and g.times[-1].shape == (n,)
+
+
+def test_likelihood_defaults_and_grid_refusals() -> None:
+    x = _x()
+    res = likelihood(_Field(), x)  # adaptive dopri5 over [0, 1] by default
+    assert res.times.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match=r"^method 'euler' needs a grid \(or an int number of steps\)$"):
+        likelihood(_Field(), x, method="euler")
+    with pytest.raises(ValueError, match=r"^likelihood needs an increasing grid ending at t=1 \(noise\); "
+                                         r"got \[0\.0, 0\.5\]$"):
+        likelihood(_Field(), x, [0.0, 0.5], method="euler")
+    with pytest.raises(ValueError, match=r"^likelihood needs an increasing grid ending at t=1 \(noise\); "
+                                         r"got \[1\.0, 0\.5, 0\.0\]$"):
+        likelihood(_Field(), x, [1.0, 0.5, 0.0], method="euler")
+    ode_logdensity(_Field(), x, [1.0, 0.0], torch.zeros(3, dtype=DT))
