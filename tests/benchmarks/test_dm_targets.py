@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from fewstep.benchmarks.dm_targets import VARIANTS, eval_target, run_guidance, separation, target_samples
-from fewstep.benchmarks.dm_targets_report import as_parts, ci95, clean_command, merge, nearest_target, students_table
+from fewstep.benchmarks.dm_targets_report import (
+    ablation_table,
+    as_parts,
+    ci95,
+    clean_command,
+    merge,
+    nearest_target,
+    students_table,
+)
 from fewstep.cli import build_parser
 from fewstep.config.schema import load_config
 from fewstep.teachers.presets import load_preset
@@ -125,3 +133,13 @@ def test_students_table_says_targets_coincide_where_they_are_not_apart() -> None
     rows = students_table(merge([_part(150, "1", 0.05, -0.001)]))
     verdicts = [r.rsplit(" | ", 1)[1] for r in rows if r.startswith("| 1 |")]
     assert verdicts == ["targets coincide |"] * 3
+
+
+def test_ablation_table_pairs_each_ablation_with_its_full_variant() -> None:
+    """Δ = ablation − full per seed: an ablation 0.2 closer to every target reads −0.200, resolved (*)."""
+    full, abl = _part(150, "4", 0.3, 0.1), _part(150, "4", 0.1, 0.1)
+    abl["students"] = {"dmd2, no regression": abl["students"]["dmd2 (1-step)"]}
+    rows = [r for r in ablation_table(merge([full, abl])) if r.startswith("| 4 |")]
+    assert len(rows) == 1 and "| dmd2, no regression | dmd2 (1-step) | 3 |" in rows[0]
+    assert rows[0].count("-0.200 ± 0.000*") == 3
+    assert ablation_table(merge([full])) == []  # no ablation, no section
