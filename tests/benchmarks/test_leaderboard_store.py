@@ -139,3 +139,22 @@ def test_report_only_rebuilds_the_page_from_the_store(tmp_path: Path, capsys: py
     assert "| cd | 1 | 0.0100 ± 0.0000 ✓ | pending | pending |" in text
     assert "cd/random:3/s0: NFE 2, 4" in text and "fewstep bench old" in text and "--report-only" in text
     assert "Equal budget here means" in text
+
+
+def test_each_entry_is_compared_with_the_bars_of_its_own_seeds(tmp_path: Path) -> None:
+    # seed 0's Euler-4 bar is 0.05, seed 1's 0.01; a method with only seed 0 at 0.03 passes its bar (0.05), though it
+    # would miss the mean bar over both seeds (0.03)
+    for seed, bar in ((0, 0.05), (1, 0.01)):
+        euler = {**EULER, "4": {"mmd2": bar}}
+        write_json(tmp_path / "_bars" / f"random-3__s{seed}.json", {"dim": 3, "components": 3, "euler": euler})
+    write_json(cell_path(tmp_path, "meanflow", "random:3", 0), _rec("meanflow", "random:3", DETERMINISTIC, 2, ALL))
+    write_json(cell_path(tmp_path, "cd", "random:3", 1), {**_rec("cd", "random:3", DETERMINISTIC, 2, ALL), "seed": 1})
+    d = collect(tmp_path, [(m, "random:3", s) for m in ("meanflow", "cd") for s in (0, 1)])
+    rows = {r["method"]: r for r in d["rows"]}
+    assert rows["meanflow"]["nfe"]["1"]["pass"]["4"] is True  # 0.01 at 1 NFE vs bar 0.05 (seed 0)
+    assert d["methods_summary"]["meanflow"]["random_pass"]["1"]["passed"] == 1
+    big = {**ALL, "1": 0.03}
+    write_json(cell_path(tmp_path, "meanflow", "random:3", 0), _rec("meanflow", "random:3", DETERMINISTIC, 2, big))
+    write_json(cell_path(tmp_path, "cd", "random:3", 1), {**_rec("cd", "random:3", DETERMINISTIC, 2, big), "seed": 1})
+    rows = {r["method"]: r for r in collect(tmp_path, [("meanflow", "random:3", 0), ("cd", "random:3", 1)])["rows"]}
+    assert rows["meanflow"]["nfe"]["1"]["pass"]["4"] is True and rows["cd"]["nfe"]["1"]["pass"]["4"] is False

@@ -86,8 +86,11 @@ def budget_notes(cell: dict[str, Any]) -> list[str]:
     ]
 
 
-def _row(cs: list[dict[str, Any]], euler: dict[str, Any], fm: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
-    """One (method, target) row from its cells: per NFE the seeds with a valid entry, pass flags, cost."""
+def _row(cs: list[dict[str, Any]], root: Path, fm: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    """One (method, target) row from its cells: per NFE the seeds with a valid entry, pass flags, cost.
+
+    The bar of an entry is the teacher's Euler curve averaged over the same seeds as the entry.
+    """
     c0 = cs[0]
     row: dict[str, Any] = {
         "method": c0["method"],
@@ -105,6 +108,7 @@ def _row(cs: list[dict[str, Any]], euler: dict[str, Any], fm: dict[tuple, dict[s
         vals = [c["final"][str(k)]["mmd2"] for c in got]
         mu, sd = mean_std(vals)
         ent: dict[str, Any] = {"mmd2": mu, "mmd2_std": sd, "mmd2_values": vals, "seeds": [c["seed"] for c in got]}
+        euler = _bars(root, c0["target"], ent["seeds"])
         if "fd" in got[0]["final"][str(k)]:
             ent["fd"], ent["fd_std"] = mean_std([c["final"][str(k)]["fd"] for c in got])
         ent["pass"] = {
@@ -223,7 +227,7 @@ def collect(root: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
         for t in targets:
             cs = [c for c in mine if c["target"] == t]
             if cs:
-                out["rows"].append(_row(cs, out["targets"][t]["euler"], fm))
+                out["rows"].append(_row(cs, root, fm))
         if mine:
             out["methods_summary"][m] = _method_summary(m, mine, out["rows"], fm)
     return out
