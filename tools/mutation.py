@@ -88,7 +88,11 @@ MODULES: dict[str, list[str]] = {
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
 _P, _F = "fewstep.core.paths.xǁGeneralAffinePathǁ", "fewstep.core.flowmap.xǁ"
 _PW, _AL = "fewstep.methods.perflow.xǁPerflowǁ", "fewstep.methods._shared.alignment.x_"
-_SA = "fewstep.sampling.samplers.x_"
+_SA, _LD = "fewstep.sampling.samplers.x_", "fewstep.sampling.logdensity.x_"
+_LD_INC = "after check_grid(order='monotone') a grid whose last time is 1 is increasing: the second test is redundant"
+_LD_DEC = "after check_grid(order='monotone') a grid whose first time is 1 is decreasing: the second test is redundant"
+_LD_ZERO = "zeros in float32: ode_logdensity casts log_p_start to x's dtype, and 0 is exact in both"
+_LD_PROBES = "skipping ode_logdensity's probe check: _vel_div checks the probes with the same message on its first call"
 _F64_TIMES = ("output times passed to torchdiffeq in float64 instead of the state's dtype: torchdiffeq casts t to "
               "the state's dtype in every call; only the step-size arithmetic's rounding differs")
 _DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
@@ -121,6 +125,27 @@ EQUIVALENT: dict[str, str] = {
     _SA + "solve_adaptive__mutmut_84": _F64_TIMES,
     _SA + "renoise__mutmut_25": _ONE_DEVICE,
     _SA + "gamma_sample__mutmut_28": "tn < 0 instead of tn <= 0: at tn = 0 the gamma formula gives u = 0 exactly",
+    _LD + "make_probes__mutmut_13": "±1 probes kept as integers before the final cast to x's dtype: same values",
+    _LD + "make_probes__mutmut_18": "randint(2, shape) is randint(0, 2, shape)",
+    _LD + "make_probes__mutmut_37": _ONE_DEVICE,
+    _LD + "make_probes__mutmut_40": _ONE_DEVICE,
+    _LD + "divergence__mutmut_7": _ONE_DEVICE,
+    _LD + "divergence__mutmut_10": _ONE_DEVICE,
+    _LD + "divergence__mutmut_13": "expanding a (batch,) time tensor to (batch,) is a no-op",
+    _LD + "likelihood__mutmut_35": _LD_INC,
+    _LD + "likelihood__mutmut_36": _LD_INC,
+    _LD + "likelihood__mutmut_41": _LD_ZERO,
+    _LD + "likelihood__mutmut_44": _LD_ZERO,
+    _LD + "likelihood__mutmut_42": _ONE_DEVICE,
+    _LD + "likelihood__mutmut_45": _ONE_DEVICE,
+    _LD + "ode_logdensity__mutmut_20": _ONE_DEVICE,
+    _LD + "ode_logdensity__mutmut_23": _ONE_DEVICE,
+    _LD + "ode_logdensity__mutmut_56": _ONE_DEVICE,
+    _LD + "ode_logdensity__mutmut_60": _ONE_DEVICE,
+    _LD + "ode_logdensity__mutmut_44": _LD_PROBES,
+    _LD + "ode_logdensity__mutmut_45": _LD_PROBES,
+    _LD + "sample_with_logdensity__mutmut_20": _LD_DEC,
+    _LD + "sample_with_logdensity__mutmut_21": _LD_DEC,
     "fewstep.methods._shared.alignment.x__end_times__mutmut_2": "t_end <= t_min: at t_end = t_min, c = 1 and the "
     "score time is t_end either way",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",

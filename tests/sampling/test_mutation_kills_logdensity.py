@@ -87,3 +87,62 @@ def test_likelihood_defaults_and_grid_refusals() -> None:
                                          r"got \[1\.0, 0\.5, 0\.0\]$"):
         likelihood(_Field(), x, [1.0, 0.5, 0.0], method="euler")
     ode_logdensity(_Field(), x, [1.0, 0.0], torch.zeros(3, dtype=DT))
+
+
+def test_ode_logdensity_defaults() -> None:
+    """Defaults: rk4 (4 NFE per step), exact divergence, no graph, no trajectory, adaptive tolerances 1e-5."""
+    x, lp = _x(), torch.zeros(3, dtype=DT)
+    res = ode_logdensity(_Field(), x, [1.0, 0.5, 0.0], lp)
+    ref = ode_logdensity(_Field(), x, [1.0, 0.5, 0.0], lp, method="rk4", divergence="exact")
+    assert res.nfe == 8 and res.trajectory is None and res.log_q_trajectory is None
+    torch.testing.assert_close(res.log_q, ref.log_q, rtol=0, atol=0)
+    torch.testing.assert_close(res.log_q, torch.full((3,), float(torch.trace(A)), dtype=DT))  # -int_1^0 tr A dt
+    p = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    assert not ode_logdensity(_Field(p), x, [1.0, 0.0], lp).log_q.requires_grad
+    ada = ode_logdensity(_Field(), x, [1.0, 0.0], lp, method="dopri5")
+    ada_ref = ode_logdensity(_Field(), x, [1.0, 0.0], lp, method="dopri5", rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ada.x, ada_ref.x, rtol=0, atol=0)
+    assert ada.nfe == ada_ref.nfe
+    f = _Field()
+    ode_logdensity(f, x, [1.0, 0.0], lp, method="dopri5")
+    assert all(t.dtype == DT and t.shape == (3,) for t in f.times)
+
+
+def test_ode_logdensity_start_in_float64_and_probes_from_the_generator() -> None:
+    x = _x()
+    res = ode_logdensity(_Field(), x, [1.0, 0.0], [0.1, 0.2, 0.3], method="euler", return_trajectory=True)
+    torch.testing.assert_close(res.log_q_trajectory[0], torch.tensor([0.1, 0.2, 0.3], dtype=DT), rtol=0, atol=0)
+    kw = dict(method="euler", divergence="hutchinson")
+    got = ode_logdensity(_Field(), x, [1.0, 0.0], torch.zeros(3, dtype=DT), generator=torch.Generator().manual_seed(1),
+                         **kw)
+    ref = ode_logdensity(_Field(), x, [1.0, 0.0], torch.zeros(3, dtype=DT),
+                         probes=make_probes(x, 1, torch.Generator().manual_seed(1)), **kw)
+    torch.testing.assert_close(got.log_q, ref.log_q, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^log_p_start must have shape \(3,\); got \(2,\)$"):
+        ode_logdensity(_Field(), x, [1.0, 0.0], torch.zeros(2, dtype=DT))
+    with pytest.raises(ValueError, match=r"^unknown divergence method 'trace'; expected one of "
+                                         r"\('exact', 'hutchinson'\)$"):
+        ode_logdensity(_Field(), x, [1.0, 0.0], torch.zeros(3, dtype=DT), divergence="trace")
+
+
+def test_likelihood_fixed_step_and_trajectory() -> None:
+    """log q(x0) = log N(x1) + int div; its trajectory is log q of the path points (ends: input, log N(x1))."""
+    from fewstep.core.utils import standard_normal_logprob
+
+    x = _x()
+    res = likelihood(_Field(), x, 4, method="euler", return_trajectory=True)
+    assert res.nfe == 4
+    torch.testing.assert_close(res.log_q, standard_normal_logprob(res.x) + float(torch.trace(A)))
+    torch.testing.assert_close(res.log_q_trajectory[0], res.log_q)
+    torch.testing.assert_close(res.log_q_trajectory[-1], standard_normal_logprob(res.x))
+
+
+def test_sample_with_logdensity_defaults_and_refusals() -> None:
+    from fewstep.sampling.logdensity import sample_with_logdensity
+
+    res = sample_with_logdensity(_Field(), _x())
+    assert res.times.numel() == 33 and res.nfe == 32 * 4
+    for grid in ([0.9, 0.0], [0.0, 1.0]):
+        with pytest.raises(ValueError, match=rf"^sampling needs a decreasing grid starting at t=1 \(noise\); "
+                                             rf"got \[{grid[0]}, {grid[1]}\]$"):
+            sample_with_logdensity(_Field(), _x(), grid)
