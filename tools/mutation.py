@@ -144,6 +144,7 @@ EQUIVALENT: dict[str, str] = {
     _LD + "ode_logdensity__mutmut_60": _ONE_DEVICE,
     _LD + "ode_logdensity__mutmut_44": _LD_PROBES,
     _LD + "ode_logdensity__mutmut_45": _LD_PROBES,
+    _LD + "ode_logdensity__mutmut_120": "traj and ltraj are both lists or both None, so 'or' equals 'and'",
     _LD + "sample_with_logdensity__mutmut_20": _LD_DEC,
     _LD + "sample_with_logdensity__mutmut_21": _LD_DEC,
     "fewstep.methods._shared.alignment.x__end_times__mutmut_2": "t_end <= t_min: at t_end = t_min, c = 1 and the "

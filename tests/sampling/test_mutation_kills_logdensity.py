@@ -146,3 +146,25 @@ def test_sample_with_logdensity_defaults_and_refusals() -> None:
         with pytest.raises(ValueError, match=rf"^sampling needs a decreasing grid starting at t=1 \(noise\); "
                                              rf"got \[{grid[0]}, {grid[1]}\]$"):
             sample_with_logdensity(_Field(), _x(), grid)
+
+
+def test_ode_logdensity_trajectory_kwargs_and_adaptive_ends() -> None:
+    x, lp = _x(), torch.zeros(3, dtype=DT)
+    res = ode_logdensity(_Field(), x, [1.0, 0.5, 0.0], lp, method="euler", return_trajectory=True)
+    assert res.times.tolist() == [1.0, 0.5, 0.0]
+    assert res.trajectory is not None and len(res.trajectory) == 3 and len(res.log_q_trajectory) == 3
+    torch.testing.assert_close(res.trajectory[0], x)
+    torch.testing.assert_close(res.trajectory[-1], res.x)
+    torch.testing.assert_close(res.log_q_trajectory[-1], res.log_q)
+
+    def shifted(y: Tensor, t: Tensor, shift: float = 0.0) -> Tensor:
+        return -y + shift
+
+    a = ode_logdensity(shifted, x, [1.0, 0.0], lp, method="euler", shift=2.0)
+    torch.testing.assert_close(a.x, x + (0.0 - 1.0) * (-x + 2.0))  # one Euler step x + (t1 - t0) v(x, t0)
+    ada = ode_logdensity(shifted, x, [1.0, 0.5, 0.0], lp, method="dopri5", rtol=1e-12, atol=1e-12)
+    assert ada.times.tolist() == [1.0, 0.0]
+    torch.testing.assert_close(ada.x, x * torch.e, rtol=1e-9, atol=1e-10)  # dx/dt = -x from 1 to 0
+    torch.testing.assert_close(ada.log_q, torch.full((3,), -2.0, dtype=DT), rtol=1e-9, atol=1e-10)
+    one = ode_logdensity(shifted, x[:1], [1.0, 0.0], lp[:1], method="dopri5")
+    assert one.x.shape == (1, 2)
