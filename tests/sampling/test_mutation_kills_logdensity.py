@@ -168,3 +168,41 @@ def test_ode_logdensity_trajectory_kwargs_and_adaptive_ends() -> None:
     torch.testing.assert_close(ada.log_q, torch.full((3,), -2.0, dtype=DT), rtol=1e-9, atol=1e-10)
     one = ode_logdensity(shifted, x[:1], [1.0, 0.0], lp[:1], method="dopri5")
     assert one.x.shape == (1, 2)
+
+
+def test_velocity_shape_refused_and_unused_input_has_zero_divergence() -> None:
+    x = _x()
+    with pytest.raises(ValueError, match=r"^velocity must have the shape of x \(3, 2\); got \(3, 1\)$"):
+        divergence(lambda y, t: y[:, :1], x, 0.5)
+    p = torch.tensor(1.5, dtype=DT, requires_grad=True)
+
+    def free(y: Tensor, t: Tensor) -> Tensor:  # depends on a parameter, not on y
+        return (p * t)[:, None].expand(-1, 2)
+
+    for kw in ({}, {"method": "hutchinson", "probes": make_probes(x, 2, torch.Generator().manual_seed(0))}):
+        div = divergence(free, x, 0.5, **kw)
+        assert div.shape == (3,) and div.dtype == DT and div.abs().max() == 0
+
+
+def test_divergence_dtype_whatever_the_default() -> None:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = _x().float()
+        for kw in ({}, {"method": "hutchinson", "probes": make_probes(x, 2, torch.Generator().manual_seed(0))}):
+            assert divergence(_Field(), x, 0.5, **kw).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_adaptive_tolerances_reach_the_solver() -> None:
+    x, lp = _x(), torch.zeros(3, dtype=DT)
+
+    def run(rtol: float, atol: float) -> Tensor:
+        return ode_logdensity(_Field(), x, [1.0, 0.0], lp, method="dopri5", rtol=rtol, atol=atol).x
+
+    loose = run(1e-2, 1e-2)
+    assert float((loose - run(1e-2, 1e-10)).abs().max()) > 1e-6
+    assert float((loose - run(1e-10, 1e-2)).abs().max()) > 1e-6
+    res = ode_logdensity(_Field(), x.float(), [1.0, 0.0], lp.float(), method="dopri5")
+    assert res.times.dtype == DT and res.times.tolist() == [1.0, 0.0]
