@@ -146,6 +146,8 @@ EQUIVALENT: dict[str, str] = {
     _LD + "ode_logdensity__mutmut_45": _LD_PROBES,
     **{_LD + f"_vel_div__mutmut_{i}": _ONE_DEVICE for i in (41, 44, 92, 95)},
     **{_LD + f"ode_logdensity__mutmut_{i}": _ONE_DEVICE for i in (194, 197)},
+    **{f"fewstep.methods._shared.reflow_family.xǁPairMethodǁtake_pairs__mutmut_{i}": _ONE_DEVICE
+       for i in (7, 9, 11, 13, 17)},
     _LD + "ode_logdensity__mutmut_211": "odeint(...)[+1] of a two-point time span is its last entry",
     _LD + "ode_logdensity__mutmut_120": "traj and ltraj are both lists or both None, so 'or' equals 'and'",
     _LD + "sample_with_logdensity__mutmut_20": _LD_DEC,
