@@ -156,3 +156,59 @@ def test_pair_solver_follows_the_config() -> None:
     cfg = _cfg(pair_solver="adaptive", pair_steps=7, pair_rtol=1e-3, pair_atol=1e-4)
     m = get_method("reflow")(FlowMap(_Probe(), "velocity"), _teacher(), cfg)
     assert (m.solver.method, m.solver.steps, m.solver.rtol, m.solver.atol) == ("adaptive", 7, 1e-3, 1e-4)
+
+
+def _reflow(student: nn.Module | None = None, teacher: nn.Module | None = None, **kw: object):
+    cls = get_method("reflow")
+    cfg = cls.make_config(**{"n_pairs": 12, "pair_solver": "euler", "pair_steps": 2, "shard_size": 5, **kw})
+    return cls(student or FlowMap(_Probe(), "velocity"), teacher or _teacher(), cfg)
+
+
+def test_prepare_caches_pairs_in_the_run_folder_with_the_config(tmp_path) -> None:
+    """Pairs land in <run_dir>/pairs (or pair_dir) with a manifest naming seed, guidance, shards and teacher."""
+    m = _reflow(pair_seed=3, guidance=2.0)
+    m.prepare({"run_dir": str(tmp_path), "progress": False})
+    man = m.pairs.manifest
+    assert (tmp_path / "pairs" / "manifest.json").exists() and len(m.pairs) == 12
+    assert (man["seed"], man["guidance"], man["shard_size"], man["n"]) == (3, 2.0, 5, 12)
+    assert man["teacher"]["sha256"] and man["event_shape"] == [2] and man["solver"]["steps"] == 2
+    other = _reflow(pair_seed=4, pair_dir=str(tmp_path / "mine"))
+    other.prepare({"run_dir": str(tmp_path / "ignored"), "progress": False})
+    assert (tmp_path / "mine" / "manifest.json").exists() and not (tmp_path / "ignored").exists()
+    assert float((other.pairs.x1 - m.pairs.x1).abs().max()) > 0.1  # the seed sets the noise
+    again = _reflow(pair_seed=3, guidance=2.0)
+    again.prepare({"run_dir": str(tmp_path), "rank": 1, "progress": False})  # another rank loads the cache
+    assert again.pairs is not None and torch.equal(again.pairs.x1, m.pairs.x1)
+
+
+def test_prepare_refuses_stale_pairs_unless_allowed(tmp_path) -> None:
+    _reflow().prepare({"run_dir": str(tmp_path), "progress": False})
+    with pytest.raises(Exception, match=r"do not match the requested teacher/solver"):
+        _reflow(pair_steps=3).prepare({"run_dir": str(tmp_path), "progress": False})
+    m = _reflow(pair_steps=3, allow_stale_pairs=True)
+    m.prepare({"run_dir": str(tmp_path), "progress": False})
+    assert m.pairs is not None and len(m.pairs) == 12
+
+
+def test_prepare_shows_progress_on_rank_zero_only(tmp_path, capfd) -> None:
+    for i, (ctx, shown) in enumerate((({}, True), ({"progress": True, "rank": 0}, True), ({"progress": False}, False),
+                                      ({"progress": True, "rank": 1}, False))):
+        capfd.readouterr()
+        _reflow().prepare({"run_dir": str(tmp_path / str(i)), **ctx})
+        assert ("reflow pairs" in capfd.readouterr().err) == shown, ctx
+    capfd.readouterr()
+    _reflow().prepare({})  # in memory, progress bar by default
+    assert "reflow pairs" in capfd.readouterr().err
+
+
+def test_pair_labels_follow_the_student() -> None:
+    """A conditional student keeps the teacher's labels; a student net without num_classes gets labels -1."""
+    from fewstep.networks.mlp import MLP
+
+    cond_student = FlowMap(MLP(2, 8, 1, use_s=False, num_classes=2), "velocity")
+    m = _reflow(cond_student)
+    m.prepare({"progress": False})
+    assert bool((m.pairs.cond >= 0).all())
+    bare = _reflow()  # the probe network has no num_classes attribute
+    bare.prepare({"progress": False})
+    assert bool((bare.pairs.cond == -1).all())
