@@ -13,10 +13,12 @@ exactly as ``fewstep distill --config <base> <overrides>`` would train it (:func
 Each trained EMA student is saved in the cache (``--cache``) and measured by
 :func:`fewstep.benchmarks.ma_eval.evaluate_student` (1/2/4 NFE), its held-out FM-on-pairs loss, and
 :func:`fewstep.evaluation.diagnose.diagnose_tv` over 4 windows; :mod:`fewstep.benchmarks.ma_report` turns the JSON
-into docs/results/ma.md (95 % t-intervals over seeds, paired by seed; claim (i) pairs; the TV-bound correlation).
+into markdown tables (95 % t-intervals over seeds, paired by seed; claim (i) pairs; the TV-bound correlation);
+docs/results/ma.md is the hand-written summary of those tables.
 
 Run: ``python -m fewstep.benchmarks.ma_experiments sweep --presets ring8 aniso3 --out docs/results/ma.json``,
-then ``python -m fewstep.benchmarks.ma_experiments report docs/results/ma.json``; ``--quick`` is a smoke run.
+then ``python -m fewstep.benchmarks.ma_experiments report docs/results/ma.json --out docs/results/ma_tables.md``;
+``--quick`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 12 steps, 1 lambda, tiny student, r=2")
     r = sub.add_parser("report")
     r.add_argument("json", nargs="+")
-    r.add_argument("--out", default="docs/results/ma.md")
+    r.add_argument("--out", default="docs/results/ma_tables.md", help="generated tables (not the summary ma.md)")
     a = p.parse_args(argv)
     if a.cmd == "report":
         from fewstep.benchmarks.ma_report import write_report
