@@ -128,7 +128,7 @@ EQUIVALENT: dict[str, str] = {
     _LD + "make_probes__mutmut_13": "±1 probes kept as integers before the final cast to x's dtype: same values",
     _LD + "make_probes__mutmut_18": "randint(2, shape) is randint(0, 2, shape)",
     _LD + "make_probes__mutmut_37": _ONE_DEVICE,
-    _LD + "make_probes__mutmut_40": _ONE_DEVICE,
+    _LD + "make_probes__mutmut_39": _ONE_DEVICE,
     _LD + "divergence__mutmut_7": _ONE_DEVICE,
     _LD + "divergence__mutmut_10": _ONE_DEVICE,
     _LD + "divergence__mutmut_13": "expanding a (batch,) time tensor to (batch,) is a no-op",
@@ -160,6 +160,9 @@ EQUIVALENT: dict[str, str] = {
     _PW + "window_starts__mutmut_20": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_22": _ONE_DEVICE + " (the grid is moved to x1's device)",
 }
+
+
+_KILLED = ("killed", "timeout", "segfault", "caught by type check")
 
 
 def _pyproject(module: str, tests: list[str]) -> str:
@@ -222,8 +225,8 @@ def run(module: str, workdir: Path, max_children: int, survivors: bool = False) 
     only the earlier survivors rerun (the source must be unchanged since that run).
     """
     old = workdir / module.replace("/", "_").removesuffix(".py") / "summary.json"
-    again = (
-        [n for n in json.loads(old.read_text())["survived"] if n not in EQUIVALENT]
+    again = (  # every earlier non-killed mutant not (or no longer) listed as equivalent
+        [n for n, s in json.loads(old.read_text())["status"].items() if s not in _KILLED and n not in EQUIVALENT]
         if survivors and old.exists()
         else []
     )
@@ -240,8 +243,8 @@ def run(module: str, workdir: Path, max_children: int, survivors: bool = False) 
     if again:  # mutmut resets the other results when tests change: keep the earlier run's verdicts for them
         prev = json.loads(old.read_text())["status"]
         st = {**prev, **{n: st[n] for n in again if n in st}}
-    killed = [n for n, s in st.items() if s in ("killed", "timeout", "segfault", "caught by type check")]
-    survived = [n for n, s in st.items() if s not in ("killed", "timeout", "segfault", "caught by type check")]
+    killed = [n for n, s in st.items() if s in _KILLED]
+    survived = [n for n, s in st.items() if s not in _KILLED]
     equivalent = [n for n in survived if n in EQUIVALENT]
     live = [n for n in survived if n not in EQUIVALENT]
     denom = len(st) - len(equivalent)

@@ -166,6 +166,8 @@ def test_ode_logdensity_trajectory_kwargs_and_adaptive_ends() -> None:
     assert ada.times.tolist() == [1.0, 0.0]
     torch.testing.assert_close(ada.x, x * torch.e, rtol=1e-9, atol=1e-10)  # dx/dt = -x from 1 to 0
     torch.testing.assert_close(ada.log_q, torch.full((3,), -2.0, dtype=DT), rtol=1e-9, atol=1e-10)
+    mid = ode_logdensity(shifted, x, [0.9, 0.3], lp, method="dopri5", rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mid.x, x * torch.exp(torch.tensor(0.6, dtype=DT)), rtol=1e-10, atol=1e-11)
     one = ode_logdensity(shifted, x[:1], [1.0, 0.0], lp[:1], method="dopri5")
     assert one.x.shape == (1, 2)
 
