@@ -230,17 +230,19 @@ def run(module: str, workdir: Path, max_children: int, survivors: bool = False) 
         if survivors and old.exists()
         else []
     )
-    dest = prepare(module, workdir, fresh=not (survivors and old.exists()))
+    rerun = survivors and old.exists()
+    dest = prepare(module, workdir, fresh=not rerun)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    subprocess.run(
-        [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *again],
-        cwd=dest,
-        env=env,
-        check=False,
-        stdout=subprocess.DEVNULL,
-    )
+    if again or not rerun:  # (a rerun with nothing left to rerun must not start a full run)
+        subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *again],
+            cwd=dest,
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
     st = _statuses(dest)
-    if again:  # mutmut resets the other results when tests change: keep the earlier run's verdicts for them
+    if rerun:  # mutmut resets the other results when tests change: keep the earlier run's verdicts for them
         prev = json.loads(old.read_text())["status"]
         st = {**prev, **{n: st[n] for n in again if n in st}}
     killed = [n for n, s in st.items() if s in _KILLED]
