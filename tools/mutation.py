@@ -89,6 +89,7 @@ MODULES: dict[str, list[str]] = {
 _P, _F = "fewstep.core.paths.xǁGeneralAffinePathǁ", "fewstep.core.flowmap.xǁ"
 _PW, _AL = "fewstep.methods.perflow.xǁPerflowǁ", "fewstep.methods._shared.alignment.x_"
 _SA, _LD = "fewstep.sampling.samplers.x_", "fewstep.sampling.logdensity.x_"
+_RF = "fewstep.methods._shared.reflow_family.xǁPairMethodǁ"
 _LD_INC = "after check_grid(order='monotone') a grid whose last time is 1 is increasing: the second test is redundant"
 _LD_DEC = "after check_grid(order='monotone') a grid whose first time is 1 is decreasing: the second test is redundant"
 _LD_ZERO = "zeros in float32: ode_logdensity casts log_p_start to x's dtype, and 0 is exact in both"
@@ -146,8 +147,12 @@ EQUIVALENT: dict[str, str] = {
     _LD + "ode_logdensity__mutmut_45": _LD_PROBES,
     **{_LD + f"_vel_div__mutmut_{i}": _ONE_DEVICE for i in (41, 44, 92, 95)},
     **{_LD + f"ode_logdensity__mutmut_{i}": _ONE_DEVICE for i in (194, 197)},
-    **{f"fewstep.methods._shared.reflow_family.xǁPairMethodǁtake_pairs__mutmut_{i}": _ONE_DEVICE
-       for i in (7, 9, 11, 13, 17)},
+    **{_RF + f"take_pairs__mutmut_{i}": _ONE_DEVICE for i in (7, 9, 11, 13, 17)},
+    **{_RF + f"prepare__mutmut_{i}": "fingerprint dropped or None: ensure_pairs / generate_pairs fall back to "
+       "teacher_fingerprint(teacher), the same value" for i in (48, 55)},
+    **{_RF + f"prepare__mutmut_{i}": "rank-0-writes / other-ranks-load branch: in one process the fallback "
+       "ensure_pairs call writes or loads the same pairs (observable only under torchrun with several ranks)"
+       for i in (99, 103, 104, 105, 106, 107, 108)},
     _LD + "ode_logdensity__mutmut_211": "odeint(...)[+1] of a two-point time span is its last entry",
     _LD + "ode_logdensity__mutmut_120": "traj and ltraj are both lists or both None, so 'or' equals 'and'",
     _LD + "sample_with_logdensity__mutmut_20": _LD_DEC,

@@ -212,3 +212,46 @@ def test_pair_labels_follow_the_student() -> None:
     bare = _reflow()  # the probe network has no num_classes attribute
     bare.prepare({"progress": False})
     assert bool((bare.pairs.cond == -1).all())
+
+
+class _Mix(nn.Module):
+    """A velocity flow map u(x) = M x with a non-symmetric M, so a Hutchinson estimate depends on its probes."""
+
+    parameterization = "velocity"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.Parameter(torch.tensor([[0.9, 0.8], [-0.6, 0.6]], dtype=DT))
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return x @ self.m.T
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        return x - (t - s)[:, None] * self.velocity(x, t)
+
+
+@pytest.mark.parametrize(("kw", "ref"), [({"ma_mode": "hutchinson", "ma_probes": 2}, {"mode": "hutchinson",
+                                                                                      "num_probes": 2}),
+                                         ({"ma_mode": "ode", "ma_exact_dim": 1}, {"mode": "ode", "exact_dim": 1})])
+def test_ma_term_passes_probes_and_exact_dim(kw: dict, ref: dict) -> None:
+    st, t = _Mix(), _teacher()
+    x, cond = _x()
+    torch.manual_seed(0)
+    term, _ = ma_term(st, t, _cfg(ma_weight=1.0, ma_batch=0, **kw), x, 0.8, 0.3, cond, 0)
+    torch.manual_seed(0)
+    torch.testing.assert_close(term, ma_loss(st, t, x, 0.8, 0.3, cond, **ref).loss)
+    torch.manual_seed(0)
+    other = ma_loss(st, t, x, 0.8, 0.3, cond, mode="exact" if "exact_dim" in ref else "hutchinson").loss
+    assert abs(float(term - other)) > 1e-6  # the option matters for this student
+
+
+def test_non_module_score_teacher_is_stored_as_is(tmp_path) -> None:
+    m = _reflow()
+    target = _teacher().velocity  # a bound method: not an nn.Module, nothing to freeze
+    m.set_score_teacher(target)
+    assert m.score_teacher == target
+    # another rank reuses a stale cache when allowed
+    _reflow().prepare({"run_dir": str(tmp_path), "progress": False})
+    late = _reflow(pair_steps=3, allow_stale_pairs=True)
+    late.prepare({"run_dir": str(tmp_path), "rank": 1, "progress": False})
+    assert late.pairs is not None and len(late.pairs) == 12
