@@ -153,6 +153,11 @@ EQUIVALENT: dict[str, str] = {
     **{_RF + f"prepare__mutmut_{i}": "rank-0-writes / other-ranks-load branch: in one process the fallback "
        "ensure_pairs call writes or loads the same pairs (observable only under torchrun with several ranks)"
        for i in (99, 103, 104, 105, 106, 107, 108)},
+    "fewstep.methods.shortcut.x_shortcut_target__mutmut_6": "t - 2d <= -1e-6 vs < -1e-6: differs on an exact tie only",
+    **{f"fewstep.methods.shortcut.xǁShortcutǁloss__mutmut_{i}": "the level k kept as an integer: 2^(+-k) is a power "
+       "of two, exact in the float32 the integer power returns" for i in (26, 35)},
+    "fewstep.methods.shortcut.xǁShortcutǁloss__mutmut_87": "d <= d_min*1.0001 vs <: d is a power of two, "
+    "d_min*1.0001 is not, so they are never equal",
     _LD + "ode_logdensity__mutmut_211": "odeint(...)[+1] of a two-point time span is its last entry",
     _LD + "ode_logdensity__mutmut_120": "traj and ltraj are both lists or both None, so 'or' equals 'and'",
     _LD + "sample_with_logdensity__mutmut_20": _LD_DEC,

@@ -56,6 +56,26 @@ def _target(net: nn.Module, x: Tensor, t: Tensor, d: Tensor, finest: Tensor, con
     return out.clamp(-clip, clip) if clip > 0 else out
 
 
+def _expected(net: nn.Module, tnet: nn.Module, b: Batch, nb: int, levels: int, fm_at_dmin: bool, clip: float,
+              teacher: GaussianMixtureTeacher | None) -> Tensor:
+    """Per-row squared error of the shortcut loss written out from its equation."""
+    d_min = 2.0**-levels
+    u, cond = b.u, b.cond
+    k = (u[:nb, U_SELECT] * levels).long().clamp(max=levels - 1)
+    two_d = 2.0 ** (-k.to(DT))
+    t_b = (((u[:nb, U_T] * 2.0 ** k.to(DT)).floor() + 1) * two_d).clamp(max=1.0)
+    lo = d_min if fm_at_dmin else 0.0
+    t_f = lo + (1 - lo) * u[nb:, U_T]
+    t = torch.cat([t_b, t_f])
+    x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
+    with torch.no_grad():
+        v = teacher.velocity(x_t[nb:], t_f, cond[nb:], 2.0) if teacher is not None else (b.x1 - b.x0)[nb:]
+        finest = torch.zeros(nb, dtype=torch.bool) if fm_at_dmin else 0.5 * two_d <= d_min * 1.0001
+        tgt_b = _target(tnet, x_t[:nb], t_b, 0.5 * two_d, finest, cond[:nb], clip)
+    s = torch.cat([t_b - two_d, t_f - d_min if fm_at_dmin else t_f]).clamp(min=0)
+    return ((net(x_t, t, s, cond) - torch.cat([tgt_b, v])) ** 2).sum(1)
+
+
 @pytest.mark.parametrize(("target", "fm_at_dmin", "clip"), [("data", False, 0.0), ("teacher", False, 0.3),
                                                             ("data", True, 10.0)])
 def test_loss_is_the_shortcut_equation(target: str, fm_at_dmin: bool, clip: float) -> None:
@@ -68,29 +88,26 @@ def test_loss_is_the_shortcut_equation(target: str, fm_at_dmin: bool, clip: floa
     with torch.no_grad():  # a target network that differs from the student
         for p in m.target_net.parameters():
             p.mul_(0.5)
-    tnet = _Probe(0.5)
     b = _batch()
-    nb, d_min = 8, 2.0**-3
-    u, cond = b.u, b.cond
-    k = (u[:nb, U_SELECT] * 3).long().clamp(max=2)
-    two_d = 2.0 ** (-k.to(DT))
-    t_b = ((u[:nb, U_T] * 2.0 ** k.to(DT)).floor() + 1) * two_d
-    t_b = t_b.clamp(max=1.0)
-    lo = d_min if fm_at_dmin else 0.0
-    t_f = lo + (1 - lo) * u[nb:, U_T]
-    t = torch.cat([t_b, t_f])
-    x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
-    with torch.no_grad():
-        v = teacher.velocity(x_t[nb:], t_f, cond[nb:], 2.0) if teacher is not None else (b.x1 - b.x0)[nb:]
-        finest = torch.zeros(nb, dtype=torch.bool) if fm_at_dmin else 0.5 * two_d <= d_min * 1.0001
-        tgt_b = _target(tnet, x_t[:nb], t_b, 0.5 * two_d, finest, cond[:nb], clip)
-    s = torch.cat([t_b - two_d, t_f - d_min if fm_at_dmin else t_f]).clamp(min=0)
-    err = ((net(x_t, t, s, cond) - torch.cat([tgt_b, v])) ** 2).sum(1)
+    err = _expected(net, _Probe(0.5), b, 8, 3, fm_at_dmin, clip, teacher)
     loss, logs = m.loss("student", b, 0)
     torch.testing.assert_close(loss, err.mean(), rtol=1e-9, atol=1e-12)
-    assert logs["fm"] == pytest.approx(float(err[nb:].mean()), rel=1e-9)
-    assert logs["bootstrap"] == pytest.approx(float(err[:nb].mean()), rel=1e-9)
+    assert logs["fm"] == pytest.approx(float(err[8:].mean()), rel=1e-9)
+    assert logs["bootstrap"] == pytest.approx(float(err[:8].mean()), rel=1e-9)
     assert logs["loss"] == pytest.approx(float(err.mean()), rel=1e-9)
+
+
+def test_one_bootstrap_row_and_uniforms_at_one() -> None:
+    """u = 1 (closed end) stays on the coarsest level and at t <= 1; a single bootstrap row is trained and logged."""
+    cls = get_method("shortcut")
+    net = _Probe()
+    m = cls(FlowMap(net, "average_velocity"), None, cls.make_config(bootstrap_fraction=1 / N, levels=3, target="data"))
+    b = _batch()
+    b.u[0, U_SELECT], b.u[0, U_T] = 1.0, 1.0
+    err = _expected(net, _Probe(), b, 1, 3, False, 10.0, None)
+    loss, logs = m.loss("student", b, 0)
+    torch.testing.assert_close(loss, err.mean(), rtol=1e-9, atol=1e-12)
+    assert logs["bootstrap"] == pytest.approx(float(err[0]), rel=1e-9)
 
 
 def test_all_bootstrap_or_all_fm_rows_log_zero_for_the_missing_kind() -> None:
@@ -156,3 +173,17 @@ def test_construction_refusals_and_boundaries() -> None:
     b = _batch()
     with pytest.raises(ValueError, match=r"^shortcut needs data batches \(x0\) to form x_t = \(1-t\) x0 \+ t x1$"):
         m.loss("student", Batch(x1=b.x1, u=b.u), 0)
+
+
+def test_student_without_parameterization_is_accepted() -> None:
+    class _Bare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _Probe()
+
+        def F(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:  # noqa: N802
+            return self.net(x, t, s, cond)
+
+    cls = get_method("shortcut")
+    m = cls(_Bare(), None, cls.make_config(target="data"))
+    assert m.target_net is not m.student
