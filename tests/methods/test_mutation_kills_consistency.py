@@ -1,0 +1,135 @@
+r"""Tests added to kill mutants of methods/consistency.py (tools/mutation.py): the loss against its equation.
+
+:math:`L = E[w\,d(f_\theta(x_t, t\to0, c),\ f_{\theta^-}(x_{t'}, t'\to0, c))]` with
+:math:`d(a, b) = \sqrt{\|a-b\|^2 + c^2} - c` (pseudo-Huber) or :math:`\|a-b\|^2`, :math:`w = 1` or
+:math:`1/(t-t')`; cd: :math:`x_{t'}` one Euler or Heun step of the teacher (guided), ct: the same (x0, x1) at t'.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fewstep.core.flowmap import FlowMap
+from fewstep.methods import Batch, get_method
+from fewstep.methods.base import U_T
+from fewstep.methods.consistency import discretization_steps, pseudo_huber
+from fewstep.teachers import GaussianMixtureTeacher
+
+torch.set_num_threads(1)
+DT = torch.float64
+N = 16
+
+
+class _Probe(nn.Module):
+    """F(x, t, s, c) = a x + b t + e c (c: label, None = 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.e = (nn.Parameter(torch.tensor(v, dtype=DT)) for v in (0.3, -0.7, 0.5))
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)
+        return self.a * x + (self.b * t + self.e * lab)[:, None]
+
+
+def _teacher() -> GaussianMixtureTeacher:
+    cov = torch.eye(2, dtype=DT)[None].repeat(2, 1, 1) * 0.3
+    return GaussianMixtureTeacher([0.5, 0.5], [[2.0, 0.0], [-1.0, 1.5]], cov, classes=[0, 1])
+
+
+def _batch() -> Batch:
+    g = torch.Generator().manual_seed(8)
+    return Batch(x1=torch.randn(N, 2, generator=g, dtype=DT), u=torch.rand(N, 8, generator=g, dtype=DT),
+                 x0=torch.randn(N, 2, generator=g, dtype=DT) + 1.0, cond=torch.randint(0, 2, (N,), generator=g))
+
+
+def test_pseudo_huber_value() -> None:
+    a, b = torch.tensor([[3.0, 4.0], [1.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(pseudo_huber(a, b, 0.5), torch.tensor([math.sqrt(25.25) - 0.5, 0.0]))
+
+
+@pytest.mark.parametrize(("name", "solver", "distance", "weighting", "jitter"), [
+    ("cd", "heun", "pseudo_huber", "uniform", False), ("cd", "euler", "l2", "inv_dt", True),
+    ("ct", "heun", "pseudo_huber", "inv_dt", False), ("ct", "heun", "l2", "uniform", True)])
+def test_loss_is_the_consistency_equation(name: str, solver: str, distance: str, weighting: str,
+                                          jitter: bool) -> None:
+    cls = get_method(name)
+    teacher = _teacher() if name == "cd" else None
+    m = cls(FlowMap(_Probe(), "consistency"), teacher,
+            cls.make_config(solver=solver, distance=distance, huber_c=0.2, weighting=weighting, n_steps=4,
+                            grid_jitter=jitter, guidance=2.0))
+    with torch.no_grad():
+        m.target.net.a.mul_(0.5)  # a target network that differs from the student
+    b = _batch()
+    u, n = b.u[:, U_T], 4
+    if jitter:  # uniform grid: G(c) = c / n
+        t, tp = u, ((u * n - 1).clamp(min=0)) / n
+    else:
+        i = (u * n).long().clamp(0, n - 1) + 1
+        t, tp = i.to(DT) / n, (i - 1).to(DT) / n
+    x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
+    with torch.no_grad():
+        if name == "ct":
+            xp = (1 - tp)[:, None] * b.x0 + tp[:, None] * b.x1
+        else:
+            h = (t - tp)[:, None]
+            v = teacher.velocity(x_t, t, b.cond, 2.0)
+            xe = x_t - h * v
+            xp = xe if solver == "euler" else x_t - 0.5 * h * (v + teacher.velocity(xe, tp, b.cond, 2.0))
+        tgt = m.target(xp, tp, torch.zeros_like(tp), b.cond)
+    pred = m.student(x_t, t, torch.zeros_like(t), b.cond)
+    sq = ((pred - tgt) ** 2).sum(1)
+    d = sq if distance == "l2" else torch.sqrt(sq + 0.04) - 0.2
+    w = 1 / (t - tp) if weighting == "inv_dt" else torch.ones_like(t)
+    loss, logs = m.loss("student", b, 0)
+    torch.testing.assert_close(loss, (w * d).mean(), rtol=1e-9, atol=1e-12)
+    assert logs["distance"] == pytest.approx(float(d.mean()), rel=1e-9) and logs["N"] == 4.0
+
+
+def test_ict_curriculum_and_edm_grid() -> None:
+    cfg = get_method("ct").make_config(n_schedule="ict", n_min=10, n_max=80, curriculum_steps=400)
+    k = math.floor(400 / (math.log2(8) + 1))
+    assert [discretization_steps(s, cfg) for s in (0, k - 1, k, 3 * k, 10 * k)] == [10, 10, 20, 80, 80]
+    assert discretization_steps(999, get_method("ct").make_config(n_steps=7)) == 7
+
+
+def test_after_update_is_ema_of_the_student() -> None:
+    m = get_method("ct")(FlowMap(_Probe(), "consistency"), None, get_method("ct").make_config(target_ema=0.8))
+    with torch.no_grad():
+        m.student.net.a.fill_(1.3)
+    m.after_update("fake", 0)
+    assert float(m.target.net.a) == pytest.approx(0.3)
+    m.after_update("student", 0)
+    assert float(m.target.net.a) == pytest.approx(0.8 * 0.3 + 0.2 * 1.3)
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"distance": "l1"}, r"^unknown distance 'l1'; expected one of \('l2', 'pseudo_huber'\)$"),
+    ({"weighting": "snr"}, r"^unknown weighting 'snr'; expected one of \('uniform', 'inv_dt'\)$"),
+    ({"n_schedule": "cosine"}, r"^unknown n_schedule 'cosine'; expected 'fixed' or 'ict'$"),
+    ({"solver": "rk4"}, r"^unknown solver 'rk4'; expected 'euler' or 'heun'$"),
+    ({"grid": "karras"}, r"^unknown grid 'karras'; expected 'uniform' or 'edm'$"),
+    ({"target_ema": 1.0}, r"^target_ema must lie in \[0, 1\); got 1\.0$"),
+    ({"target_ema": -0.5}, r"^target_ema must lie in \[0, 1\); got -0\.5$"),
+    ({"n_steps": 0}, r"^need n_steps >= 1 and 1 <= n_min <= n_max; got 0, 10, 640$"),
+    ({"n_min": 0}, r"^need n_steps >= 1 and 1 <= n_min <= n_max; got 16, 0, 640$"),
+    ({"n_min": 20, "n_max": 10}, r"^need n_steps >= 1 and 1 <= n_min <= n_max; got 16, 20, 10$"),
+    ({"huber_c": 0.0}, r"^huber_c must be positive; got 0\.0$"),
+])
+def test_config_refusals_by_message(kw: dict, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        get_method("ct").make_config(**kw)
+
+
+def test_boundaries_accepted_and_data_needed() -> None:
+    cls = get_method("ct")
+    for kw in ({"target_ema": 0.0}, {"n_steps": 1, "n_min": 1, "n_max": 1}):
+        cls.make_config(**kw)
+    m = cls(FlowMap(_Probe(), "consistency"), None, cls.make_config())
+    b = _batch()
+    with pytest.raises(ValueError, match=r"^ct needs data batches \(x0\) to form x_t = \(1-t\) x0 \+ t x1$"):
+        m.loss("student", Batch(x1=b.x1, u=b.u), 0)
