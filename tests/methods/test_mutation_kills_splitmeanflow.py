@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
 
+from _probe_nets import LinearProbe as _Probe
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.base import U_AUX, U_LABEL_DROP
@@ -18,19 +18,6 @@ from fewstep.teachers import GaussianMixtureTeacher
 
 torch.set_num_threads(1)
 N = 32
-
-
-class _Probe(nn.Module):
-    """F(x, t, s, c) = a x + b t + d s + e * label (-1 = null label; None = 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.d, self.e = (nn.Parameter(torch.tensor(v, dtype=torch.float64))
-                                          for v in (0.3, -0.7, 0.4, 0.5))
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
-        lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)
-        return self.a * x + (self.b * t + self.d * s + self.e * lab)[:, None]
 
 
 def _teacher() -> GaussianMixtureTeacher:
