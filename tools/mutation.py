@@ -80,9 +80,9 @@ MODULES: dict[str, list[str]] = {
         "methods/test_cdm_terms.py",
         "methods/test_mutation_kills_cdm.py",
     ],
-    "methods/dmd.py": ["methods/test_dmd.py"],
-    "methods/dmd2.py": ["methods/test_dmd.py"],
-    "methods/ddmd.py": ["methods/test_ddmd.py"],
+    "methods/dmd.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
+    "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
+    "methods/ddmd.py": ["methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py"],
 }
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)

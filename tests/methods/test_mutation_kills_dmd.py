@@ -1,0 +1,141 @@
+r"""Tests added to kill mutants of methods/dmd.py and methods/dmd2.py (tools/mutation.py).
+
+DMD's regression pairs: :math:`z \sim N(0, I)` and labels :math:`c \sim U\{0..K-1\}` from one generator seeded with
+run seed + ``PAIR_SEED_OFFSET``, :math:`y` = the teacher's adaptive solve of z from 1 to 0 (tolerance
+``pair_rtol``, guidance only when w != 1); the regression loss :math:`\mathrm{mean}\|f(z_i) - y_i\|^2` with
+:math:`i = \mathrm{clamp}(\lfloor u_5 N\rfloor, 0, N-1)`; the student loss :math:`L_{DM} + \lambda_{reg} L_{reg}`.
+DMD2's student loss is :math:`L_{DM}` alone. Each is rebuilt from the shared DM pieces (tested in test_dmd.py).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import fewstep.methods.dmd as dmd_mod
+from _fixtures import class_batch, ring_teacher, student_net
+from fewstep.methods import get_method
+from fewstep.methods.base import U_ZERO
+from fewstep.sampling.samplers import sample_flowmap
+
+torch.set_num_threads(1)
+
+
+class _Recorder:
+    """Stands in for ``solve_adaptive``: records the call and returns y = 2 z + 1 in float32."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __call__(self, fn: Any, z: Tensor, t0: float, t1: float, **kw: Any) -> SimpleNamespace:
+        self.calls.append((fn, z, t0, t1, kw))
+        assert not torch.is_grad_enabled()
+        return SimpleNamespace(x=(2 * z + 1).float())
+
+
+class _PlainTeacher(nn.Module):
+    """A teacher without ``event_shape`` or ``num_classes`` (the shape comes from the context)."""
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:  # pragma: no cover
+        return x
+
+
+@pytest.mark.parametrize(("guidance", "seed"), [(1.0, None), (2.5, 3)])
+def test_prepare_pairs_are_the_seeded_teacher_solve(monkeypatch: pytest.MonkeyPatch, guidance: float,
+                                                    seed: int | None) -> None:
+    rec = _Recorder()
+    monkeypatch.setattr(dmd_mod, "solve_adaptive", rec)
+    cls = get_method("dmd")
+    teacher = ring_teacher()
+    m = cls(student_net().double(), teacher, cls.make_config(num_pairs=9, guidance=guidance, pair_rtol=3e-4))
+    m.prepare({} if seed is None else {"seed": seed})
+    z, y, c = m.pairs
+    gen = torch.Generator().manual_seed((seed or 0) + dmd_mod.PAIR_SEED_OFFSET)
+    z_ref = torch.randn((9, 2), generator=gen)
+    c_ref = torch.randint(0, 2, (9,), generator=gen)
+    assert z.dtype == y.dtype == torch.float64
+    torch.testing.assert_close(z, z_ref.double())
+    torch.testing.assert_close(c, c_ref)
+    torch.testing.assert_close(y, (2 * z_ref.double() + 1).float().double())
+    (fn, zz, t0, t1, kw), = rec.calls
+    assert fn is teacher and zz is z and (t0, t1) == (1.0, 0.0)
+    want = {"cond": c, "rtol": 3e-4, "atol": 3e-4, **({} if guidance == 1.0 else {"guidance": guidance})}
+    assert set(kw) == set(want) and kw["cond"] is c
+    assert all(kw[k] == want[k] for k in want if k != "cond")
+
+
+def test_prepare_shape_from_context_and_unconditional(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = _Recorder()
+    monkeypatch.setattr(dmd_mod, "solve_adaptive", rec)
+    cls = get_method("dmd")
+    m = cls(student_net(num_classes=None), _PlainTeacher(), cls.make_config(num_pairs=5))
+    m.prepare({"seed": 1, "event_shape": (3,)})
+    z, _, c = m.pairs
+    gen = torch.Generator().manual_seed(1 + dmd_mod.PAIR_SEED_OFFSET)
+    torch.testing.assert_close(z, torch.randn((5, 3), generator=gen))
+    assert c is None and rec.calls[0][4]["cond"] is None
+    m.prepare({"seed": 1})  # neither the teacher nor the context names a shape: one scalar per pair
+    assert m.pairs[0].shape == (5,)
+
+
+def test_prepare_refuses_no_pairs() -> None:
+    cls = get_method("dmd")
+    m = cls(student_net(), ring_teacher(), cls.make_config(num_pairs=0))
+    with pytest.raises(ValueError, match=r"^dmd needs num_pairs >= 1 regression pairs; got 0$"):
+        m.prepare({})
+    with pytest.raises(ValueError, match=r"^dmd regression pairs are missing: call method\.prepare\(context\) "
+                       r"before training$"):
+        m.regression_loss(class_batch(4))
+
+
+@pytest.mark.parametrize(("n_steps", "classes"), [(1, 2), (2, None)])
+def test_regression_loss_indexes_the_pairs_by_u5(n_steps: int, classes: int | None) -> None:
+    cls = get_method("dmd")
+    torch.manual_seed(2)
+    m = cls(student_net(num_classes=classes), ring_teacher(), cls.make_config(n_steps=n_steps))
+    g = torch.Generator().manual_seed(4)
+    n = 10
+    z, y = torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g)
+    c = None if classes is None else torch.randint(0, 2, (n,), generator=g)
+    m.pairs = (z, y, c)
+    b = class_batch(6, seed=1)
+    b.u[:, U_ZERO] = torch.tensor([0.0, 0.05, 0.55, 0.999, 1.0, 0.31])
+    idx = torch.tensor([0, 0, 5, 9, 9, 3])
+    out = sample_flowmap(m.student, z[idx], n_steps, cond=None if c is None else c[idx]).x
+    torch.testing.assert_close(m.regression_loss(b), ((out - y[idx]) ** 2).mean())
+
+
+def test_dmd_student_loss_is_dm_plus_weighted_regression() -> None:
+    cls = get_method("dmd")
+    torch.manual_seed(3)
+    m = cls(student_net(), ring_teacher(), cls.make_config(num_pairs=12, reg_weight=0.7, guidance=2.0))
+    m.prepare({"seed": 0})
+    b = class_batch(16, seed=2)
+    torch.manual_seed(9)
+    loss, logs = m.loss("student", b, 0)
+    torch.manual_seed(9)
+    dm, dm_logs = m.dm_student_loss(b)
+    reg = m.regression_loss(b)
+    torch.testing.assert_close(loss, dm + 0.7 * reg)
+    assert loss.requires_grad
+    assert logs["reg_loss"] == pytest.approx(float(reg), rel=1e-6)
+    assert logs["loss"] == pytest.approx(float(dm + 0.7 * reg), rel=1e-6)
+    assert logs["dm_loss"] == pytest.approx(dm_logs["dm_loss"], rel=1e-6)
+
+
+def test_dmd2_student_loss_is_the_dm_loss() -> None:
+    cls = get_method("dmd2")
+    torch.manual_seed(3)
+    m = cls(student_net(), ring_teacher(), cls.make_config(guidance=2.0))
+    b = class_batch(16, seed=2)
+    torch.manual_seed(9)
+    loss, logs = m.loss("student", b, 0)
+    torch.manual_seed(9)
+    dm, dm_logs = m.dm_student_loss(b)
+    torch.testing.assert_close(loss, dm)
+    assert logs["loss"] == pytest.approx(float(dm), rel=1e-6)
+    assert logs["dm_loss"] == pytest.approx(dm_logs["dm_loss"], rel=1e-6)
