@@ -164,6 +164,13 @@ EQUIVALENT: dict[str, str] = {
     _LD + "sample_with_logdensity__mutmut_21": _LD_DEC,
     "fewstep.methods._shared.alignment.x__end_times__mutmut_2": "t_end <= t_min: at t_end = t_min, c = 1 and the "
     "score time is t_end either way",
+    **{f"fewstep.methods.dmd.xǁDMDǁprepare__mutmut_{i}": _ONE_DEVICE for i in (35, 37, 54)},
+    "fewstep.methods.dmd.xǁDMDǁprepare__mutmut_59": "randint(K, shape) is randint(0, K, shape)",
+    "fewstep.methods.dmd.xǁDMDǁregression_loss__mutmut_7": _ONE_DEVICE,
+    "fewstep.methods.dmd.xǁDMDǁregression_loss__mutmut_8": "clamp(None, N - 1): u >= 0, so the pair index is never "
+    "below 0",
+    "fewstep.methods.ddmd.xǁDecoupledDMDǁstudent_loss__mutmut_5": "anchor(batch, ) : grad=True is the default "
+    "of anchor",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
     _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",

@@ -82,6 +82,17 @@ def test_prepare_shape_from_context_and_unconditional(monkeypatch: pytest.Monkey
     assert m.pairs[0].shape == (5,)
 
 
+def test_keyword_construction_and_one_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The constructor passes keyword arguments on; a single regression pair is allowed."""
+    monkeypatch.setattr(dmd_mod, "solve_adaptive", _Recorder())
+    cls = get_method("dmd")
+    teacher, fake = ring_teacher(), nn.Linear(2, 2)
+    m = cls(student=student_net(), teacher=teacher, config=cls.make_config(num_pairs=1, reg_weight=0.3), fake=fake)
+    assert m.teacher is teacher and m.fake is fake and m.config.reg_weight == 0.3
+    m.prepare({})
+    assert m.pairs[0].shape == (1, 2)
+
+
 def test_prepare_refuses_no_pairs() -> None:
     cls = get_method("dmd")
     m = cls(student_net(), ring_teacher(), cls.make_config(num_pairs=0))
