@@ -83,6 +83,12 @@ MODULES: dict[str, list[str]] = {
     "methods/dmd.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
     "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
     "methods/ddmd.py": ["methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py"],
+    "methods/_shared/dm_base.py": [  # the DM method base of dmd, dmd2 (and, via ca_dm, ddmd and cdm)
+        "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
+        "methods/test_mutation_kills_ddmd.py"],
+    "methods/_shared/ca_dm.py": [  # the CA + DM terms of ddmd and cdm
+        "methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py",
+        "methods/test_mutation_kills_cdm.py"],
 }
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
