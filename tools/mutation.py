@@ -177,6 +177,11 @@ EQUIVALENT: dict[str, str] = {
     "below 0",
     "fewstep.methods.ddmd.xǁDecoupledDMDǁstudent_loss__mutmut_5": "anchor(batch, ) : grad=True is the default "
     "of anchor",
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_25": "dm_terms(..., cond, ) : guidance 1.0 is "
+    "the default",
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_37": 'dm_loss(..., floor, ) : "dmd2" is the default',
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁca_dm_loss__mutmut_6": 'n_dm = "" instead of None: ca_term reads '
+    "n_dm only when ca_norm='dm', where dm_term always sets it",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
     _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",
