@@ -182,6 +182,14 @@ EQUIVALENT: dict[str, str] = {
     "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_37": 'dm_loss(..., floor, ) : "dmd2" is the default',
     "fewstep.methods._shared.ca_dm.xǁCADMMethodǁca_dm_loss__mutmut_6": 'n_dm = "" instead of None: ca_term reads '
     "n_dm only when ca_norm='dm', where dm_term always sets it",
+    **{f"fewstep.methods._shared.dm_base.xǁDistributionMatchingMethodǁ{k}": r for k, r in (
+        ("anchor__mutmut_8", "torch.full with an integer fill and dtype=None is int64, torch.long"),
+        ("anchor__mutmut_12", "torch.full with an integer fill and no dtype is int64, torch.long"),
+        ("anchor__mutmut_9", _ONE_DEVICE), ("anchor__mutmut_13", _ONE_DEVICE),
+        ("dm_student_loss__mutmut_6", "anchor(batch, ) : grad=True is the default of anchor"),
+        ("dm_student_loss__mutmut_14", 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default'),
+        ("fake_loss__mutmut_18", 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default'),
+        ("dm_student_loss__mutmut_42", 'dm_loss(..., floor, ) : "dmd2" is the default'))},
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
     _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",

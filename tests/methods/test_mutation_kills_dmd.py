@@ -150,3 +150,75 @@ def test_dmd2_student_loss_is_the_dm_loss() -> None:
     torch.testing.assert_close(loss, dm)
     assert logs["loss"] == pytest.approx(float(dm), rel=1e-6)
     assert logs["dm_loss"] == pytest.approx(dm_logs["dm_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- methods/_shared/dm_base.py
+def _dmd2(**kw: object) -> nn.Module:
+    cls = get_method("dmd2")
+    torch.manual_seed(3)
+    return cls(student_net(), ring_teacher(), cls.make_config(**kw))
+
+
+def test_dm_config_refusals_and_boundaries() -> None:
+    with pytest.raises(ValueError, match=r"^need n_steps >= 1 and fake_updates >= 0; got n_steps=0, fake_updates=2$"):
+        _dmd2(n_steps=0, fake_updates=2)
+    with pytest.raises(ValueError, match=r"fake_updates=-1$"):
+        _dmd2(n_steps=1, fake_updates=-1)
+    with pytest.raises(ValueError, match=r"^need 0 <= t_min <= t_max <= 1; got t_min=0.2, t_max=1.5$"):
+        _dmd2(t_min=0.2, t_max=1.5)
+    for bad in (1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^fake_ema must lie in \[0, 1\); got {bad}$"):
+            _dmd2(fake_ema=bad)
+    m = _dmd2(fake_updates=0, t_min=0.4, t_max=0.4)
+    assert m.schedule(0) == ["student"]
+
+
+def test_after_update_merges_the_student_into_the_fake_only_after_fake_steps() -> None:
+    m = _dmd2(fake_ema=0.75)
+    for p in m.fake.parameters():
+        p.data.add_(1.0)
+    before = [p.detach().clone() for p in m.fake.parameters()]
+    m.after_update("student", 0)
+    assert all(torch.equal(a, p) for a, p in zip(before, m.fake.parameters()))
+    m.after_update("fake", 0)
+    for a, p, s in zip(before, m.fake.parameters(), m.student.parameters()):
+        torch.testing.assert_close(p.detach(), 0.75 * a + 0.25 * s.detach())
+
+
+def test_fake_loss_is_detached_from_the_student_on_the_configured_range() -> None:
+    m = _dmd2(t_min=0.3, t_max=0.6, n_steps=2)
+    b = class_batch(20, seed=6)
+    torch.manual_seed(2)
+    loss, logs = m.fake_loss(b)
+    torch.manual_seed(2)
+    a = m.anchor(b, grad=False)
+    tau = 0.3 + 0.3 * b.u[:, 6]
+    eps = torch.randn_like(a.x0)
+    from fewstep.methods._shared.dm import fake_score_loss
+    torch.testing.assert_close(loss, fake_score_loss(m.fake, a.x0, tau, eps, b.cond))
+    assert logs == {"fake_loss": pytest.approx(float(loss))}
+    grads = torch.autograd.grad(loss, list(m.student.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+def test_dm_student_loss_equation_with_guidance_range_and_logs() -> None:
+    from fewstep.methods._shared.dm import dm_loss, dm_terms
+    m = _dmd2(t_min=0.2, t_max=0.5, guidance=2.5, norm_floor=0.07)
+    b = class_batch(20, seed=8)
+    torch.manual_seed(5)
+    loss, logs = m.dm_student_loss(b)
+    torch.manual_seed(5)
+    a = m.anchor(b, grad=True)
+    tau = 0.2 + 0.3 * b.u[:, 1]
+    x0_real, x0_fake = dm_terms(m.teacher, m.fake, a.x0, tau, b.cond, 2.5)
+    ref, g = dm_loss(a.x0, x0_real, x0_fake, 0.07, "dmd2")
+    torch.testing.assert_close(loss, ref)
+    assert logs["dm_loss"] == pytest.approx(float(ref), rel=1e-6)
+    assert logs["dm_grad_rms"] == pytest.approx(float(g.pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_base_student_loss_is_abstract() -> None:
+    from fewstep.methods._shared.dm_base import DistributionMatchingMethod
+    m = _dmd2()
+    with pytest.raises(NotImplementedError, match=r"^DMD2 must implement student_loss\(\)$"):
+        DistributionMatchingMethod.student_loss(m, class_batch(4), 0)
