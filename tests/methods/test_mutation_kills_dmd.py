@@ -222,3 +222,21 @@ def test_base_student_loss_is_abstract() -> None:
     m = _dmd2()
     with pytest.raises(NotImplementedError, match=r"^DMD2 must implement student_loss\(\)$"):
         DistributionMatchingMethod.student_loss(m, class_batch(4), 0)
+
+
+def test_anchor_grad_flag_fake_step_without_student_graph_and_step_passed_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _dmd2(n_steps=2)
+    b = class_batch(8, seed=1)
+    assert m.anchor(b).x0.requires_grad and not m.anchor(b, grad=False).x0.requires_grad
+    seen: list[object] = []
+    real_anchor = m.anchor
+
+    def anchor(batch: object, **kw: object) -> object:
+        seen.append(kw)
+        return real_anchor(batch, **kw)
+
+    monkeypatch.setattr(m, "anchor", anchor)
+    m.fake_loss(b)
+    assert seen == [{"grad": False, "final": False}]
+    monkeypatch.setattr(m, "student_loss", lambda batch, step: (torch.zeros(()), {"step": step}))
+    assert m.loss("student", b, 7)[1] == {"step": 7}
