@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fewstep.methods import Batch
+from fewstep.teachers import GaussianMixtureTeacher
+
 
 class LinearProbe(nn.Module):
     """F(x, t, s, c) = a x + b t + d s + e * label (label -1 = the null label; ``cond=None`` counts as 0).
@@ -20,3 +23,16 @@ class LinearProbe(nn.Module):
     def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
         lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)
         return self.a * x + (self.b * t + self.d * s + self.e * lab)[:, None]
+
+
+def two_class_teacher(dtype: torch.dtype = torch.float64) -> GaussianMixtureTeacher:
+    """A 2-D, two-component, class-conditional analytic teacher (one class per component, covariance 0.3 I)."""
+    cov = torch.eye(2, dtype=dtype)[None].repeat(2, 1, 1) * 0.3
+    return GaussianMixtureTeacher([0.5, 0.5], [[2.0, 0.0], [-1.0, 1.5]], cov, classes=[0, 1])
+
+
+def random_batch(n: int, seed: int, dtype: torch.dtype = torch.float64) -> Batch:
+    """A seeded batch: noise x1, 8 uniforms per row, data x0 ~ N(1, I) and labels in {0, 1}."""
+    g = torch.Generator().manual_seed(seed)
+    return Batch(x1=torch.randn(n, 2, generator=g, dtype=dtype), u=torch.rand(n, 8, generator=g, dtype=dtype),
+                 x0=torch.randn(n, 2, generator=g, dtype=dtype) + 1.0, cond=torch.randint(0, 2, (n,), generator=g))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from _probe_nets import random_batch, two_class_teacher
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.base import U_T
@@ -37,14 +38,11 @@ class _Probe(nn.Module):
 
 
 def _teacher() -> GaussianMixtureTeacher:
-    cov = torch.eye(2, dtype=DT)[None].repeat(2, 1, 1) * 0.3
-    return GaussianMixtureTeacher([0.5, 0.5], [[2.0, 0.0], [-1.0, 1.5]], cov, classes=[0, 1])
+    return two_class_teacher(DT)
 
 
 def _batch() -> Batch:
-    g = torch.Generator().manual_seed(8)
-    return Batch(x1=torch.randn(N, 2, generator=g, dtype=DT), u=torch.rand(N, 8, generator=g, dtype=DT),
-                 x0=torch.randn(N, 2, generator=g, dtype=DT) + 1.0, cond=torch.randint(0, 2, (N,), generator=g))
+    return random_batch(N, 8, DT)
 
 
 def test_pseudo_huber_value() -> None:
