@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.benchmarks.leaderboard.store import bars_dir, cell_path, read_json, stale_nfe
-from fewstep.benchmarks.leaderboard.targets import BAR_MULTIPLES, EULER_NFE, STUDENT_NFE, is_random_target
+from fewstep.benchmarks.leaderboard.targets import BAR_MULTIPLES, EULER_NFE, STUDENT_NFE, bar_file, is_random_target
 
 __all__ = ["collect", "mean_std"]
 
@@ -30,9 +30,9 @@ def _median(vals: list[float]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def _bars(root: Path, target: str, seeds: list[int]) -> dict[str, dict[str, float]]:
-    """Mean teacher Euler metrics per step count over the seeds with a stored curve."""
-    recs = [r for s in seeds if (r := read_json(bars_dir(root) / f"{target.replace(':', '-')}__s{s}.json"))]
+def _bars(curves: dict[tuple[str, int], Any], target: str, seeds: list[int]) -> dict[str, dict[str, float]]:
+    """Mean teacher Euler metrics per step count over the seeds with a stored curve (``curves[(target, seed)]``)."""
+    recs = [r for s in seeds if (r := curves.get((target, s)))]
     out: dict[str, dict[str, float]] = {}
     for k in EULER_NFE:
         vals = [r["euler"][str(k)] for r in recs]
@@ -86,7 +86,9 @@ def budget_notes(cell: dict[str, Any]) -> list[str]:
     ]
 
 
-def _row(cs: list[dict[str, Any]], root: Path, fm: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+def _row(
+    cs: list[dict[str, Any]], curves: dict[tuple[str, int], Any], fm: dict[tuple, dict[str, Any]]
+) -> dict[str, Any]:
     """One (method, target) row from its cells: per NFE the seeds with a valid entry, pass flags, cost.
 
     The bar of an entry is the teacher's Euler curve averaged over the same seeds as the entry.
@@ -108,7 +110,7 @@ def _row(cs: list[dict[str, Any]], root: Path, fm: dict[tuple, dict[str, Any]]) 
         vals = [c["final"][str(k)]["mmd2"] for c in got]
         mu, sd = mean_std(vals)
         ent: dict[str, Any] = {"mmd2": mu, "mmd2_std": sd, "mmd2_values": vals, "seeds": [c["seed"] for c in got]}
-        euler = _bars(root, c0["target"], ent["seeds"])
+        euler = _bars(curves, c0["target"], ent["seeds"])
         if "fd" in got[0]["final"][str(k)]:
             ent["fd"], ent["fd_std"] = mean_std([c["final"][str(k)]["fd"] for c in got])
         ent["pass"] = {
@@ -183,6 +185,7 @@ def collect(root: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
     """
     grid = [tuple(g) for g in grid]
     recs = {g: read_json(cell_path(root, *g)) for g in grid}
+    curves = {(t, s): read_json(bar_file(bars_dir(root), t, s)) for t, s in {(g[1], g[2]) for g in grid}}
     cells = [r for r in recs.values() if r]
     ok = [c for c in cells if c.get("status") == "ok"]
     methods = list(dict.fromkeys(g[0] for g in grid))
@@ -213,12 +216,11 @@ def collect(root: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
         c["final"] = {k: v for k, v in c["final"].items() if k not in stale_nfe(c)}
     for t in targets:
         seeds = sorted({g[2] for g in grid if g[1] == t})
-        bar_files = [bars_dir(root) / f"{t.replace(':', '-')}__s{s}.json" for s in seeds]
-        bar_rec = next((r for f in bar_files if (r := read_json(f))), None)
+        bar_rec = next((r for s in seeds if (r := curves.get((t, s)))), None)
         out["targets"][t] = {
             "dim": bar_rec["dim"] if bar_rec else None,
             "components": bar_rec.get("components") if bar_rec else None,
-            "euler": _bars(root, t, seeds),
+            "euler": _bars(curves, t, seeds),
             "random": is_random_target(t),
         }
     fm = {(c["target"], c["seed"]): c for c in ok if c["method"] == "flow_matching"}
@@ -227,7 +229,7 @@ def collect(root: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
         for t in targets:
             cs = [c for c in mine if c["target"] == t]
             if cs:
-                out["rows"].append(_row(cs, root, fm))
+                out["rows"].append(_row(cs, curves, fm))
         if mine:
             out["methods_summary"][m] = _method_summary(m, mine, out["rows"], fm)
     return out

@@ -28,6 +28,7 @@ from fewstep.teachers.presets import load_preset
 from fewstep.teachers.random_mixtures import RANDOM_PREFIX, random_mixture_suite
 
 __all__ = [
+    "bar_file",
     "STUDENT_NFE",
     "BAR_MULTIPLES",
     "EULER_NFE",
@@ -96,6 +97,11 @@ def sample_metrics(x: torch.Tensor, teacher: GaussianMixtureTeacher, ref: torch.
     return out
 
 
+def bar_file(cache_dir: str | Path, name: str, seed: int) -> Path:
+    """The cached Euler curve of target ``name`` at ``seed``: ``<cache_dir>/<name>__s<seed>.json`` (``:`` -> ``-``)."""
+    return Path(cache_dir) / f"{name.replace(':', '-')}__s{seed}.json"
+
+
 def teacher_curve(name: str, seed: int, n: int, cache_dir: Path | None = None) -> dict[str, Any]:
     """The teacher's Euler sampler at every :data:`EULER_NFE` step count on target ``name``, seed ``seed``.
 
@@ -109,7 +115,7 @@ def teacher_curve(name: str, seed: int, n: int, cache_dir: Path | None = None) -
         ``{"target", "seed", "n", "dim", "euler": {steps: metrics}, "time_s"}`` with metrics from
         :func:`sample_metrics`.
     """
-    path = None if cache_dir is None else Path(cache_dir) / f"{name.replace(':', '-')}__s{seed}.json"
+    path = None if cache_dir is None else bar_file(cache_dir, name, seed)
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
