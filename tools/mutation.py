@@ -219,10 +219,15 @@ timeout_multiplier = 5.0
 """
 
 
+def scratch_dir(module: str, workdir: Path) -> Path:
+    """The scratch copy of one module's run: ``<workdir>/<module path with / as _, no .py>``."""
+    return workdir / module.replace("/", "_").removesuffix(".py")
+
+
 def prepare(module: str, workdir: Path, fresh: bool = True) -> Path:
     """Copy src/ (when ``fresh``; the folder is wiped first) and the module's tests into ``workdir/<module>``."""
     tests = [t for t in MODULES[module] if (ROOT / "tests" / t.split("::")[0]).exists()]
-    dest = workdir / module.replace("/", "_").removesuffix(".py")
+    dest = scratch_dir(module, workdir)
     if fresh:
         if dest.exists():
             shutil.rmtree(dest)
@@ -260,7 +265,7 @@ def run(module: str, workdir: Path, max_children: int, survivors: bool = False) 
     With ``survivors`` (and an earlier run's summary.json in the scratch copy) only the tests are refreshed and
     only the earlier survivors rerun (the source must be unchanged since that run).
     """
-    old = workdir / module.replace("/", "_").removesuffix(".py") / "summary.json"
+    old = scratch_dir(module, workdir) / "summary.json"
     again = (  # every earlier non-killed mutant not (or no longer) listed as equivalent
         [n for n, s in json.loads(old.read_text())["status"].items() if s not in _KILLED and n not in EQUIVALENT]
         if survivors and old.exists()
@@ -307,7 +312,7 @@ def run(module: str, workdir: Path, max_children: int, survivors: bool = False) 
 
 def record(module: str, workdir: Path, date: str, first_run: str = "") -> None:
     """Copy the scratch summary of ``module`` (no per-mutant statuses) to docs/results/mutation_survivors.json."""
-    summary = json.loads((workdir / module.replace("/", "_").removesuffix(".py") / "summary.json").read_text())
+    summary = json.loads((scratch_dir(module, workdir) / "summary.json").read_text())
     out = ROOT / "docs" / "results" / "mutation_survivors.json"
     table = json.loads(out.read_text()) if out.exists() else {}
     entry = {k: summary[k] for k in ("tests", "mutants", "killed", "equivalent", "score", "survived")}

@@ -134,9 +134,8 @@ def merge(parts: list[dict[str, Any]], names: tuple[str, ...] = ()) -> dict[str,
         "runs": {},
     }
     for p in parts:
-        res["commands"] += [
-            clean_command(c, names) for c in p["commands"] if clean_command(c, names) not in res["commands"]
-        ]
+        cleaned = [clean_command(c, names) for c in p["commands"]]
+        res["commands"] += [c for c in cleaned if c not in res["commands"]]
         for w, per in p["separation"].items():  # separations by sample size n, then w
             res["separation"].setdefault(str(p["n"]), {}).setdefault(w, {}).update(per)
         for w, per in p.get("teacher", {}).items():
