@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -34,7 +35,7 @@ from fewstep.training.optim import lr_factor
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
            "verify_checkpoint", "atomic_write_bytes", "sha256_file", "CheckpointError", "flatten_tensors",
            "unflatten_tensors", "trainer_state", "restore_trainer_state", "clear_run", "METHOD_PREFIX",
-           "method_tensors"]
+           "method_tensors", "check_run_dir"]
 
 TENSORS, STATE, COMPLETE = "tensors.safetensors", "state.json", "COMPLETE"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
@@ -271,3 +272,32 @@ def restore_trainer_state(trainer: Any, tensors: dict[str, Tensor], state: dict[
     if rng.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
     trainer.step = int(state["step"])
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Create ``run_dir`` and fail early when it is not writable or already holds another run's checkpoints.
+
+    Args:
+        run_dir: The run folder (created if missing).
+        resume: Whether existing checkpoints are to be continued rather than rejected.
+
+    Raises:
+        FileExistsError: checkpoints exist and ``resume`` is False (the new run's checkpoints would be pruned in
+            favour of the old ones with higher step numbers, and ``fewstep eval`` would report the old run).
+        PermissionError: the folder cannot be created or written.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run folder {str(run_dir)!r} is a file")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError:
+        raise PermissionError(f"run folder {str(run_dir)!r} is not writable") from None
+    if not resume:
+        old = list_checkpoints(run_dir)
+        if old:
+            raise FileExistsError(f"run folder {str(run_dir)!r} already holds checkpoints (newest ckpt-{old[0][0]}); "
+                                  "pass --resume to continue that run, --overwrite to replace it, or another --run-dir")

@@ -1,4 +1,4 @@
-r"""What the trainer uses besides the loop: per-step seeds, the learning-rate schedule and the EMA copies.
+r"""What the trainer uses besides the loop: per-step seeds, optimisers, gradient clipping, the LR schedule, EMA.
 
 The student's EMA copies follow
 
@@ -21,8 +21,9 @@ from torch import nn
 
 from fewstep.config.schema import TrainConfig
 from fewstep.core.ema import ema_update_
+from fewstep.training.fsdp import full_tensor
 
-__all__ = ["derive_seed", "lr_factor", "EMA"]
+__all__ = ["derive_seed", "lr_factor", "EMA", "make_optimizer", "clip_grad_norm"]
 
 
 def derive_seed(*parts: Any) -> int:
@@ -46,6 +47,34 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "linear":
         return 1 - (1 - m) * p
     return 1.0
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig, name: str = "student") -> torch.optim.Optimizer:
+    """Adam or AdamW over ``module``'s trainable parameters at ``cfg.lr_overrides.get(name, cfg.lr)``.
+
+    Raises:
+        ValueError: the network has no parameter with ``requires_grad``.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"trainable network {name!r} has no parameters with requires_grad")
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=float(cfg.lr_overrides.get(name, cfg.lr)), betas=tuple(cfg.betas), eps=cfg.eps,
+               weight_decay=cfg.weight_decay)
+
+
+def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
+    r"""The global gradient norm :math:`\|g\|_2` of ``module`` (full tensors under FSDP), clipped to ``max_norm`` > 0.
+
+    Returns:
+        The norm before clipping (0.0 when no parameter has a gradient).
+    """
+    params = [p for p in module.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    if not params:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([full_tensor(p.grad.norm()) for p in params])))
 
 
 class EMA:

@@ -4,12 +4,8 @@ Each iteration k runs the method contract (:mod:`fewstep.methods.base`): for eve
 ``method.schedule(k)`` draw the GLOBAL batch (x0, cond from ``dataset.sample``; x1 ~ N(0, I); u ~ U[0,1)^8, all
 from one generator seeded by (seed, k, name)), take this rank's slice, split it into ``grad_accum``
 micro-batches, back-propagate ``loss / grad_accum``, all-reduce gradients (mean over ranks), clip, step that
-network's optimiser at ``lr * factor(k)``, call ``method.after_update``. The student's EMA copies follow
-
-.. math::
-    \bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta, \qquad d = \min(d_0, (1+n)/(10+n)) \text{ (ema_warmup)},
-
-after each student update n. Sampling uses the EMA weights by default (``trainer.student(ema=True)``).
+network's optimiser at ``lr * factor(k)``, call ``method.after_update``, then update the student's EMA copies
+(:class:`fewstep.training.optim.EMA`). Sampling uses the EMA weights by default (``trainer.student(ema=True)``).
 
 Library use (five lines; ``Trainer(method, dataset, TrainConfig(...), run_dir).fit()`` for full control)::
 
@@ -23,7 +19,6 @@ Library use (five lines; ``Trainer(method, dataset, TrainConfig(...), run_dir).f
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
@@ -42,45 +37,17 @@ from fewstep.methods.base import Batch, Method
 from fewstep.training.callbacks import Callback, CSVLogger
 from fewstep.training.checkpoint import (
     CheckpointError,
+    check_run_dir,
     list_checkpoints,
     load_latest,
     restore_trainer_state,
     save_checkpoint,
     trainer_state,
 )
-from fewstep.training.fsdp import full_tensor, shard_student
-from fewstep.training.optim import EMA, derive_seed, lr_factor
+from fewstep.training.fsdp import shard_student
+from fewstep.training.optim import EMA, clip_grad_norm, derive_seed, lr_factor, make_optimizer
 
 __all__ = ["Trainer", "TrainConfig", "Callback", "EMA", "lr_factor", "derive_seed", "check_run_dir"]
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Create ``run_dir`` and fail early when it is not writable or already holds another run's checkpoints.
-
-    Args:
-        run_dir: The run folder (created if missing).
-        resume: Whether existing checkpoints are to be continued rather than rejected.
-
-    Raises:
-        FileExistsError: checkpoints exist and ``resume`` is False (the new run's checkpoints would be pruned in
-            favour of the old ones with higher step numbers, and ``fewstep eval`` would report the old run).
-        PermissionError: the folder cannot be created or written.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"run folder {str(run_dir)!r} is a file")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except PermissionError:
-        raise PermissionError(f"run folder {str(run_dir)!r} is not writable") from None
-    if not resume:
-        old = list_checkpoints(run_dir)
-        if old:
-            raise FileExistsError(f"run folder {str(run_dir)!r} already holds checkpoints (newest ckpt-{old[0][0]}); "
-                                  "pass --resume to continue that run, --overwrite to replace it, or another --run-dir")
 
 
 class Trainer:
@@ -133,16 +100,6 @@ class Trainer:
             raise ValueError(f"train.batch_size={config.batch_size} must be divisible by world_size*grad_accum"
                              f"={shard}")
         self.event_shape = tuple(getattr(dataset, "event_shape", None) or method.student.net.event_shape)
-
-    # ------------------------------------------------------------------ construction helpers
-    def _make_optimizer(self, name: str, module: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"trainable network {name!r} has no parameters with requires_grad")
-        c = self.config
-        lr = float(c.lr_overrides.get(name, c.lr))
-        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-        return cls(params, lr=lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
 
     def student(self, ema: bool = True, decay: float | None = None) -> FlowMap:
         """The student flow map; with ``ema=True`` the EMA copy (``decay`` or the first of ema_decays)."""
@@ -208,12 +165,7 @@ class Trainer:
             D.allreduce_gradients(net)
             if self.scaler:
                 self.scaler.unscale_(opt)
-            params = [p for p in net.parameters() if p.grad is not None]
-            if self.config.grad_clip > 0:
-                gn = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)))
-            else:
-                gn = float(torch.linalg.vector_norm(torch.stack([full_tensor(p.grad.norm()) for p in params]))
-                           ) if params else 0.0
+            gn = clip_grad_norm(net, self.config.grad_clip)
             if self.scaler is None and not math.isfinite(gn):  # fp16: the scaler skips such steps itself
                 raise FloatingPointError(f"non-finite gradient norm for {name!r} at step {step}: {gn} (diverged; "
                                          "lower train.lr or set train.grad_clip > 0)")
@@ -322,7 +274,7 @@ class Trainer:
         if unknown:
             raise ValueError(f"train.lr_overrides names unknown networks {sorted(unknown)}; "
                              f"trainable: {sorted(self.nets)}")
-        self.optimizers = {n: self._make_optimizer(n, m) for n, m in self.nets.items()}
+        self.optimizers = {n: make_optimizer(m, cfg, name=n) for n, m in self.nets.items()}
         self.base_lrs = {n: float(cfg.lr_overrides.get(n, cfg.lr)) for n in self.nets}
         self._prepared = True
 
