@@ -115,10 +115,11 @@ class CDM(CADMMethod):
     def student_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config
         a = self.anchor(batch, grad=True)
-        loss, logs = self.ca_dm_loss(a, batch)
+        a_dm = self.dm_anchor(batch, a)  # ``dm_at``: the DM and off-trajectory terms act here, CA at ``a``
+        loss, logs = self.ca_dm_loss(a, batch, a_dm)
         if cfg.off_trajectory and cfg.cdm_weight != 0:
             sigma_s = renoise_time(batch.u[:, U_AUX], "uniform", t_min=cfg.t_min, t_max=cfg.t_max)
-            x_s = self.off_trajectory_point(a.x, a.sigma, a.velocity, a.x0, sigma_s)
+            x_s = self.off_trajectory_point(a_dm.x, a_dm.sigma, a_dm.velocity, a_dm.x0, sigma_s)
             x0_s = self.student(x_s, sigma_s, torch.zeros_like(sigma_s), cond=batch.cond)
             cdm, _, _ = self.dm_term(x0_s, sigma_s, batch.u[:, U_CORNER], batch.cond)
             loss = loss + cfg.cdm_weight * cdm

@@ -51,6 +51,6 @@ class DecoupledDMD(CADMMethod):
 
     def student_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         a = self.anchor(batch, grad=True)
-        loss, logs = self.ca_dm_loss(a, batch)
+        loss, logs = self.ca_dm_loss(a, batch, self.dm_anchor(batch, a))
         logs["loss"] = float(loss.detach())
         return loss, logs

@@ -3,7 +3,10 @@ r"""The shared base of decoupled DMD and CDM: the CFG-augmentation (CA) and dist
 With the guided real score :math:`s_u + \alpha(s_c - s_u)` DMD's gradient splits into
 :math:`\nabla L_{DMD}(\text{cfg }\alpha) = \nabla L_{DM} + (\alpha-1)\nabla L_{CA}` (Liu et al. 2025);
 :class:`CADMMethod` computes :math:`w_{CA} L_{CA} + w_{DM} L_{DM}` at an anchor with their own re-noise schedules
-and the ``ca_norm`` normaliser (equations in :mod:`fewstep.methods.ddmd`).
+and the ``ca_norm`` normaliser (equations in :mod:`fewstep.methods.ddmd`). ``dm_at`` picks where DM acts: at the
+same random anchor as CA (``every``) or at the final anchor of the fixed ``n_steps`` schedule (``final``, whose
+x0-prediction is the student's n_steps sample, the distribution the fake score models under
+``fake_samples="final"``); CA stays at the random anchor.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from fewstep.methods._shared.dm import Anchor, ca_loss, dm_loss, dm_terms, norma
 from fewstep.methods._shared.dm_base import DistributionMatchingMethod, DMConfig
 from fewstep.methods.base import U_S, U_SELECT, Batch
 
-__all__ = ["CA_NORMS", "CADMConfig", "CADMMethod"]
+__all__ = ["CA_NORMS", "DM_AT", "CADMConfig", "CADMMethod"]
 
 CA_NORMS: tuple[str, ...] = ("separate", "dm", "cfg")
+DM_AT: tuple[str, ...] = ("every", "final")
 
 
 @dataclass
@@ -39,6 +43,9 @@ class CADMConfig(DMConfig):
             ``anchor`` (DMD2/CDM code: the x0-predictions at the random anchors).
         n_steps: Steps of the student's fixed schedule (backward simulation).
         fake_updates: Fake-score steps per student step.
+        dm_at: Where the DM (and CDM's off-trajectory) term acts: ``every`` (the random anchor shared with CA) or
+            ``final`` (the last anchor of the fixed n_steps schedule, i.e. on the samples the fake score is
+            fitted to under ``fake_samples="final"``; CA stays at the random anchor).
     """
 
     guidance: float = 3.0
@@ -50,6 +57,7 @@ class CADMConfig(DMConfig):
     n_steps: int = 4
     fake_updates: int = 2
     fake_samples: str = "final"
+    dm_at: str = "every"
 
 
 class CADMMethod(DistributionMatchingMethod):
@@ -67,6 +75,15 @@ class CADMMethod(DistributionMatchingMethod):
         if self.config.ca_norm not in CA_NORMS:
             raise ValueError(f"config key ca_norm={self.config.ca_norm!r} is not a CA normaliser; "
                              f"expected one of {CA_NORMS}")
+        if self.config.dm_at not in DM_AT:
+            raise ValueError(f"config key dm_at={self.config.dm_at!r} is not valid; expected one of {DM_AT}")
+        if self.config.dm_at == "final" and self.config.ca_norm == "dm":
+            raise ValueError("ca_norm='dm' shares the DM normaliser per sample, which needs DM at CA's anchor; "
+                             "use dm_at='every' or another ca_norm")
+
+    def dm_anchor(self, batch: Batch, a: Anchor) -> Anchor:
+        """The anchor the DM terms act on: ``a`` (``dm_at="every"``) or the final anchor of the fixed schedule."""
+        return a if self.config.dm_at == "every" else self.anchor(batch, grad=True, final=True)
 
     def dm_term(self, x0_student: Tensor, sigma: Tensor, u: Tensor, cond: Tensor | None
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,14 +113,15 @@ class CADMMethod(DistributionMatchingMethod):
             norm = normaliser(cfg_combine(x0_u, x0_c, cfg.guidance), x0_student, cfg.norm_floor)
         return ca_loss(x0_student, x0_c, x0_u, cfg.guidance - 1.0, cfg.norm_floor, norm)
 
-    def ca_dm_loss(self, a: Anchor, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """w_CA·L_CA + w_DM·L_DM at anchor ``a`` (terms with weight 0 are skipped)."""
+    def ca_dm_loss(self, a: Anchor, batch: Batch, a_dm: Anchor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """w_CA·L_CA at anchor ``a`` + w_DM·L_DM at ``a_dm`` (default ``a``); terms with weight 0 are skipped."""
         cfg = self.config
+        a_dm = a if a_dm is None else a_dm
         total = a.x0.sum() * 0.0
         logs: dict[str, float] = {}
         n_dm = None
         if cfg.dm_weight != 0 or cfg.ca_norm == "dm":
-            dm, g, n_dm = self.dm_term(a.x0, a.sigma, batch.u[:, U_S], batch.cond)
+            dm, g, n_dm = self.dm_term(a_dm.x0, a_dm.sigma, batch.u[:, U_S], batch.cond)
             if cfg.dm_weight != 0:
                 total = total + cfg.dm_weight * dm
                 logs.update(dm_loss=float(dm.detach()), dm_grad_rms=float(g.pow(2).mean().sqrt()))
