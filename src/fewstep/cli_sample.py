@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.cli_eval import check_nfe, run_sampler, save_figure
+from fewstep.cli_eval import check_nfe, run_sampler
 from fewstep.config.build import load_run
+from fewstep.evaluation.figures import save_figure
 from fewstep.sampling.image_grid import class_grid_samples, save_grid
 from fewstep.sampling.spec import sample_with
 
