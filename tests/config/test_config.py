@@ -112,7 +112,7 @@ def test_shipped_configs_load_and_build() -> None:
 
 
 def test_teacher_guidance_goes_to_method_or_wrapper() -> None:
-    from fewstep.config.build import GuidedTeacher
+    from fewstep.teachers.guided import GuidedTeacher
     from fewstep.teachers.presets import load_preset
 
     cfg = load_config(None, ["method.name=reflow", "teacher.conditional=true", "teacher.guidance=2.5",

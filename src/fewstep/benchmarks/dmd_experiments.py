@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.config.build import GuidedTeacher, build_from_objects
+from fewstep.config.build import build_from_objects
 from fewstep.config.schema import TrainConfig
 from fewstep.evaluation.metrics import mmd2, mode_coverage
 from fewstep.methods import get_method, list_methods
 from fewstep.sampling.samplers import sample_flowmap, solve, solve_adaptive
+from fewstep.teachers.guided import GuidedTeacher
 from fewstep.teachers.presets import load_preset
 from fewstep.training.trainer import Trainer
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fewstep.config.schema import (
     RunConfig,
@@ -33,36 +33,12 @@ from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
 from fewstep.networks.factory import build_network
 from fewstep.sampling.spec import SamplerSpec
+from fewstep.teachers.guided import GuidedTeacher
 from fewstep.training.callbacks import EvalCallback, SampleFigureCallback
 from fewstep.training.trainer import Trainer
 
 __all__ = ["build_teacher", "build_dataset", "build_student", "build_method", "build_run", "load_run",
-           "load_run_student", "LoadedRun", "resolve_sampler", "read_run_config", "build_from_objects", "GuidedTeacher"]
-
-
-class GuidedTeacher(nn.Module):
-    """A teacher whose default guidance weight is ``w``: velocity(x, t, cond) = v_u + w (v_c - v_u)."""
-
-    def __init__(self, teacher: nn.Module, guidance: float) -> None:
-        super().__init__()
-        self.inner, self.guidance = teacher, float(guidance)
-        for attr in ("path", "event_shape", "num_classes"):
-            if hasattr(teacher, attr):
-                setattr(self, attr, getattr(teacher, attr))
-
-    def velocity(self, x: Tensor, t: Any, cond: Tensor | None = None, guidance: float | None = None) -> Tensor:
-        """Guided velocity with weight ``guidance`` if given and != 1, else the configured w."""
-        w = self.guidance if guidance is None or guidance == 1.0 else guidance
-        return self.inner.velocity(x, t, cond=cond, guidance=w)
-
-    def forward(self, x: Tensor, t: Any, cond: Tensor | None = None, guidance: float | None = None) -> Tensor:
-        return self.velocity(x, t, cond, guidance)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
+           "load_run_student", "LoadedRun", "resolve_sampler", "read_run_config", "build_from_objects"]
 
 
 def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu") -> nn.Module:
