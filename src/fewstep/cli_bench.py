@@ -6,6 +6,7 @@ Examples::
     fewstep bench                                          # the full grid into docs/leaderboard.md (+ .json, .png)
     fewstep bench --targets random --seeds 0 --shard 0/2   # one of two processes sharing the cache
     fewstep bench --report-only                            # regenerate the page from the stored cells
+    fewstep bench --targets learned-digits --seeds 0       # a learned teacher on real digits (trained, cached)
 
 Finished cells are stored as small metrics JSON files under ``--cells-dir`` (``docs/leaderboard_cells`` for the full
 leaderboard, tracked by git, so results survive a machine change; :mod:`fewstep.benchmarks.leaderboard.store`).
@@ -21,7 +22,7 @@ __all__ = ["add_bench_parser", "cmd_bench", "FULL", "QUICK"]
 
 #: Defaults of the full leaderboard and of ``--quick`` (explicit options override either).
 FULL: dict[str, Any] = {
-    "targets": ["ring8", "aniso3", "digits", "random"],
+    "targets": ["ring8", "aniso3", "digits", "random", "learned-digits"],
     "seeds": [0, 1, 2],
     "steps": 2000,
     "batch_size": 512,
@@ -65,7 +66,9 @@ def add_bench_parser(sub: Any) -> None:
         "--targets",
         nargs="+",
         default=None,
-        help="ring8, aniso3, digits, random (= random:0..N-1), random:<seed>, mixture .json files",
+        help="ring8, aniso3, digits, random (= random:0..N-1), random:<seed>, mixture .json files; learned teachers "
+        "on real data: learned-digits (trained once by configs/teacher_digits_bench.yaml, cached in "
+        "$FEWSTEP_BENCH_TEACHERS, default runs/bench-teachers), learned:<train-teacher config.yaml>",
     )
     b.add_argument("--random-n", type=int, default=10, help="mixtures in the 'random' suite (default 10)")
     b.add_argument("--seeds", nargs="+", type=int, default=None)

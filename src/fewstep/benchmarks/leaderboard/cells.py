@@ -3,7 +3,9 @@ r"""One leaderboard cell: a method's shipped config trained on one target and se
 The run config is exactly what ``fewstep distill --config configs/<method>.yaml`` loads
 (:func:`fewstep.config.schema.load_config`, built by :func:`fewstep.config.build.build_run`), with overrides that
 only set the target and the common budget: ``teacher`` = the target's unconditional, unguided analytic mixture
-(``data.name=teacher``: exact mixture samples), ``student.hidden`` / ``student.depth``, ``train.steps`` and
+(``data.name=teacher``: exact mixture samples) or, on a learned target, the cached run folder of its teacher
+(``teacher.kind=run``, data = the real digits it was trained on; :mod:`~fewstep.benchmarks.leaderboard.learned`),
+``student.hidden`` / ``student.depth``, ``train.steps`` and
 ``train.batch_size``, ``seed``. Every other key (method hyper-parameters, learning rate and schedule, EMA, time
 embedding) is the shipped config's. A method without a config file (``flow_matching``) runs with its defaults.
 
@@ -25,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewstep.benchmarks.leaderboard.targets import STUDENT_NFE, load_target, sample_metrics
+from fewstep.benchmarks.leaderboard.learned import is_learned_target, learned_overrides
+from fewstep.benchmarks.leaderboard.targets import STUDENT_NFE, load_target, sample_metrics, target_reference
 from fewstep.config.build import build_run, resolve_sampler
 from fewstep.config.schema import RunConfig, load_config, to_dict
 from fewstep.core.flowmap import FlowMap
-from fewstep.evaluation.evaluate import noise, reference_samples
+from fewstep.evaluation.evaluate import noise
 from fewstep.methods.registry import get_method
 from fewstep.sampling.spec import sample_with
 from fewstep.training.callbacks import Callback
@@ -83,16 +86,22 @@ def config_path(method: str, config_dir: Path = CONFIG_DIR) -> Path | None:
 def cell_overrides(method: str, target: str, seed: int, budget: Budget) -> list[str]:
     """The dotted overrides that put a shipped config on ``target`` at ``budget`` (nothing else changes)."""
     every = max(budget.steps // budget.probes, 1)
+    if is_learned_target(target):
+        source = learned_overrides(target)
+    else:
+        source = [
+            "teacher.kind=preset",
+            f"teacher.name={target}",
+            "teacher.conditional=false",
+            "teacher.guidance=1.0",
+            "data.name=teacher",
+            "data.kwargs={}",
+        ]
     return [
         f"method.name={method}",
         f"seed={seed}",
         "device=cpu",
-        "teacher.kind=preset",
-        f"teacher.name={target}",
-        "teacher.conditional=false",
-        "teacher.guidance=1.0",
-        "data.name=teacher",
-        "data.kwargs={}",
+        *source,
         f"student.hidden={budget.hidden}",
         f"student.depth={budget.depth}",
         f"train.steps={budget.steps}",
@@ -178,10 +187,10 @@ class _Counter:
 class _Probe(Callback):
     """At every trainer evaluation: sample the EMA student at 1/2/4 NFE with the run's sampler; time excluded."""
 
-    def __init__(self, teacher: Any, spec: Any, seed: int, n: int, counter: _Counter) -> None:
-        self.teacher, self.spec, self.seed, self.counter = teacher, spec, seed, counter
+    def __init__(self, target: str, teacher: Any, spec: Any, seed: int, n: int, counter: _Counter) -> None:
+        self.spec, self.seed, self.counter = spec, seed, counter
         self.x1 = noise(n, teacher, seed).float()
-        self.ref = reference_samples(teacher, n, seed)
+        self.ref = target_reference(target, teacher, n, seed)
         self.records: list[dict[str, Any]] = []
         self.t0 = self.excluded = 0.0
 
@@ -200,7 +209,7 @@ class _Probe(Callback):
             ts = time.perf_counter()
             x = sample_with(student, self.x1, self.spec, nfe=k, seed=self.seed).x
             dt = time.perf_counter() - ts
-            res[str(k)] = {**sample_metrics(x, self.teacher, self.ref), "sample_s": dt}
+            res[str(k)] = {**sample_metrics(x, self.ref), "sample_s": dt}
         student.train(was)
         self.records.append({"step": step, "train_s": start - self.t0 - self.excluded, "nfe": res})
         self.counter.active = True
@@ -237,10 +246,10 @@ def run_cell(
     torch.set_num_threads(1)
     spec = resolve_sampler(cfg)
     rec["sampler"] = spec.describe()
+    teacher = load_target(target)  # first: trains a learned target's teacher when it is not cached
     trainer = build_run(cfg, device="cpu", run_dir=None, with_eval=False)
-    teacher = load_target(target)
     counter = _Counter(trainer.method, getattr(trainer.method, "teacher", None))
-    probe = _Probe(teacher, spec, seed, budget.n, counter)
+    probe = _Probe(target, teacher, spec, seed, budget.n, counter)
     trainer.callbacks.append(probe)
     t0 = time.perf_counter()
     try:

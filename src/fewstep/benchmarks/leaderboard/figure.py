@@ -60,7 +60,7 @@ def save_figure(d: dict[str, Any], path: Path, max_panels: int = 16) -> str:
         ax.set(
             xscale="log",
             yscale="log",
-            title=f"{t} (d={info['dim']}, K={info['components']})",
+            title=f"{t} (d={info['dim']}, " + (f"K={info['components']})" if info["components"] else "learned)"),
             xlabel="NFE",
             ylabel="MMD²",
         )

@@ -30,12 +30,14 @@ def _median(vals: list[float]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def _bars(curves: dict[tuple[str, int], Any], target: str, seeds: list[int]) -> dict[str, dict[str, float]]:
-    """Mean teacher Euler metrics per step count over the seeds with a stored curve (``curves[(target, seed)]``)."""
-    recs = [r for s in seeds if (r := curves.get((target, s)))]
+def _bars(
+    curves: dict[tuple[str, int], Any], target: str, seeds: list[int], key: str = "euler", entries: Any = EULER_NFE
+) -> dict[str, dict[str, float]]:
+    """Mean teacher metrics per entry (Euler step count; or floor) over the seeds with a stored curve."""
+    recs = [r for s in seeds if (r := curves.get((target, s))) and key in r]
     out: dict[str, dict[str, float]] = {}
-    for k in EULER_NFE:
-        vals = [r["euler"][str(k)] for r in recs]
+    for k in entries:
+        vals = [r[key][str(k)] for r in recs]
         if vals:
             out[str(k)] = {m: statistics.fmean(v[m] for v in vals) for m in vals[0]}
     return out
@@ -223,6 +225,12 @@ def collect(root: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
             "euler": _bars(curves, t, seeds),
             "random": is_random_target(t),
         }
+        if bar_rec and "floor" in bar_rec:  # a learned target: its teacher, reference and floors
+            out["targets"][t].update(
+                teacher=bar_rec["teacher"],
+                reference=bar_rec["reference"],
+                floor=_bars(curves, t, seeds, "floor", ("teacher_ode", "real_train")),
+            )
     fm = {(c["target"], c["seed"]): c for c in ok if c["method"] == "flow_matching"}
     for m in methods:
         mine = [c for c in ok if c["method"] == m]
