@@ -15,10 +15,10 @@ from fewstep.methods._shared.pairs import (
     ensure_pairs,
     generate_pairs,
     load_pairs,
-    teacher_fingerprint,
 )
 from fewstep.networks.mlp import MLP
 from fewstep.sampling.samplers import solve_adaptive
+from fewstep.teachers.fingerprint import teacher_fingerprint
 from fewstep.teachers.presets import load_preset
 
 torch.set_num_threads(1)

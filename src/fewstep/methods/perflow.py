@@ -45,11 +45,11 @@ from torch import Tensor
 
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast, set_unregistered
-from fewstep.methods._shared.pairs import teacher_velocity_fn
 from fewstep.methods._shared.reflow_family import MAOptions, add_ma, ma_term
 from fewstep.methods.base import U_SELECT, U_T, Batch, Method
 from fewstep.methods.registry import register
 from fewstep.sampling.samplers import ODE_METHODS, check_grid
+from fewstep.teachers.base import as_velocity_fn
 from fewstep.teachers.flowmap import TeacherFlowMap
 
 __all__ = ["PerflowConfig", "Perflow", "window_grid", "window_targets"]
@@ -136,7 +136,7 @@ class Perflow(Method):
         if cfg.ma_weight > 0 and cfg.ma_mode != "jump" and par != "velocity":
             raise ValueError(f"perflow MA with a {par!r} student aligns its window jumps: set ma_mode='jump' "
                              f"(ma_mode={cfg.ma_mode!r} integrates an instantaneous velocity it is never trained on)")
-        v_fn = teacher_velocity_fn(teacher, cfg.guidance)
+        v_fn = as_velocity_fn(teacher, cfg.guidance)
         set_unregistered(self, "window_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.solve_steps))
         set_unregistered(self, "input_map", TeacherFlowMap(v_fn, method=cfg.solver, steps=cfg.input_steps))
 

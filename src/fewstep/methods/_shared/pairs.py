@@ -14,7 +14,6 @@ settings raises :class:`StalePairsError` unless ``allow_stale=True``: stale pair
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -23,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fewstep.core.io import atomic_write, atomic_write_text
 from fewstep.sampling.samplers import ODE_METHODS, solve, solve_adaptive
 from fewstep.teachers.base import as_velocity_fn
+from fewstep.teachers.fingerprint import teacher_fingerprint
 
-__all__ = ["PairSolver", "Pairs", "StalePairsError", "teacher_fingerprint", "teacher_velocity_fn",
-           "generate_pairs", "load_pairs", "ensure_pairs", "FORMAT"]
+__all__ = ["PairSolver", "Pairs", "StalePairsError", "generate_pairs", "load_pairs", "ensure_pairs", "FORMAT"]
 
 FORMAT = "fewstep-pairs-v1"
 SOLVERS: tuple[str, ...] = (*ODE_METHODS, "adaptive")
@@ -86,47 +85,6 @@ class Pairs:
         idx = (u * len(self)).long().clamp_(0, len(self) - 1).cpu()
         c = self.cond[idx] if self.cond is not None else None
         return self.x1[idx], self.x0[idx], c
-
-
-def teacher_fingerprint(teacher: nn.Module | Any, path: str | None = None) -> dict[str, str]:
-    """Identity of a teacher: sha256 over its preset spec, or over its state_dict, plus class name and path.
-
-    A :class:`~fewstep.teachers.GaussianMixtureTeacher` (anything with ``to_dict``) is hashed by its
-    JSON spec; any other module by the names, dtypes, shapes and bytes of its state_dict tensors.
-
-    Args:
-        teacher: The teacher (module, or a VelocityFlowMap wrapping one).
-        path: Optional checkpoint path to record.
-
-    Returns:
-        Dict with ``class``, ``sha256`` and ``path``.
-    """
-    h = hashlib.sha256()
-    h.update(type(teacher).__name__.encode())
-    if hasattr(teacher, "to_dict"):
-        h.update(json.dumps(teacher.to_dict(), sort_keys=True).encode())
-    else:
-        module = teacher
-        if not isinstance(module, nn.Module) or not module.state_dict():
-            inner = getattr(teacher, "velocity_fn", None)
-            module = getattr(inner, "__self__", inner)
-        if not isinstance(module, nn.Module):
-            raise ValueError(f"cannot fingerprint a teacher of type {type(teacher).__name__}: it is neither a "
-                             "preset (to_dict) nor an nn.Module with a state_dict; pass fingerprint= explicitly")
-        for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return {"class": type(teacher).__name__, "sha256": h.hexdigest(), "path": str(path or "")}
-
-
-def teacher_velocity_fn(teacher: Any, guidance: float = 1.0) -> Callable[..., Tensor]:
-    """A velocity field ``v(x, t, cond=None)`` for any teacher-like object (``teachers.base.as_velocity_fn``).
-
-    Teachers get the classifier-free-guided field v_u + w (v_c - v_u); flow maps and previous reflow
-    students (k-rectified flow) use their instantaneous velocity.
-    """
-    return as_velocity_fn(teacher, guidance)
 
 
 def _solve_teacher(v_fn: Callable[..., Tensor], x1: Tensor, cond: Tensor | None, solver: PairSolver) -> Tensor:
@@ -216,7 +174,7 @@ def generate_pairs(teacher: Any, folder: str | Path, n: int, solver: PairSolver 
         if old.get("shard_size") != shard_size:
             raise StalePairsError(f"pairs in {folder} use shard_size {old.get('shard_size')}, requested {shard_size}")
         manifest["shards"] = [s for s in old.get("shards", []) if (folder / s["file"]).exists()]
-    v_fn = teacher_velocity_fn(teacher, guidance)
+    v_fn = as_velocity_fn(teacher, guidance)
     n_shards = math.ceil(n / shard_size)
     sizes = {i: min(shard_size, n - i * shard_size) for i in range(n_shards)}
     # a shard is reusable only if it holds exactly the rows this n asks for (the last one may be partial)

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from fewstep.core.utils import set_unregistered
 from fewstep.methods._shared.alignment import EXACT_DIM, MA_MODES, ma_loss
-from fewstep.methods._shared.pairs import Pairs, PairSolver, ensure_pairs, generate_pairs, teacher_fingerprint
+from fewstep.methods._shared.pairs import Pairs, PairSolver, ensure_pairs, generate_pairs
 from fewstep.methods.base import U_SELECT, Batch, Method, MethodConfig
+from fewstep.teachers.fingerprint import teacher_fingerprint
 
 __all__ = ["MAOptions", "PairOptions", "PairMethod", "ma_term", "add_ma"]
 
