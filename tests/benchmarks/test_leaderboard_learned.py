@@ -101,3 +101,13 @@ def test_bad_learned_targets_are_one_line_errors(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert not cache.exists()  # nothing was trained
+
+
+def test_teacher_training_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewstep.benchmarks.leaderboard.learned import ensure_teacher
+
+    target, files = f"learned:{_config(tmp_path, 20)}", []
+    for cache in ("c1", "c2"):
+        monkeypatch.setenv("FEWSTEP_BENCH_TEACHERS", str(tmp_path / cache))
+        files.append(next(ensure_teacher(target).glob("ckpt-*/tensors.safetensors")).read_bytes())
+    assert files[0] == files[1]
