@@ -39,7 +39,13 @@ __all__ = [
     "density_free",
 ]
 
-BASE_CONFIG = {"reflow": "configs/reflow_ma.yaml", "perflow": "configs/perflow_ma.yaml"}
+# reflow2: 2-rectified flow, round 2 on a round-1 student's pairs (fewstep.benchmarks.ma_rectify)
+BASE_CONFIG = {
+    "reflow": "configs/reflow_ma.yaml",
+    "reflow2": "configs/reflow_ma.yaml",
+    "perflow": "configs/perflow_ma.yaml",
+}
+PAIR_METHODS = ("reflow", "reflow2")  # methods with cached pairs (``n_pairs``, ``pair_dir``)
 
 
 def sample_with_density(student: Any, x1: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,9 +158,8 @@ def arm_config(method: str, overrides: list[str], pair_dir: Path) -> Any:
     root = Path(__file__).resolve().parents[3]
     base = Path(BASE_CONFIG[method])
     base = base if base.is_file() else root / base
-    return load_config(
-        base, [*overrides, f"method.cfg.pair_dir={pair_dir}", "train.progress=false", "train.tensorboard=false"]
-    )
+    pairs = [f"method.cfg.pair_dir={pair_dir}"] if method in PAIR_METHODS else []
+    return load_config(base, [*overrides, *pairs, "train.progress=false", "train.tensorboard=false"])
 
 
 def load_student(run: dict[str, Any]) -> Any:

@@ -1,8 +1,10 @@
 r"""Does marginal alignment (MA) help? Compute-matched sweeps for issue 14 (items 3-5).
 
-Every arm is a run config: ``configs/reflow_ma.yaml`` (or ``configs/perflow_ma.yaml``) plus dotted overrides, trained
-exactly as ``fewstep distill --config <base> <overrides>`` would train it (:func:`fewstep.config.build.build_run`);
-:func:`cli_line` prints that command. Arms per target and seed:
+Every arm is a run config: ``configs/reflow_ma.yaml`` (``--method reflow``) or ``configs/perflow_ma.yaml``
+(``--method perflow``) plus dotted overrides, trained exactly as ``fewstep distill --config <base> <overrides>`` would
+train it (:mod:`fewstep.benchmarks.ma_arms`); ``--method reflow2`` is 2-rectified flow, round 2 on the pairs of a
+round-1 reflow student (:mod:`fewstep.benchmarks.ma_rectify`; not expressible as a config). Arms per target and
+seed:
 
 * ``base@N``: :math:`\lambda = 0`, N steps (the equal-steps baseline);
 * ``MA λ start`` / ``MA λ mid``: :math:`\lambda > 0` from step 0 / from step N/2, N steps;
@@ -24,124 +26,45 @@ then ``python -m fewstep.benchmarks.ma_experiments report docs/results/ma.json -
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fewstep.benchmarks.ma_arms import (
+    LAMBDAS,
+    MA_DEFAULT,
+    Arm,
+    Budget,
+    arm_overrides,
+    arms,
+    calibrate,
+    cli_line,
+    train_arm,
+)
 from fewstep.benchmarks.ma_eval import BASE_CONFIG, arm_config, evaluate_student, heldout_fm_loss, load_student
-from fewstep.config.build import build_run
+from fewstep.benchmarks.ma_rectify import ROUND1, round_one, round_two_note, second_round
 from fewstep.evaluation.diagnose import diagnose_tv
 from fewstep.methods._shared.pairs import PairSolver, generate_pairs
 from fewstep.teachers.presets import load_preset
 
-__all__ = ["Arm", "Budget", "arms", "arm_overrides", "cli_line", "calibrate", "train_arm", "sweep", "main"]
-
-LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
-# MA in the ODE form of the current API: exact divergence of the student velocity along 4 Euler sub-steps of [t_min, 1]
-MA_DEFAULT: dict[str, Any] = {
-    "ma_mode": "exact",
-    "ma_substeps": 4,
-    "ma_solver": "euler",
-    "ma_t_min": 0.05,
-    "ma_batch": 64,
-}
-
-
-@dataclass
-class Budget:
-    """Training budget shared by every arm: N steps, batch, student MLP width x depth, number of pairs."""
-
-    steps: int = 500
-    batch: int = 256
-    hidden: int = 64
-    depth: int = 3
-    n_pairs: int = 20000
-
-
-@dataclass
-class Arm:
-    """One arm: name, MA weight, first MA step, training steps."""
-
-    name: str
-    lam: float
-    warmup: int
-    steps: int
-
-
-def arms(budget: Budget, ratio: float, lambdas: tuple[float, ...] = LAMBDAS) -> list[Arm]:
-    """The arms of the module docstring for cost ratio ``ratio`` (MA step / plain step), in the order they are
-    trained (every seed of an arm before the next arm, so a cut-short sweep has whole arms)."""
-    n = budget.steps
-    return [
-        Arm("base@N", 0.0, 0, n),
-        *[Arm(f"MA {lam:g} start", lam, 0, n) for lam in lambdas],
-        Arm("base@cpu", 0.0, 0, round(ratio * n)),
-        *[Arm(f"MA {lam:g} mid", lam, n // 2, n) for lam in lambdas],
-        Arm("base@cpu-mid", 0.0, 0, round((1 + ratio) / 2 * n)),
-    ]
-
-
-def teacher_overrides(preset: str) -> list[str]:
-    """``teacher.*`` overrides naming a preset (or a mixture JSON file)."""
-    if preset.endswith(".json"):
-        return ["teacher.kind=json", f"teacher.path={preset}"]
-    return ["teacher.kind=preset", f"teacher.name={preset}"]
-
-
-def arm_overrides(preset: str, arm: Arm, seed: int, budget: Budget, ma: dict[str, Any]) -> list[str]:
-    """The dotted overrides of one arm (applied to :data:`BASE_CONFIG`)."""
-    ov = [
-        f"seed={seed}",
-        *teacher_overrides(preset),
-        f"student.hidden={budget.hidden}",
-        f"student.depth={budget.depth}",
-        f"train.steps={arm.steps}",
-        f"train.batch_size={budget.batch}",
-        f"method.cfg.n_pairs={budget.n_pairs}",
-        f"method.cfg.ma_weight={arm.lam:g}",
-    ]
-    if arm.lam > 0:
-        ov += [f"method.cfg.ma_warmup={arm.warmup}"] + [f"method.cfg.{k}={v}" for k, v in ma.items()]
-    return ov
-
-
-def cli_line(method: str, overrides: list[str], run_dir: str) -> str:
-    """The equivalent user command of an arm (``fewstep distill`` then ``fewstep eval``)."""
-    return (
-        f"fewstep distill --config {BASE_CONFIG[method]} {' '.join(overrides)} --run-dir {run_dir} && "
-        f"fewstep eval {run_dir}"
-    )
-
-
-def train_arm(method: str, overrides: list[str], pair_dir: Path) -> tuple[Any, Any, dict[str, float]]:
-    """Train one arm in-process; returns (EMA student, method, timings: CPU and wall seconds per step)."""
-    cfg = arm_config(method, overrides, pair_dir)
-    tr = build_run(cfg, run_dir=None, with_eval=False)
-    tr.prepare()  # pair generation is not counted
-    c0, w0 = time.process_time(), time.perf_counter()
-    tr.fit()
-    steps = max(int(cfg.train.steps), 1)
-    return (
-        tr.student(ema=True),
-        tr.method,
-        {"cpu_s_per_step": (time.process_time() - c0) / steps, "wall_s_per_step": (time.perf_counter() - w0) / steps},
-    )
-
-
-def calibrate(
-    method: str, preset: str, budget: Budget, ma: dict[str, Any], pair_dir: Path, steps: int = 30, repeats: int = 2
-) -> float:
-    """r = CPU time per MA step / CPU time per plain step (single thread; min over ``repeats`` alternations)."""
-    best = {0.0: float("inf"), 1e-3: float("inf")}
-    for _ in range(repeats):
-        for lam in best:
-            ov = arm_overrides(preset, Arm("cal", lam, 0, steps), 0, budget, ma)
-            best[lam] = min(best[lam], train_arm(method, ov, pair_dir)[2]["cpu_s_per_step"])
-    return best[1e-3] / best[0.0]
+# the arm layer lives in ma_arms; re-exported here for callers of the sweep module
+__all__ = [
+    "LAMBDAS",
+    "MA_DEFAULT",
+    "Arm",
+    "Budget",
+    "arm_config",
+    "arms",
+    "arm_overrides",
+    "cli_line",
+    "calibrate",
+    "train_arm",
+    "sweep",
+    "main",
+]
 
 
 def heldout_pairs(teacher: Any, folder: Path, n: int = 4096) -> tuple[torch.Tensor, ...]:
@@ -209,8 +132,13 @@ def sweep(
     n_eval: int = 2000,
     only: list[str] | None = None,
     n_held: int = 4096,
+    round1_steps: int = 2000,
 ) -> dict[str, Any]:
-    """Train and measure every arm x seed (resumable: keys already in ``out`` are skipped); returns the results."""
+    """Train and measure every arm x seed (resumable: keys already in ``out`` are skipped); returns the results.
+
+    ``method="reflow2"`` is 2-rectified flow (:mod:`fewstep.benchmarks.ma_rectify`): per seed a round-1 reflow
+    student (``round1_steps`` steps, recorded as arm ``round1``), then every arm is round 2 on its pairs.
+    """
     torch.set_num_threads(1)
     ma = dict(MA_DEFAULT if ma is None else ma)
     res: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
@@ -225,16 +153,28 @@ def sweep(
         }
     )
     res["settings"].setdefault("git", _git_head())
+    if method == "reflow2":
+        res["settings"]["round1_steps"] = round1_steps
     res.setdefault("runs", {})
     res.setdefault("ratio", {})
     for preset in presets:
         teacher = load_preset(preset)
         tag = Path(preset).stem
         pair_dir = cache / "pairs" / tag
-        if tag not in res["ratio"]:
-            res["ratio"][tag] = ratio if ratio is not None else calibrate(method, preset, budget, ma, pair_dir)
+        if tag not in res["ratio"]:  # round 2 costs what reflow costs per step: calibrate reflow
+            cal = "reflow" if method == "reflow2" else method
+            res["ratio"][tag] = ratio if ratio is not None else calibrate(cal, preset, budget, ma, pair_dir)
             print(f"{tag}: cost ratio r = {res['ratio'][tag]:.2f}", flush=True)
         held = heldout_pairs(teacher, cache / "heldout" / f"{tag}-{n_held}", n_held)
+        setups: dict[int, Any] = {}
+        for seed in seeds if method == "reflow2" else []:
+            r1, rec = round_one(preset, seed, budget, round1_steps, pair_dir, cache / "students")
+            key = f"{tag}/{method}/{ROUND1}/{seed}"
+            if rec is not None or key not in res["runs"]:
+                m, _ = measure(copy.deepcopy(r1), teacher, held, seed, n_eval)
+                res["runs"][key] = {**res["runs"].get(key, {}), **(rec or {}), **m}
+                out.write_text(json.dumps(res, indent=1, default=float))
+            setups[seed] = (second_round(r1), res["runs"][key]["student_file"])
         for arm in arms(budget, res["ratio"][tag], lambdas):
             for seed in seeds:
                 key = f"{tag}/{method}/{arm.name}/{seed}"
@@ -247,8 +187,10 @@ def sweep(
                         old.update(m)
                         out.write_text(json.dumps(res, indent=1, default=float))
                     continue
-                ov = arm_overrides(preset, arm, seed, budget, ma)
-                student, _, timing = train_arm(method, ov, pair_dir)
+                ov = arm_overrides(preset, arm, seed, budget, ma, method)
+                setup, r1_file = setups.get(seed, (None, ""))
+                pdir = pair_dir if setup is None else cache / "pairs" / f"{tag}-round2-{round1_steps}-{seed}"
+                student, _, timing = train_arm(method, ov, pdir, setup)
                 m, fm = measure(student, teacher, held, seed, n_eval)
                 path = cache / "students" / (key.replace("/", "__").replace(" ", "_") + ".pt")
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +201,8 @@ def sweep(
                     "steps": arm.steps,
                     "lam": arm.lam,
                     "warmup": arm.warmup,
-                    "cli": cli_line(method, ov, f"runs/ma/{key.replace(' ', '_')}"),
+                    "cli": cli_line(method, ov, f"runs/ma/{key.replace(' ', '_')}")
+                    + (round_two_note(r1_file) if setup else ""),
                     "student_file": str(path),
                 }
                 e1 = m["eval"][1]
@@ -294,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--n-eval", type=int, default=2000)
     s.add_argument("--cache", default="/tmp/fewstep_ma")
     s.add_argument("--out", default="docs/results/ma.json")
+    s.add_argument("--round1-steps", type=int, default=2000, help="reflow2: steps of the round-1 student")
     s.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 12 steps, 1 lambda, tiny student, r=2")
     r = sub.add_parser("report")
     r.add_argument("json", nargs="+")
@@ -315,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         ratio = 2.0 if ratio is None else ratio
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep(a.presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held)
+    r1 = 24 if a.quick else a.round1_steps
+    sweep(a.presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held, r1)
 
 
 if __name__ == "__main__":
