@@ -127,7 +127,7 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
     L += [
         "MMD²: unbiased RBF, bandwidths {0.05, 0.2, 1}·√(d/2) summed (`fewstep.evaluation.metrics.mmd2`), mean ± "
         "sample std over seeds (± 0 with one seed: then a margin below the estimator noise, about 1e-3 at these "
-        "sample sizes, is a tie). The bar of K NFE is the exact teacher's Euler sampler at 4K steps on the same "
+        "sample sizes, is a tie). The bar of K NFE is the teacher's own Euler sampler at 4K steps on the same "
         "noise (✓ = mean below it); 8K and 16K are stricter bars. Teacher and data: the target's unconditional "
         "analytic mixture (configs tuned on the guided conditional ring8, the DMD family, run unguided here); on "
         "a learned target (`learned-digits`) a velocity network trained by `fewstep train-teacher --config "

@@ -10,7 +10,7 @@ is the held-out real test split instead of exact mixture samples, and whose reco
 Quality is the unbiased summed-bandwidth RBF MMD² (:func:`fewstep.evaluation.metrics.mmd2`) of ``n`` samples from
 the evaluation noise of a seed (:func:`fewstep.evaluation.evaluate.noise`) against ``n`` exact mixture samples
 (:func:`fewstep.evaluation.evaluate.reference_samples`), plus the Fréchet distance in the digit-classifier features
-(``fd``) on the 64-D digits targets. The bar of a student at K NFE is the exact teacher's Euler sampler at
+(``fd``) on the 64-D digits targets. The bar of a student at K NFE is the (exact or learned) teacher's Euler sampler at
 :math:`m K` steps, :math:`m \in \{4, 8, 16\}`, on the same noise and reference.
 """
 
