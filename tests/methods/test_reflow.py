@@ -137,7 +137,7 @@ def test_reflow_distill_loss_falls_and_config_errors() -> None:
 
 
 def test_underdetermination_construction() -> None:
-    from fewstep.benchmarks.reflow_experiments import rotation_vs_translation
+    from fewstep.benchmarks.reflow_underdetermination import rotation_vs_translation
 
     r = rotation_vs_translation(alpha=math.pi / 3, n=20000, seed=0)
     expected = 4 * (1 - math.cos(math.pi / 3))
