@@ -228,6 +228,18 @@ EQUIVALENT: dict[str, str] = {
     "one student step on zero rows, which changes nothing",
     "fewstep.methods._shared.dm.x_anchor_index__mutmut_1": "clamp(None, n - 1): u >= 0, so the anchor index is "
     "never below 0",
+    **{f"fewstep.methods._shared.dm.x_dynamic_schedule__mutmut_{i}": "the end points 1 and 0 built in the default "
+       "float32: both exact, and torch.cat promotes them to the float64 of the inner times (even when those are "
+       "empty)" for i in (59, 61, 64, 66)},
+    "fewstep.methods.scm.xǁSCMǁloss__mutmut_63": "F(x_t, t, 1.0): the consistency parameterization feeds the "
+    "backbone s' = 0 whatever s is",
+    "fewstep.methods.scm.xǁTimeWeightingǁforward__mutmut_2": "emb(t).to(None): the embedding has the dtype of its "
+    "freqs buffer, which follows the module's dtype like the linear layer's",
+    **{f"fewstep.methods.imm.x_laplace_mmd2__mutmut_{i}": "the default estimator 'v' renamed: every value other "
+       "than 'u' takes the V-statistic branch" for i in (1, 2)},
+    "fewstep.methods.imm.x_laplace_mmd2__mutmut_64": "k_tr.transpose(2, 2) (no transpose): the mean over all pairs, "
+    "and the sum over the symmetric i != j mask, of k_tr^T equal those of k_tr",
+    **{f"fewstep.methods.imm.x_laplace_mmd2__mutmut_{i}": _ONE_DEVICE for i in (73, 76)},
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
     _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",
