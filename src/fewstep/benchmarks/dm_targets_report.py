@@ -187,7 +187,8 @@ def report(res: dict[str, Any], cmd: str) -> str:
         lines.append("")
     if res["students"]:
         lines += students_table(res)
-        lines += ablation_table(res)
+        for k in NFES:  # paired differences at every NFE (1 and 2 NFE too)
+            lines += ablation_table(res, str(k))
     return "\n".join(lines) + "\n"
 
 
