@@ -74,6 +74,8 @@ def test_learned_target_end_to_end_with_its_own_bars(
     assert floor["real_train"]["mmd2"] < floor["teacher_ode"]["mmd2"]  # 40 steps: far from the real digits
     d = json.loads(out.with_suffix(".json").read_text())
     assert d["targets"][target]["floor"]["teacher_ode"]["nfe"] > 0 and "(learned teacher, d = 64" in out.read_text()
+    ent, bar = d["rows"][0]["nfe"]["1"], bars["euler"]["4"]
+    assert ent["pass_fd"]["4"] == (ent["fd"] < bar["fd"]) and ent["pass"]["4"] == (ent["mmd2"] < bar["mmd2"])
     stamp = run.stat().st_mtime_ns
     assert main([*argv, "--report-only"]) == 0 and run.stat().st_mtime_ns == stamp  # no retraining
 

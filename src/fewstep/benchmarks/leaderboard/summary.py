@@ -115,6 +115,10 @@ def _row(
         euler = _bars(curves, c0["target"], ent["seeds"])
         if "fd" in got[0]["final"][str(k)]:
             ent["fd"], ent["fd_std"] = mean_std([c["final"][str(k)]["fd"] for c in got])
+            ent["pass_fd"] = {  # the same bars in the digit-classifier features
+                str(mult): (ent["fd"] < euler[str(mult * k)]["fd"]) if "fd" in euler.get(str(mult * k), {}) else None
+                for mult in BAR_MULTIPLES
+            }
         ent["pass"] = {
             str(mult): (mu < euler[str(mult * k)]["mmd2"]) if str(mult * k) in euler else None
             for mult in BAR_MULTIPLES
