@@ -240,6 +240,13 @@ EQUIVALENT: dict[str, str] = {
     "fewstep.methods.imm.x_laplace_mmd2__mutmut_64": "k_tr.transpose(2, 2) (no transpose): the mean over all pairs, "
     "and the sum over the symmetric i != j mask, of k_tr^T equal those of k_tr",
     **{f"fewstep.methods.imm.x_laplace_mmd2__mutmut_{i}": _ONE_DEVICE for i in (73, 76)},
+    "fewstep.methods.facm.xǁFACMǁ__init____mutmut_10": "getattr(net, 'use_s', None) is not False: None, like the "
+    "default True, is not False",
+    "fewstep.methods.facm.xǁFACMǁloss__mutmut_74": "F(x_t, t, 1.0): the consistency parameterization feeds the "
+    "backbone s' = 0 whatever s is",
+    **{f"fewstep.methods.facm.xǁFACMǁloss__mutmut_{i}": "a per-sample mean replaced by the batch mean: every sample "
+       "has the same size, so fm.mean() and the logged means are unchanged" for i in (106, 119)},
+    "fewstep.methods.facm.xǁFACMǁloss__mutmut_129": "cosine_similarity(.., dim=1) dropped: dim=1 is the default",
     _PW + "window_starts__mutmut_6": "clamp(None, K - 1): u >= 0, so the window index is never below 0",
     _PW + "window_starts__mutmut_15": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",

@@ -17,7 +17,8 @@ from _probe_nets import random_batch, two_class_teacher
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.base import U_T
-from fewstep.methods.consistency import discretization_steps, pseudo_huber
+from fewstep.methods.consistency import consistency_grid, discretization_steps, pseudo_huber
+from fewstep.sampling.samplers import time_grid
 from fewstep.teachers import GaussianMixtureTeacher
 
 torch.set_num_threads(1)
@@ -131,3 +132,64 @@ def test_boundaries_accepted_and_data_needed() -> None:
     b = _batch()
     with pytest.raises(ValueError, match=r"^ct needs data batches \(x0\) to form x_t = \(1-t\) x0 \+ t x1$"):
         m.loss("student", Batch(x1=b.x1, u=b.u), 0)
+
+
+def _times_ref(u: Tensor, g: Tensor, jitter: bool) -> tuple[Tensor, Tensor]:
+    """(t_i, t_{i-1}) by hand: grid points i = floor(uN) + 1, or G(c), G(max(c - 1, 0)) with c = uN and G the
+    piecewise-linear interpolation of the grid (the last interval for c = N)."""
+    n = g.numel() - 1
+    if not jitter:
+        i = [min(int(float(x) * n), n - 1) + 1 for x in u]
+        return g[i], g[[j - 1 for j in i]]
+
+    def G(c: float) -> float:
+        j = min(int(math.floor(c)), n - 1)
+        return float(g[j] + (c - j) * (g[j + 1] - g[j]))
+
+    c = [float(x) * n for x in u.double()]
+    return (torch.tensor([G(x) for x in c], dtype=DT), torch.tensor([G(max(x - 1, 0.0)) for x in c], dtype=DT))
+
+
+@pytest.mark.parametrize("jitter", [False, True])
+@pytest.mark.parametrize(("grid", "rho"), [("uniform", 7.0), ("edm", 3.0)])
+def test_times_on_the_grid_up_to_u_equal_one(jitter: bool, grid: str, rho: float) -> None:
+    """Adjacent grid times, jittered or not, on a uniform and a non-uniform (EDM, rho = 3) grid; u = 1 falls in the
+    last interval (t = 1); the iCT N of the given step sets the grid."""
+    cls = get_method("ct")
+    cfg = cls.make_config(n_schedule="ict", n_min=4, n_max=16, curriculum_steps=3, grid=grid, rho=rho,
+                          grid_jitter=jitter)
+    m = cls(FlowMap(_Probe(), "consistency"), None, cfg)
+    u = torch.tensor([0.0, 0.1, 0.2, 0.27, 0.5, 0.74, 0.9, 0.999, 1.0], dtype=DT)
+    for step, n in ((0, 4), (1, 8)):  # K' = floor(3 / 3) = 1: N doubles every step
+        g = time_grid(n, kind=grid, rho=rho).flip(0)
+        t, tp = m.times(u, step)
+        t_ref, tp_ref = _times_ref(u, g, jitter)
+        torch.testing.assert_close(t, t_ref)
+        torch.testing.assert_close(tp, tp_ref)
+        assert float(t[-1]) == 1.0
+
+
+def test_ict_loss_uses_the_step_and_logs_its_n() -> None:
+    cls = get_method("ct")
+    m = cls(FlowMap(_Probe(), "consistency"), None, cls.make_config(
+        n_schedule="ict", n_min=2, n_max=8, curriculum_steps=3, grid_jitter=False, distance="l2"))
+    b = _batch()
+    for step, n in ((0, 2), (2, 8)):
+        _, logs = m.loss("student", b, step)
+        assert logs["N"] == float(n)
+        t, _ = m.times(b.u[:, U_T], step)
+        assert set(t.tolist()) <= set(time_grid(n).tolist())
+
+
+def test_curriculum_interval_floor_is_one_step() -> None:
+    """K' = max(1, floor(K/(log2(n_max/n_min) + 1))): with K = 2 < 3 levels, N doubles every step."""
+    cfg = get_method("ct").make_config(n_schedule="ict", n_min=10, n_max=40, curriculum_steps=2)
+    assert [discretization_steps(s, cfg) for s in range(4)] == [10, 20, 40, 40]
+
+
+def test_edm_grid_accepted_and_default_rho_is_seven() -> None:
+    assert get_method("ct").make_config(grid="edm").grid == "edm"
+    torch.testing.assert_close(consistency_grid(5, "edm"), time_grid(5, kind="edm", rho=7.0).flip(0))
+    torch.testing.assert_close(consistency_grid(5, "edm", 3.0), time_grid(5, kind="edm", rho=3.0).flip(0))
+    assert float((consistency_grid(5, "edm", 3.0) - consistency_grid(5, "edm")).abs().max()) > 1e-3
+    assert consistency_grid(4).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
