@@ -65,8 +65,7 @@ def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
     import fewstep.training.distributed as D
     from fewstep.config.build import build_run, read_run_config, resolve_sampler
     from fewstep.config.schema import SamplerConfig, load_config, save_config, to_dict
-    from fewstep.training.checkpoint import clear_run
-    from fewstep.training.checkpoint import check_run_dir
+    from fewstep.training.checkpoint import check_run_dir, clear_run
 
     torch.set_num_threads(args.threads)
     if args.resume and args.overwrite:

@@ -105,8 +105,9 @@ def teacher_dir(name: str) -> Path:
 def ensure_teacher(name: str) -> Path:
     """Train the teacher of a learned target unless its cached run folder exists; returns the folder.
 
-    Training runs ``fewstep train-teacher --config <config> --run-dir <tmp>`` in this process (one thread,
-    ``device=cpu``) and renames the finished folder into place, so a cut-off training leaves no cache entry.
+    Training is what ``fewstep train-teacher --config <config> --run-dir <tmp> --threads 1 --device cpu`` does
+    (:func:`fewstep.config.build.build_run`, the resolved config saved as ``config.yaml``), in this process; the
+    finished folder is renamed into place, so a cut-off training leaves no cache entry.
 
     Args:
         name: Learned target name.
@@ -120,16 +121,25 @@ def ensure_teacher(name: str) -> Path:
     out = teacher_dir(name)
     if out.is_dir():
         return out
-    from fewstep.cli import main
+    from fewstep.config.build import build_run, resolve_sampler
+    from fewstep.config.schema import SamplerConfig, save_config
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    cfg = teacher_config(name)
+    spec = resolve_sampler(cfg)
+    cfg.sampler = SamplerConfig(gamma=spec.gamma, grid=spec.grid)  # stored resolved, as `fewstep train-teacher` does
     threads = torch.get_num_threads()
-    argv = ["--threads", "1", "train-teacher", "--config", str(_config_path(name)), "--run-dir", str(tmp)]
-    rc = main([*argv, "--device", "cpu"])
-    torch.set_num_threads(threads)
-    if rc != 0:
-        raise RuntimeError(f"training the teacher of {name!r} failed (exit status {rc}): fewstep {' '.join(argv)}")
+    torch.set_num_threads(1)
+    try:
+        trainer = build_run(cfg, device="cpu", run_dir=tmp)
+        tmp.mkdir(parents=True)
+        save_config(cfg, tmp / "config.yaml")
+        trainer.fit()
+    except Exception as e:
+        raise RuntimeError(f"training the teacher of {name!r} ({_config_path(name)}) failed: {e}") from e
+    finally:
+        torch.set_num_threads(threads)
     tmp.replace(out)
     return out
 
