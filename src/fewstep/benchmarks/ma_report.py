@@ -77,10 +77,13 @@ def compare(
     metrics: tuple[str, ...] = ("mmd2", "KL", "TV", "loglik"),
     nfes: tuple[int, ...] = NFES,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """MA arms vs base@N (equal steps) and vs the equal-CPU baseline, seed-paired; table lines and records."""
+    """MA arms vs base@N (equal steps), vs the equal-CPU baseline and (2-rectified flow) vs the round-1 student
+    they start from, seed-paired; table lines and records."""
+    r1 = any(t == tag and arm == "round1" for t, _, arm in groups)
+    matches = ["steps", "CPU", *(["round1"] if r1 else [])]
     lines = [
-        "| MA arm | NFE | " + " | ".join(f"{m} =steps | {m} =CPU" for m in metrics) + " |",
-        "|---|---|" + "---|---|" * len(metrics),
+        "| MA arm | NFE | " + " | ".join(f"{m} ={match}" for m in metrics for match in matches) + " |",
+        "|---|---|" + "---|" * len(matches) * len(metrics),
     ]
     recs = []
     for (t, method, arm), runs in groups.items():
@@ -89,6 +92,7 @@ def compare(
         bases = {
             "steps": groups.get((t, method, "base@N")),
             "CPU": groups.get((t, method, "base@cpu" if arm.endswith("start") else "base@cpu-mid")),
+            **({"round1": groups.get((t, method, "round1"))} if r1 else {}),
         }
         kl, tv = _kl_tv_names(runs)
         for k in nfes:
