@@ -178,12 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _provenance(path: str) -> str:
     """``<path> at commit <hash>`` (the last commit that changed the file), or the path alone outside git."""
-    import subprocess
+    from fewstep.core.io import git_commit
 
-    try:
-        h = subprocess.run(
-            ["git", "log", "-1", "--format=%h", "--", path], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        h = ""
+    h = git_commit(path, short=True)
     return f"{path} at commit {h}" if h else path

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "git_commit"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -62,3 +62,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def git_commit(path: str | Path | None = None, short: bool = False) -> str:
+    """The git commit of fewstep's source tree (HEAD), or the last commit that changed ``path``; "" outside git.
+
+    Args:
+        path: A file whose last changing commit is wanted (None: HEAD).
+        short: Abbreviated hash instead of the full 40 hex digits.
+
+    Returns:
+        The hash, or "" when git or the checkout is missing.
+    """
+    import subprocess
+
+    cmd = ["git", "log", "-1", f"--format={'%h' if short else '%H'}"]
+    if path is not None:
+        cmd += ["--", str(Path(path).resolve())]
+    try:
+        out = subprocess.run(cmd, cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""

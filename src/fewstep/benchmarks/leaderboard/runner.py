@@ -9,7 +9,6 @@ its record replaced.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from fewstep.benchmarks.leaderboard.store import (
     write_json,
 )
 from fewstep.benchmarks.leaderboard.targets import teacher_curve
+from fewstep.core.io import git_commit
 
 __all__ = ["budget_dir", "run_grid", "grid_cells"]
 
@@ -40,17 +40,6 @@ def budget_dir(cells_dir: str | Path, budget: Budget) -> Path:
 def grid_cells(methods: list[str], targets: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     """The grid in run order: target-major, then seed, then method (a partial run covers every method)."""
     return [(m, t, s) for t in targets for s in seeds for m in methods]
-
-
-def _commit() -> str | None:
-    """The git commit of the source tree, when it is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _progress(total: int, quiet: bool) -> Any:
@@ -99,7 +88,7 @@ def run_grid(
     mine = [c for i, c in enumerate(grid_cells(methods, targets, seeds)) if i % shard[1] == shard[0]]
     counts = {"ran": 0, "cached": 0, "failed": 0}
     bar = _progress(len(mine), quiet)
-    stamp = {"command": command, "host": host_label(), "commit": _commit(), "eval_version": EVAL_VERSION}
+    stamp = {"command": command, "host": host_label(), "commit": git_commit() or None, "eval_version": EVAL_VERSION}
     for method, target, seed in mine:
         path = cell_path(root, method, target, seed)
         old = read_json(path)
