@@ -100,7 +100,15 @@ def test_full_loss_differs_and_is_finite() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad, match", [(dict(dm_at="middle"), "dm_at"), (dict(dm_at="final", ca_norm="dm"), "ca_norm")]
+    "bad, match",
+    [
+        (dict(dm_at="middle"), r"^config key dm_at='middle' is not valid; expected one of \('every', 'final'\)$"),
+        (
+            dict(dm_at="final", ca_norm="dm"),
+            r"^ca_norm='dm' shares the DM normaliser per sample, which needs DM at CA's anchor; "
+            r"use dm_at='every' or another ca_norm$",
+        ),
+    ],
 )
 def test_dm_at_config_errors(bad: dict, match: str) -> None:
     """An unknown ``dm_at`` and the per-sample DM normaliser shared across two anchors are refused."""
