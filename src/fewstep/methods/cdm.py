@@ -28,6 +28,9 @@ student's n_steps samples (``fake_samples="final"``; the code fits it to the x0-
 anchors, whose mixture includes the poor early-anchor predictions, so DM then drags the final samples the other
 way), and CA is normalised by the guided distance :math:`\mathrm{mean}|\hat x_0^{cfg} - \hat x_0^S|`
 (``ca_norm="cfg"``; the code uses its own :math:`\mathrm{mean}|\hat x_0^c - \hat x_0^S|`).
+``dm_at="final"`` moves the DM and off-trajectory terms to the final anchor of the fixed n_steps schedule (CA stays
+at the random anchor); measured in docs/results/dm_targets.md (section 5): it stops the w = 1 drift of the n_steps
+output but leaves the other step counts untrained and does not help at w > 1, so ``dm_at="every"`` is the default.
 """
 
 from __future__ import annotations
