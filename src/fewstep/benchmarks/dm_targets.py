@@ -69,6 +69,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "cdm tuned, CA only": ("cdm", {"dm_weight": 0.0, "cdm_weight": 0.0}),
     "cdm tuned, DM at final anchor": ("cdm", {"dm_at": "final"}),
     "dmd2, tau in [0.02, 0.3]": ("dmd2", {"n_steps": 1, "t_max": 0.3}),
+    "ddmd, DM at final anchor": ("ddmd", {"dm_at": "final"}),
     "cdm paper-form, fixed schedule": ("cdm", {**PAPER, "schedule": "fixed"}),
     "cdm paper-form, no off-trajectory": ("cdm", {**PAPER, "off_trajectory": False}),
     "cdm paper-form, gaussian perturbation": ("cdm", {**PAPER, "perturbation": "gaussian"}),
