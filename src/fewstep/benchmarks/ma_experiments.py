@@ -171,8 +171,9 @@ def sweep(
             r1, rec = round_one(preset, seed, budget, round1_steps, pair_dir, cache / "students")
             key = f"{tag}/{method}/{ROUND1}/{seed}"
             if rec is not None or key not in res["runs"]:
-                m, _ = measure(copy.deepcopy(r1), teacher, held, seed, n_eval)
+                m, fm = measure(copy.deepcopy(r1), teacher, held, seed, n_eval)
                 res["runs"][key] = {**res["runs"].get(key, {}), **(rec or {}), **m}
+                torch.save({"state": r1.state_dict(), "fm_rows": fm.float()}, res["runs"][key]["student_file"])
                 out.write_text(json.dumps(res, indent=1, default=float))
             setups[seed] = (second_round(r1), res["runs"][key]["student_file"])
         for arm in arms(budget, res["ratio"][tag], lambdas):

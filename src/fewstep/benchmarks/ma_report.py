@@ -118,12 +118,14 @@ def claim_i(res: dict[str, Any], tag: str, draws: int = 6, nfes: tuple[int, ...]
     runs = {k: r for k, r in res["runs"].items() if k.startswith(tag + "/") and Path(r["student_file"]).is_file()}
     if len(runs) < 2:
         return None
-    losses = {k: torch.load(r["student_file"], weights_only=True)["fm_rows"] for k, r in runs.items()}
-    score = {k: float(metric(r, "mmd2", 1)) for k, r in runs.items()}
-    pairs = claim_i_pairs(losses, score, top=len(runs))
+    saved = {k: torch.load(r["student_file"], weights_only=True) for k, r in runs.items()}
+    # students saved without their per-pair losses (the round-1 files of early reflow2 sweeps) are left out
+    losses = {k: f["fm_rows"] for k, f in saved.items() if "fm_rows" in f}
+    score = {k: float(metric(r, "mmd2", 1)) for k, r in runs.items() if k in losses}
+    pairs = claim_i_pairs(losses, score, top=len(losses))
     if not pairs:
-        return {"n_students": len(runs), "n_matched": 0}
-    best = {**pairs[0], "n_students": len(runs), "n_matched": len(pairs)}
+        return {"n_students": len(losses), "n_matched": 0}
+    best = {**pairs[0], "n_students": len(losses), "n_matched": len(pairs)}
     evs: dict[str, list[dict[int, dict[str, float]]]] = {}
     for side in ("a", "b"):
         st, teacher = load_student(runs[best[side]])
