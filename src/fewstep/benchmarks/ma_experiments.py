@@ -46,6 +46,7 @@ from fewstep.benchmarks.ma_arms import (
 )
 from fewstep.benchmarks.ma_eval import BASE_CONFIG, arm_config, evaluate_student, heldout_fm_loss, load_student
 from fewstep.benchmarks.ma_rectify import ROUND1, round_one, round_two_note, second_round
+from fewstep.core.io import git_commit
 from fewstep.evaluation.diagnose import diagnose_tv
 from fewstep.methods._shared.pairs import PairSolver, generate_pairs
 from fewstep.teachers.presets import load_preset
@@ -104,21 +105,6 @@ def measure(
     return res, fm
 
 
-def _git_head() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        return ""
-
-
 def sweep(
     presets: list[str],
     seeds: list[int],
@@ -152,7 +138,7 @@ def sweep(
             "base_config": BASE_CONFIG[method],
         }
     )
-    res["settings"].setdefault("git", _git_head())
+    res["settings"].setdefault("git", git_commit(short=True))
     if method == "reflow2":
         res["settings"]["round1_steps"] = round1_steps
     res.setdefault("runs", {})
