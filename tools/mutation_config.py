@@ -76,10 +76,11 @@ MODULES: dict[str, list[str]] = {
             "test_finite_at_clamped_boundaries")),
         "methods/test_cdm_terms.py",
         "methods/test_mutation_kills_cdm.py",
+        "methods/test_cdm_dm_at.py",
     ],
     "methods/dmd.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
     "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
-    "methods/ddmd.py": ["methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py"],
+    "methods/ddmd.py": ["methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_ddmd_dm_at.py"],
     "methods/_shared/dm_base.py": [  # the DM method base of dmd, dmd2 (and, via ca_dm, ddmd and cdm)
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
         "methods/test_mutation_kills_ddmd.py"],
@@ -89,7 +90,7 @@ MODULES: dict[str, list[str]] = {
         "methods/test_mutation_kills_dm.py"],
     "methods/_shared/ca_dm.py": [  # the CA + DM terms of ddmd and cdm
         "methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py",
-        "methods/test_mutation_kills_cdm.py"],
+        "methods/test_mutation_kills_cdm.py", "methods/test_cdm_dm_at.py", "methods/test_ddmd_dm_at.py"],
 }
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
@@ -118,7 +119,7 @@ EQUIVALENT: dict[str, str] = {
     _F + "FlowMapǁ_check_input__mutmut_39": _ONE_DEVICE,
     _F + "FlowMapǁ_check_input__mutmut_41": _ONE_DEVICE,
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_6": "anchor(batch, ) : grad=True is the default of anchor",
-    "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_22": 'renoise_time(u, ) : kind="uniform" is the default',
+    "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_29": 'renoise_time(u, ) : kind="uniform" is the default',
     "fewstep.methods._shared.alignment.x_ma_loss__mutmut_89": "create_graph=True dropped: it is the default",
     _AL + "window_logdensity__mutmut_28": _ONE_DEVICE,
     _AL + "window_logdensity__mutmut_31": _ONE_DEVICE,
@@ -178,10 +179,15 @@ EQUIVALENT: dict[str, str] = {
     "below 0",
     "fewstep.methods.ddmd.xǁDecoupledDMDǁstudent_loss__mutmut_5": "anchor(batch, ) : grad=True is the default "
     "of anchor",
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_anchor__mutmut_10": "anchor(batch, final=True) : grad=True is the "
+    "default of anchor",
+    "fewstep.methods.ddmd.xǁDecoupledDMDǁstudent_loss__mutmut_15": "dm_anchor(batch, None): with dm_at=every it "
+    "returns "
+    "None, and ca_dm_loss takes a None DM anchor as the CA anchor a; with dm_at=final the argument is not read",
     "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_25": "dm_terms(..., cond, ) : guidance 1.0 is "
     "the default",
     "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_37": 'dm_loss(..., floor, ) : "dmd2" is the default',
-    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁca_dm_loss__mutmut_6": 'n_dm = "" instead of None: ca_term reads '
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁca_dm_loss__mutmut_10": 'n_dm = "" instead of None: ca_term reads '
     "n_dm only when ca_norm='dm', where dm_term always sets it",
     **{f"fewstep.methods._shared.dm_base.xǁDistributionMatchingMethodǁ{k}": r for k, r in (
         ("anchor__mutmut_8", "torch.full with an integer fill and dtype=None is int64, torch.long"),
