@@ -91,6 +91,13 @@ MODULES: dict[str, list[str]] = {
     "methods/_shared/ca_dm.py": [  # the CA + DM terms of ddmd and cdm
         "methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py",
         "methods/test_mutation_kills_cdm.py", "methods/test_cdm_dm_at.py", "methods/test_ddmd_dm_at.py"],
+    "methods/_shared/flowmap_helpers.py": [  # time samplers and weights of meanflow, splitmeanflow, scm, facm, ayf
+        "methods/test_mutation_kills_flowmap_helpers.py", "methods/test_mutation_kills_meanflow.py",
+        "methods/test_mutation_kills_scm.py", "methods/test_mutation_kills_facm.py"],
+    "methods/_shared/flowmap_base.py": [  # the FlowMapTrain / AverageVelocity base of the five flow-map methods
+        "methods/test_mutation_kills_flowmap_base.py", "methods/test_mutation_kills_meanflow.py",
+        "methods/test_mutation_kills_splitmeanflow.py", "methods/test_mutation_kills_scm.py",
+        "methods/test_mutation_kills_facm.py", "methods/test_mutation_kills_ayf.py"],
 }
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
