@@ -98,6 +98,7 @@ MODULES: dict[str, list[str]] = {
         "methods/test_mutation_kills_flowmap_base.py", "methods/test_mutation_kills_meanflow.py",
         "methods/test_mutation_kills_splitmeanflow.py", "methods/test_mutation_kills_scm.py",
         "methods/test_mutation_kills_facm.py", "methods/test_mutation_kills_ayf.py"],
+    "methods/_shared/pairs.py": ["methods/test_pairs.py", "methods/test_mutation_kills_pairs.py"],  # reflow pairs
 }
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
@@ -241,4 +242,6 @@ EQUIVALENT: dict[str, str] = {
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_20": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_22": _ONE_DEVICE + " (the grid is moved to x1's device)",
+    "fewstep.methods._shared.flowmap_base.xǁFlowMapTrainMethodǁdrop_labels__mutmut_4":
+        "cond_drop >= 0: at cond_drop = 0 no uniform u < 0 is dropped",
 }
