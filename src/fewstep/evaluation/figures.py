@@ -20,6 +20,12 @@ def save_figure(x: Tensor, path: Path, title: str, ref: Tensor | None = None) ->
     """Scatter for 2-D samples, an image grid for 64-D (8x8), pairwise projections of the first 4 coordinates
     for other dimensions >= 3 (reference samples in grey when given).
 
+    Args:
+        x: Samples (n, d) or images (n, C, H, W).
+        path: The PNG to write.
+        title: Figure title.
+        ref: Optional reference samples drawn in grey (scatter and projections).
+
     Returns:
         ``path``, or None when nothing can be drawn (1-D samples).
     """

@@ -52,6 +52,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(module: nn.Module, cfg: TrainConfig, name: str = "student") -> torch.optim.Optimizer:
     """Adam or AdamW over ``module``'s trainable parameters at ``cfg.lr_overrides.get(name, cfg.lr)``.
 
+    Args:
+        module: The network to optimise.
+        cfg: The train section (optimizer, betas, eps, weight_decay, lr, lr_overrides).
+        name: The network's name in ``method.trainable()`` (selects its lr override, names it in errors).
+
+    Returns:
+        The optimiser.
+
     Raises:
         ValueError: the network has no parameter with ``requires_grad``.
     """
@@ -65,6 +73,10 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig, name: str = "student") -
 
 def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
     r"""The global gradient norm :math:`\|g\|_2` of ``module`` (full tensors under FSDP), clipped to ``max_norm`` > 0.
+
+    Args:
+        module: The network whose parameters' gradients are measured (and clipped).
+        max_norm: Clip threshold; 0 measures without clipping.
 
     Returns:
         The norm before clipping (0.0 when no parameter has a gradient).
