@@ -98,7 +98,8 @@ MODULES: dict[str, list[str]] = {
         "methods/test_mutation_kills_flowmap_base.py", "methods/test_mutation_kills_meanflow.py",
         "methods/test_mutation_kills_splitmeanflow.py", "methods/test_mutation_kills_scm.py",
         "methods/test_mutation_kills_facm.py", "methods/test_mutation_kills_ayf.py"],
-    "methods/_shared/pairs.py": ["methods/test_pairs.py", "methods/test_mutation_kills_pairs.py"],  # reflow pairs
+    "methods/_shared/pairs.py": [  # reflow pair generation / caching
+        "methods/test_pairs.py", "methods/test_mutation_kills_pairs.py", "methods/test_mutation_kills_pairs_resume.py"],
 }
 
 #: surviving mutants argued equivalent: mutmut mutant name -> one-line reason (also listed in docs/mutation.md)
@@ -114,6 +115,9 @@ _F64_TIMES = ("output times passed to torchdiffeq in float64 instead of the stat
               "the state's dtype in every call; only the step-size arithmetic's rounding differs")
 _DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
 _ONE_DEVICE = "device argument: the tests run on one device (CPU), where every tensor already lies on the target device"
+_PA = "fewstep.methods._shared.pairs."
+_PA_LOAD = ("generate_pairs' final load_pairs: the manifest it just wrote is built from the requested fingerprint and "
+            "solver, is complete and lists exactly n rows, so the checks pass and the n cut is a no-op")
 EQUIVALENT: dict[str, str] = {
     _P + "__init____mutmut_4": "boundary values checked in float32 instead of float64: far below the 1e-6 tolerance",
     _P + "__init____mutmut_6": "boundary values checked in float32 instead of float64: far below the 1e-6 tolerance",
@@ -244,4 +248,11 @@ EQUIVALENT: dict[str, str] = {
     _PW + "window_starts__mutmut_22": _ONE_DEVICE + " (the grid is moved to x1's device)",
     "fewstep.methods._shared.flowmap_base.xǁFlowMapTrainMethodǁdrop_labels__mutmut_4":
         "cond_drop >= 0: at cond_drop = 0 no uniform u < 0 is dropped",
+    _PA + "xǁPairsǁtake__mutmut_2": "clamp(None, N-1): u >= 0, the pair index is never negative",
+    _PA + "x__solve_teacher__mutmut_14": "solve_adaptive(v, x1, 1.0, ...) : t_end = 0.0 is the default",
+    _PA + "x_generate_pairs__mutmut_31": "getattr(teacher, 'event_shape', None) or (): None or () is (), as () or ()",
+    _PA + "x_generate_pairs__mutmut_198": "randint(K, shape) is randint(0, K, shape)",
+    _PA + "x_generate_pairs__mutmut_208": "rand <= uncond_fraction: differs only on an exact tie of a float32 uniform",
+    _PA + "x_generate_pairs__mutmut_238": ".to(None) is a no-op and x0[sl] = ... casts to x0's dtype anyway",
+    **{_PA + f"x_generate_pairs__mutmut_{i}": _PA_LOAD for i in (316, 317, 318, 319, 321, 322, 323, 324, 327)},
 }
