@@ -25,6 +25,21 @@ class LinearProbe(nn.Module):
         return self.a * x + (self.b * t + self.d * s + self.e * lab)[:, None]
 
 
+
+class LabelTimeProbe(LinearProbe):
+    """:class:`LinearProbe` plus a label-time product: F = a x + b t + d s + e c + k c t (k starts at 0.8).
+
+    The c t term makes the guided velocity depend on t, so a JVP along (v, 1, 0) sees the label.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(0.8, dtype=torch.float64))
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)
+        return super().forward(x, t, s, cond) + (self.k * lab * t)[:, None]
+
 def two_class_teacher(dtype: torch.dtype = torch.float64) -> GaussianMixtureTeacher:
     """A 2-D, two-component, class-conditional analytic teacher (one class per component, covariance 0.3 I)."""
     cov = torch.eye(2, dtype=dtype)[None].repeat(2, 1, 1) * 0.3

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from _probe_nets import LabelTimeProbe
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.base import U_LABEL_DROP
@@ -18,17 +19,7 @@ torch.set_num_threads(1)
 N = 24
 
 
-class _Probe(nn.Module):
-    """F(x, t, s, c) = a x + b t + d s + e c + k c t (c: the label, -1 = null; None = 0, unlike -1 on purpose)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.d, self.e, self.k = (nn.Parameter(torch.tensor(v, dtype=torch.float64))
-                                                  for v in (0.3, -0.7, 0.4, 0.5, 0.8))
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
-        lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)
-        return self.a * x + (self.b * t + self.d * s + self.e * lab + self.k * lab * t)[:, None]
+_Probe = LabelTimeProbe  # F = a x + b t + d s + e c + k c t
 
 
 def _teacher() -> GaussianMixtureTeacher:

@@ -11,9 +11,9 @@ import re
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from _probe_nets import random_batch, two_class_teacher
+from _probe_nets import LabelTimeProbe, random_batch, two_class_teacher
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
 from fewstep.methods._shared.flowmap_helpers import consistency_time
@@ -24,17 +24,7 @@ torch.set_num_threads(1)
 N = 24
 
 
-class _Probe(nn.Module):
-    """F(x, t, s, c) = a x + b t + d s + e c + k c t (c: the label, -1 = null; None counts as 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.d, self.e, self.k = (nn.Parameter(torch.tensor(v, dtype=torch.float64))
-                                                  for v in (0.3, -0.7, 0.4, 0.5, 0.8))
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
-        lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)
-        return self.a * x + (self.b * t + self.d * s + self.e * lab + self.k * lab * t)[:, None]
+_Probe = LabelTimeProbe  # F = a x + b t + d s + e c + k c t
 
 
 _CFG = dict(cond_drop=0.3, time_sampler="uniform", t_min=0.05, t_max=0.95, warmup_steps=10, tangent_norm_c=0.2,
