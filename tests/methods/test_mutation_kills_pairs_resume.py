@@ -116,12 +116,12 @@ def test_default_shard_and_batch_sizes(tmp_path: Path) -> None:
 
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     t = _Counting()
-    generate_pairs(t, tmp_path, 6, EULER1, shard_size=2, fingerprint=FP)  # progress is on by default
+    generate_pairs(t, tmp_path, 6, EULER1, shard_size=3, fingerprint=FP)  # progress is on by default
     err = capsys.readouterr().err
     assert "reflow pairs: 100%" in err and "6/6 [" in err and re.search(r"[\d.]+(pair/s|s/pair)\]", err)
-    generate_pairs(t, tmp_path, 4, EULER1, shard_size=2, fingerprint=FP)  # resumed: 4 of the 6 rows counted
+    generate_pairs(t, tmp_path, 3, EULER1, shard_size=3, fingerprint=FP)  # resumed: the 3 rows of shard 0 counted
     err = capsys.readouterr().err
-    assert "4/4 [" in err and "6/4" not in err
+    assert "3/3 [" in err and "6/3" not in err
     generate_pairs(t, tmp_path / "q", 2, EULER1, shard_size=2, fingerprint=FP, progress=False)
     assert capsys.readouterr().err == ""
 
