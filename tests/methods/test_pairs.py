@@ -86,3 +86,13 @@ def test_conditional_guided_pairs_and_module_fingerprint(tmp_path: Path) -> None
     assert teacher_fingerprint(net)["sha256"] != f1["sha256"]
     with pytest.raises(ValueError, match="pair solver"):
         PairSolver("midpoint", 4)
+
+
+def test_fingerprint_of_a_teacher_with_a_scalar_parameter() -> None:
+    """A 0-d tensor (a scalar nn.Parameter) is hashed by its bytes, and changing it changes the fingerprint."""
+    net = torch.nn.Module()
+    net.scale = torch.nn.Parameter(torch.tensor(0.5))
+    f1 = teacher_fingerprint(net)["sha256"]
+    with torch.no_grad():
+        net.scale += 1e-3
+    assert teacher_fingerprint(net)["sha256"] != f1

@@ -44,5 +44,5 @@ def teacher_fingerprint(teacher: nn.Module | Any, path: str | None = None) -> di
         for name, tensor in sorted(module.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return {"class": type(teacher).__name__, "sha256": h.hexdigest(), "path": str(path or "")}
