@@ -2,13 +2,13 @@ r"""Learned-teacher targets: a velocity teacher trained by ``fewstep train-teach
 
 A learned target is ``learned:<config.yaml>`` (a ``fewstep train-teacher`` config on the real ``digits`` data) or
 an alias of one: ``learned-digits`` = ``configs/teacher_digits_bench.yaml`` (unconditional, MLP 256×3, 8000 steps).
-The teacher is trained once through the command line's own code path (:func:`fewstep.cli.main` with
-``train-teacher --config``; seeded, one thread: deterministic) into ``<cache>/<config stem>-<hash>``, where the hash
-is that of the resolved config, so a changed config trains a new teacher and an unchanged one is loaded. ``<cache>``
-is ``$FEWSTEP_BENCH_TEACHERS``, default ``runs/bench-teachers`` (relative to the working directory, like the other
-bench folders). The cells distil it as ``teacher.kind=run`` (:func:`fewstep.config.build.build_teacher`: the EMA
-student wrapped by :meth:`~fewstep.teachers.module.ModuleTeacher.from_flowmap`; methods that need scores or x0
-convert the learned velocity, no analytic shortcut), with the teacher's own training data as ``data``.
+The teacher is trained once as ``fewstep train-teacher --config`` trains it (:func:`fewstep.config.build.build_run`,
+resolved config saved beside it; seeded, one thread: deterministic) into ``<cache>/<config stem>-<hash>``, where
+the hash is that of the resolved config, so a changed config trains a new teacher and an unchanged one is loaded.
+``<cache>`` is ``$FEWSTEP_BENCH_TEACHERS``, default ``runs/bench-teachers`` (relative to the working directory, like
+the other bench folders). The cells distil it as ``teacher.kind=run`` (:func:`fewstep.config.build.build_teacher`:
+the EMA student wrapped by :meth:`~fewstep.teachers.module.ModuleTeacher.from_flowmap`; methods that need scores or
+x0 convert the learned velocity, no analytic shortcut), with the teacher's own training data as ``data``.
 
 Quality is measured against real held-out digits (the test split of the teacher's data section, never trained on):
 MMD² and the Fréchet distance in the digit-classifier features, the metrics of the 64-D ``digits`` target.

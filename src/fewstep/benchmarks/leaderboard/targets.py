@@ -29,6 +29,7 @@ from fewstep.benchmarks.leaderboard.learned import (
     load_learned_teacher,
     real_reference,
     teacher_config,
+    teacher_dir,
 )
 from fewstep.evaluation.evaluate import noise, reference_samples
 from fewstep.evaluation.metrics import mmd2
@@ -187,8 +188,6 @@ def teacher_curve(name: str, seed: int, n: int, cache_dir: Path | None = None) -
     dim = int(x1[0].numel())
     rec: dict[str, Any] = {"target": name, "seed": seed, "n": n, "dim": dim, "euler": euler}
     if learned:
-        from fewstep.benchmarks.leaderboard.learned import teacher_dir
-
         rec.update(
             components=None,
             teacher=str(teacher_dir(name)),
