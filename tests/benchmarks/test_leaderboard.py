@@ -78,6 +78,10 @@ def test_cell_config_keeps_the_shipped_config_and_sets_target_and_budget() -> No
     assert cfg.train.eval_every == 100
     dmd = cell_config("dmd2", "ring8", 0, b)
     assert dmd.teacher.guidance == 1.0 and dmd.data.name == "teacher"
+    # reflow-family pairs follow the cell seed (independent seeds); other keys of the shipped config stay
+    reflow = cell_config("reflow", "ring8", 2, b)
+    assert reflow.method.cfg["pair_seed"] == 2 and reflow.method.cfg["n_pairs"] == 20000
+    assert "pair_seed" not in cfg.method.cfg
 
 
 def test_design_limits_come_from_the_configs() -> None:

@@ -19,6 +19,7 @@ method (student, fake score, target copies) and by the teacher, per training sam
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,8 +85,14 @@ def config_path(method: str, config_dir: Path = CONFIG_DIR) -> Path | None:
 
 
 def cell_overrides(method: str, target: str, seed: int, budget: Budget) -> list[str]:
-    """The dotted overrides that put a shipped config on ``target`` at ``budget`` (nothing else changes)."""
+    """The dotted overrides that put a shipped config on ``target`` at ``budget`` (nothing else changes).
+
+    A method with teacher ODE pairs (the reflow family: ``pair_seed``) gets ``pair_seed`` = the cell seed, so the
+    seeds of a cell are independent in their pairs too (the config default is 0 for every run seed).
+    """
     every = max(budget.steps // budget.probes, 1)
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    pairs = [f"method.cfg.pair_seed={seed}"] if "pair_seed" in fields else []
     if is_learned_target(target):
         source = learned_overrides(target)
     else:
@@ -102,6 +109,7 @@ def cell_overrides(method: str, target: str, seed: int, budget: Budget) -> list[
         f"seed={seed}",
         "device=cpu",
         *source,
+        *pairs,
         f"student.hidden={budget.hidden}",
         f"student.depth={budget.depth}",
         f"train.steps={budget.steps}",
