@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from fewstep.benchmarks import method_bench as mb
+from fewstep.benchmarks import method_bench_recipe as recipe
+from fewstep.core.flowmap import FlowMap
 from fewstep.evaluation.evaluate import evaluate_velocity_solver
+from fewstep.networks.mlp import MLP
 from fewstep.teachers.presets import load_preset
 
 torch.set_num_threads(1)
@@ -47,7 +50,7 @@ def test_mid_time_one_half_is_the_uniform_two_step_sample(kind: str) -> None:
     teacher = load_preset("aniso3")
     torch.manual_seed(0)
     param = "consistency" if kind == "gamma1" else "average_velocity"
-    student = mb.FlowMap(mb.MLP(2, hidden=16, depth=1, use_s=param == "average_velocity"), param).eval()
+    student = FlowMap(MLP(2, hidden=16, depth=1, use_s=param == "average_velocity"), param).eval()
     a = mb.evaluate(student, teacher, 2, 300, 3, kind)["mmd2"]
     b = mb.evaluate_mid(student, teacher, 0.5, 300, 3, kind)["mmd2"]
     assert abs(a - b) < 1e-9
@@ -56,17 +59,17 @@ def test_mid_time_one_half_is_the_uniform_two_step_sample(kind: str) -> None:
 
 
 def test_overrides_and_yaml_precedence(tmp_path: Path) -> None:
-    over = mb.parse_overrides(["method.n_steps=7", "train.lr=3e-4", "method.solver=euler"])
+    over = recipe.parse_overrides(["method.n_steps=7", "train.lr=3e-4", "method.solver=euler"])
     assert over == {"method": {"n_steps": 7, "solver": "euler"}, "train": {"lr": 3e-4}, "student": {}}
     for bad in ("n_steps=7", "model.n_steps=7", "method.n_steps"):
         with pytest.raises(ValueError, match="override|section"):
-            mb.parse_overrides([bad])
+            recipe.parse_overrides([bad])
     (tmp_path / "cd.yaml").write_text("method:\n  name: cd\n  cfg: {n_steps: 9, target_ema: 0.5}\n"
                                       "train: {lr: 2.0e-4}\n")
-    cfg, train = mb.method_config("cd", {"n_steps": 11}, config_dir=tmp_path)
+    cfg, train = recipe.method_config("cd", {"n_steps": 11}, config_dir=tmp_path)
     assert (cfg.n_steps, cfg.target_ema, train["lr"]) == (11, 0.5, 2e-4)  # CLI > YAML > defaults
     with pytest.raises(ValueError, match="unknown config key"):
-        mb.method_config("cd", {"n_stepz": 1}, config_dir=tmp_path)
+        recipe.method_config("cd", {"n_stepz": 1}, config_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown method"):
         mb.main(["--methods", "nope", "--out", str(tmp_path / "x.md")])
 
@@ -74,12 +77,13 @@ def test_overrides_and_yaml_precedence(tmp_path: Path) -> None:
 def test_student_options_reach_the_network(tmp_path: Path) -> None:
     """``student.*`` overrides (YAML student section < --set) set the MLP embedding; unknown keys are named."""
     (tmp_path / "meanflow.yaml").write_text("student: {max_freq: 4.0, hidden: 999}\n")
-    opts = mb.student_options("meanflow", {"raw_time": True}, config_dir=tmp_path)
+    opts = recipe.student_options("meanflow", {"raw_time": True}, config_dir=tmp_path)
     assert opts == {"max_freq": 4.0, "raw_time": True}
     with pytest.raises(ValueError, match="width"):
-        mb.student_options("meanflow", {"width": 3}, config_dir=tmp_path)
+        recipe.student_options("meanflow", {"width": 3}, config_dir=tmp_path)
     from fewstep.teachers.presets import load_preset
 
-    method = mb.build_method("meanflow", load_preset("ring8"), mb.method_config("meanflow", {})[0], 16, 2, **opts)
+    cfg = recipe.method_config("meanflow", {})[0]
+    method = recipe.build_method("meanflow", load_preset("ring8"), cfg, 16, 2, **opts)
     assert float(method.student.net.t_emb.freqs.max()) == pytest.approx(4.0)
     assert method.student.net.net[0].in_features == 2 + 2 * 64 + 2

@@ -3,8 +3,9 @@ r"""Generic method benchmark: train any registered method on analytic-teacher pr
 For every (method, preset, seed) the script builds the analytic teacher (:func:`fewstep.teachers.presets.load_preset`),
 an MLP student (hidden 256, depth 4 by default) in the method's parameterization, trains it for ``--steps`` steps
 with :class:`fewstep.training.trainer.Trainer` on exact mixture samples (hyper-parameters: method defaults <
-``configs/<method>.yaml`` < ``--set method.key=value train.key=value``), and evaluates the EMA student at 1, 2 and
-4 NFE with :mod:`fewstep.evaluation.evaluate`; the headline metric is the summed-bandwidth unbiased RBF MMD²
+``configs/<method>.yaml`` < ``--set method.key=value train.key=value``; built and trained by
+:mod:`fewstep.benchmarks.method_bench_recipe`), and evaluates the EMA student at 1, 2 and 4 NFE with
+:mod:`fewstep.evaluation.evaluate`; the headline metric is the summed-bandwidth unbiased RBF MMD²
 
 .. math::
     \mathrm{MMD}^2 = \sum_{h\in\{0.05,0.2,1\}} \big[\bar k_h(X,X) + \bar k_h(Y,Y) - 2\bar k_h(X,Y)\big],
@@ -23,7 +24,6 @@ Example (``--merge a.json b.json --out c.md`` combines runs made in separate pro
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import shlex
 import statistics
@@ -34,153 +34,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
+from fewstep.benchmarks.method_bench_recipe import (
+    build_method,
+    method_config,
+    parse_overrides,
+    student_options,
+    time_steps,
+    train_method,
+)
 from fewstep.benchmarks.method_bench_report import merge, write_outputs
-from fewstep.core.flowmap import FlowMap
-from fewstep.core.utils import set_unregistered
-from fewstep.methods.base import Method
 from fewstep.methods.registry import get_method
-from fewstep.networks.mlp import MLP
 from fewstep.sampling.spec import CONSISTENCY, DETERMINISTIC, SamplerSpec, sample_with
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 
-__all__ = ["parse_overrides", "method_config", "train_method", "time_steps", "evaluate", "evaluate_mid", "run", "main"]
-
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """Parse ``section.key=value`` overrides (values read as YAML scalars) into {section: {key: value}}.
-
-    Args:
-        items: Override strings such as ``method.lr=1e-3`` or ``student.emb_dim=32``.
-
-    Returns:
-        Overrides by section, with keys ``method``, ``train`` and ``student`` (each possibly empty).
-
-    Raises:
-        ValueError: for an item without ``=``, without a section, or with an unknown section.
-    """
-    out: dict[str, dict[str, Any]] = {"method": {}, "train": {}, "student": {}}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r} must look like method.key=value, train.key=value or student.key=value")
-        key, val = item.split("=", 1)
-        section, name = key.split(".", 1)
-        if section not in out:
-            raise ValueError(
-                f"unknown override section {section!r} in {item!r}; expected 'method', 'train' or 'student'")
-        value = yaml.safe_load(val)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        out[section][name] = value
-    return out
-
-
-def method_config(name: str, overrides: dict[str, Any], config_dir: Path = CONFIG_DIR) -> tuple[Any, dict[str, Any]]:
-    """Build the method config: class defaults < ``configs/<name>.yaml`` (method section) < command-line overrides.
-
-    The YAML may hold hyper-parameters under ``method.cfg`` (training-system format) or directly under ``method``
-    (minus ``name``). Returns (config object, the train section of the YAML or {}).
-    """
-    cls = get_method(name)
-    params: dict[str, Any] = {}
-    path = config_dir / f"{name}.yaml"
-    doc = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-    sec = doc.get("method", {}) or {}
-    params.update({**(sec.get("cfg") or {}), **{k: v for k, v in sec.items() if k not in ("name", "cfg")}})
-    params.update(overrides)
-    return cls.make_config(**params), dict(doc.get("train", {}) or {})
-
-
-#: Student-section keys the benchmark takes from ``configs/<name>.yaml`` and ``--set student.key=value``
-#: (width and depth come from ``--hidden`` / ``--depth`` so that every method is compared on one network).
-EMBEDDING_KEYS = ("emb_dim", "activation", "max_freq", "min_freq", "raw_time")
-
-
-def student_options(name: str, overrides: dict[str, Any], config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
-    """The MLP embedding options: ``student`` section of ``configs/<name>.yaml`` < ``--set student.*`` overrides.
-
-    Args:
-        name: Method name; selects ``configs/<name>.yaml``.
-        overrides: ``student.*`` overrides from the command line (keys of :data:`EMBEDDING_KEYS`).
-        config_dir: Folder holding the per-method YAML files.
-
-    Returns:
-        The :data:`EMBEDDING_KEYS` options from the YAML, updated with ``overrides``.
-
-    Raises:
-        ValueError: for an override key that is not one of :data:`EMBEDDING_KEYS`.
-    """
-    unknown = set(overrides) - set(EMBEDDING_KEYS)
-    if unknown:
-        raise ValueError(f"unknown student override(s) {sorted(unknown)}; valid: {list(EMBEDDING_KEYS)}")
-    path = config_dir / f"{name}.yaml"
-    doc = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-    opts = {k: v for k, v in (doc.get("student", {}) or {}).items() if k in EMBEDDING_KEYS}
-    return {**opts, **overrides}
-
-
-def build_method(name: str, teacher: GaussianMixtureTeacher, cfg: Any, hidden: int, depth: int,
-                 **net_options: Any) -> Method:
-    """A fresh method with an MLP student in the method's parameterization (s-embedding only for average velocity).
-
-    ``net_options`` go to :class:`fewstep.networks.mlp.MLP` (e.g. ``max_freq``, ``min_freq``, ``raw_time``).
-    """
-    cls = get_method(name)
-    net = MLP(teacher.dim, hidden=hidden, depth=depth, use_s=cls.parameterization == "average_velocity",
-              **net_options)
-    return cls(FlowMap(net, cls.parameterization), teacher, cfg)
-
-
-def _trainer(method: Method, teacher: GaussianMixtureTeacher, train: dict[str, Any], seed: int,
-             callbacks: tuple[Any, ...] = ()) -> Any:
-    """A :class:`fewstep.training.trainer.Trainer` on exact mixture samples, quiet (no files, no progress bar)."""
-    from fewstep.data.datasets import MixtureDataset
-    from fewstep.training.trainer import TrainConfig, Trainer
-
-    cfg = TrainConfig(**{**train, "progress": False, "tensorboard": False, "eval_every": 0, "ckpt_every": 0,
-                         "log_every": max(int(train["steps"]) // 20, 1)})
-    return Trainer(method, MixtureDataset(teacher), cfg, run_dir=None, callbacks=callbacks, seed=seed)
-
-
-def time_steps(method: Method, teacher: GaussianMixtureTeacher, train: dict[str, Any], n: int = 30,
-               warmup: int = 5) -> float:
-    """Median wall time (s) of one Trainer iteration over ``n`` iterations (after ``warmup``) of a deep copy.
-
-    ``method.prepare`` (e.g. reflow's pair generation) runs before the timed loop and is not counted.
-    """
-    from fewstep.training.callbacks import Callback
-
-    class Stamps(Callback):
-        def __init__(self) -> None:
-            self.t: list[float] = []
-
-        def on_fit_start(self, trainer: Any) -> None:
-            self.t.append(time.perf_counter())
-
-        def on_step_end(self, trainer: Any, step: int, logs: dict[str, float]) -> None:
-            self.t.append(time.perf_counter())
-
-    m = copy.deepcopy(method)
-    set_unregistered(m, "teacher", method.teacher)
-    stamps = Stamps()
-    _trainer(m, teacher, {**train, "steps": warmup + n}, 0, (stamps,)).fit()
-    return statistics.median(b - a for a, b in list(zip(stamps.t, stamps.t[1:]))[warmup:])
-
-
-def train_method(method: Method, teacher: GaussianMixtureTeacher, train: dict[str, Any],
-                 seed: int) -> tuple[FlowMap, list[float]]:
-    """Train with the Trainer; ``train`` holds TrainConfig fields. Returns (EMA student, logged mean losses)."""
-    trainer = _trainer(method, teacher, train, seed)
-    trainer.fit()
-    losses = [v for row in trainer.history for k, v in row.items() if k == "student/loss"]
-    return trainer.student(ema=True), losses
+__all__ = ["evaluate", "evaluate_mid", "run", "main"]
 
 
 def evaluate(model: Callable[..., Tensor], teacher: GaussianMixtureTeacher, nfe: int, n: int, seed: int,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewstep.benchmarks.method_bench import build_method, method_config, student_options, train_method
+from fewstep.benchmarks.method_bench_recipe import build_method, method_config, student_options, train_method
 from fewstep.benchmarks.peer_adapters import peer_loss
 from fewstep.config.schema import TrainConfig
 from fewstep.core.flowmap import FlowMap
