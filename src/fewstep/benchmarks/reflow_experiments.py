@@ -6,6 +6,8 @@ b. reflow, reflow+MA, perflow, perflow+MA at equal steps on ring8, aniso3, digit
    mean exact log p_0 of the samples, exact KL (2-D), mode coverage; mean ± std over seeds; time per step.
 c. :func:`fewstep.evaluation.diagnose.diagnose_tv` for every trained student of (b).
 
+The markdown tables are :mod:`fewstep.benchmarks.reflow_report`.
+
 Run: ``python -m fewstep.benchmarks.reflow_experiments --out docs/results/reflow.md`` (add ``--quick`` for a
 smoke run). Writes markdown and JSON.
 """
@@ -14,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fewstep.benchmarks.reflow_report import render
 from fewstep.benchmarks.reflow_underdetermination import ring8_underdetermination, rotation_vs_translation
 from fewstep.core.flowmap import FlowMap
 from fewstep.data.datasets import MixtureDataset
@@ -115,22 +116,6 @@ def evaluate(student: FlowMap, teacher: Any, n: int, seed: int) -> dict[int, dic
     return out
 
 
-def _route(flags: list[float]) -> str:
-    """Which KL/TV estimate the seeds used: CoV (change of variables, no fold), k-NN, or a mix."""
-    if not flags:
-        return "–"
-    cov = sum(1 for f in flags if f)
-    return "CoV" if cov == len(flags) else "k-NN" if cov == 0 else f"CoV {cov}/k-NN {len(flags) - cov}"
-
-
-def _fmt(vals: list[float], digits: int = 4) -> str:
-    if not vals:
-        return "–"
-    m = statistics.fmean(vals)
-    s = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-    return f"{m:.{digits}g} ± {s:.{digits - 2}g}" if abs(m) < 1e4 else f"{m:.3e}"
-
-
 def run(presets: list[str], seeds: list[int], steps: dict[str, int], out: Path, hidden: int = 128,
         depth: int = 3, batch: int = 256, n_eval: int = 2000, extra: dict[str, Any] | None = None,
         variants: list[str] | None = None, suffix: str = "") -> dict[str, Any]:
@@ -163,119 +148,6 @@ def run(presets: list[str], seeds: list[int], steps: dict[str, int], out: Path, 
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
     return res
 
-
-def _mean(res: dict[str, Any], key: str, seeds: list[int], nfe: int, metric: str) -> float | None:
-    vals = [float({str(a): b for a, b in res["b"][f"{key}/{s}"]["eval"].items()}[str(nfe)].get(metric, math.nan))
-            for s in seeds if f"{key}/{s}" in res["b"]]
-    vals = [v for v in vals if math.isfinite(v)]
-    return statistics.fmean(vals) if vals else None
-
-
-def _std(res: dict[str, Any], key: str, seeds: list[int], nfe: int, metric: str) -> float:
-    vals = [float({str(a): b for a, b in res["b"][f"{key}/{s}"]["eval"].items()}[str(nfe)].get(metric, math.nan))
-            for s in seeds if f"{key}/{s}" in res["b"]]
-    return statistics.pstdev(vals) if len(vals) > 1 else 0.0
-
-
-def summary(res: dict[str, Any], presets: list[str], variants: list[str], seeds: list[int]) -> list[str]:
-    """Plain statements computed from the results: MA deltas per method/NFE and the ring8 quality bar."""
-    lines = ["### Summary (computed from the tables above)", ""]
-    for preset in presets:
-        pairs = [(b, v) for b in variants if "+MA" not in b for v in variants if v.startswith(b + "+MA")]
-        for base, ma in pairs:
-            for k in (1, 2, 4):
-                m0 = _mean(res, f"{preset}/{base}", seeds, k, "mmd2")
-                m1 = _mean(res, f"{preset}/{ma}", seeds, k, "mmd2")
-                k0, k1 = _mean(res, f"{preset}/{base}", seeds, k, "kl"), _mean(res, f"{preset}/{ma}", seeds, k, "kl")
-                if m0 is None or m1 is None:
-                    continue
-                noise = _std(res, f"{preset}/{base}", seeds, k, "mmd2") + _std(res, f"{preset}/{ma}", seeds, k, "mmd2")
-                verdict = "helps" if m1 < 0.9 * m0 else ("does not help" if m1 > 1.1 * m0 else "is neutral (±10%)")
-                if abs(m1 - m0) <= noise and verdict != "is neutral (±10%)":
-                    verdict += " (but the difference is within the seed std)"
-                kl = f"; KL {k0:.3f} -> {k1:.3f} (valid estimate, see est.)" if k0 is not None and k1 is not None \
-                    else ""
-                lines.append(f"- {preset}, {base} -> {ma}, {k} NFE: MMD² {m0:.4f} -> {m1:.4f}: "
-                             f"MA {verdict} on MMD²{kl}.")
-    te = res["teacher_euler"].get("ring8")
-    if te and "ring8" in presets:
-        e4, e8 = float(te.get("4", te.get(4))["mmd2"]), float(te.get("8", te.get(8))["mmd2"])
-        best = {k: min(((_mean(res, f"ring8/{v}", seeds, k, "mmd2") or math.inf), v) for v in variants)
-                for k in (1, 2)}
-        lines.append(f"- ring8 quality bar: best at 2 steps {best[2][1]} {best[2][0]:.4f} vs teacher Euler 8 NFE "
-                     f"{e8:.4f} ({'met' if best[2][0] < e8 else 'NOT met'}); best at 1 step {best[1][1]} "
-                     f"{best[1][0]:.4f} vs teacher Euler 4 NFE {e4:.4f} ({'met' if best[1][0] < e4 else 'NOT met'}).")
-    return lines + [""]
-
-
-def render(res: dict[str, Any], presets: list[str], variants: list[str], seeds: list[int]) -> str:
-    """The markdown report of :func:`run`'s results."""
-    g = res["a"]["gaussian"]
-    lines = ["# Reflow family with marginal alignment (issue 4)", "",
-             "Generated by `python -m fewstep.benchmarks.reflow_experiments`; settings: "
-             f"`{json.dumps(res['settings'], ensure_ascii=False)}`.", "",
-             "Setup: analytic mixture teachers; MLP students trained with `fewstep.training.trainer.Trainer` "
-             "(Adam, cosine LR, "
-             "EMA 0.995, batch as in the settings); reflow pairs = 20k exact-teacher RK4-64 endpoints (4096 RK4-16 for "
-             "digits); PeRFlow: 2 windows, data-noised window starts, RK4 window solves; MA = reverse-KL surrogate "
-             "(`fewstep.methods._shared.alignment.ma_loss`) on 128 rows per step, "
-             "switched on for the second half of training, "
-             "window end clamped to t_min=0.05; mode `jump` in 2-D, Hutchinson (2 probes, one Euler sub-step) for "
-             "reflow in 64-D. Metrics: `fewstep.evaluation.evaluate` (MMD² summed over bandwidths 0.05/0.2/1, exact "
-             "mean log p₀ of the samples, KL(q‖p₀) and TV of the k-jump pushforward in 2-D, mode coverage); "
-             "ms/step is wall time on a shared, heavily loaded 2-core CPU (MA is active on half of the steps).", "",
-             "KL/TV (`fewstep.evaluation.valid_kl`): by importance sampling with the change-of-variables density "
-             "(CoV) only when no sample's jump folds (det ∂f/∂x ≤ 0); otherwise the density-free k-NN estimates "
-             "(k-NN entropy of the samples + exact log p₀, Kozachenko-Leonenko; TV with the k-NN density of q). "
-             "`folded` = share of samples with a folded jump; `E_q[p/q]` = the density check (≤ 1 for a valid "
-             "density, CoV density; mean over seeds); `est.` = CoV or k-NN (seeds using each). k-NN values of exact "
-             "samples (floors) at n = 2000: KL ≈ 0.04, TV ≈ 0.14 on ring8.", "",
-             "## a. Under-determination", "",
-             "Teacher window map = identity on N(0, I₂) (docs/methods.md §4):", "",
-             "| student | trajectory loss E‖Φ(x)−x‖² | KL(Φ#p ‖ p) |", "|---|---|---|",
-             f"| rotation α=π/3 (flow of αJx, RK4) | {g['traj_loss_rotation']:.4f} | {g['kl_rotation']:.2e} |",
-             f"| translation ‖c‖²=4(1−cos α) | {g['traj_loss_translation']:.4f} | {g['kl_translation']:.4f} |", ""]
-    if "ring8" in res["a"]:
-        r = res["a"]["ring8"]
-        lines += ["Trained reflow student Φ on ring8 (seed 0), composed with a 45° rotation (A; ring8 is invariant) "
-                  "or a translation (B) sized so both have the same endpoint loss E‖Φ(x₁)−x₀‖² on the teacher pairs:",
-                  "", "| student | endpoint loss | MMD² (1 step) | mean log p₀ |", "|---|---|---|---|",
-                  f"| A = R₄₅∘Φ | {r['loss_A_rotation']:.4f} | {r['mmd2_A']:.4f} | {r['loglik_A']:.3f} |",
-                  f"| B = Φ + c (‖c‖={r['shift_norm']:.3f}) | {r['loss_B_translation']:.4f} | {r['mmd2_B']:.4f} | "
-                  f"{r['loglik_B']:.3f} |", ""]
-    lines += ["## b. MA vs no MA (EMA students, mean ± std over seeds " + ", ".join(map(str, seeds)) + ")", ""]
-    for preset in presets:
-        te = res["teacher_euler"].get(preset, {})
-        lines += [f"### {preset}", "", "Teacher Euler: " + (", ".join(
-            f"{k} NFE MMD² {v['mmd2']:.4f}" for k, v in te.items()) or "not measured (64-D)"), "",
-            "| variant | NFE | MMD² | mean log p₀ | KL(q‖p₀) | TV | est. | folded | E_q[p/q] | modes covered | "
-            "ms/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for variant in variants:
-            runs = [res["b"][f"{preset}/{variant}/{s}"] for s in seeds if f"{preset}/{variant}/{s}" in res["b"]]
-            if not runs:
-                continue
-            for k in ("1", "2", "4"):
-                evs = [{str(kk): vv for kk, vv in r["eval"].items()}[k] for r in runs]
-                col = lambda m: [float(e[m]) for e in evs if m in e]  # noqa: E731
-                ms = [1e3 * r["sec_per_step"] for r in runs]
-                lines.append(f"| {variant} | {k} | {_fmt(col('mmd2'))} | {_fmt(col('mean_loglik'))} | "
-                             f"{_fmt(col('kl'))} | {_fmt(col('tv'))} | {_route(col('kl_from_cov'))} | "
-                             f"{_fmt(col('fold_fraction'), 3)} | {_fmt(col('w_mean'), 3)} | "
-                             f"{_fmt(col('modes_covered'), 3)} | {_fmt(ms, 3)} |")
-        lines.append("")
-    lines += summary(res, presets, variants, seeds)
-    lines += ["## c. Telescoping bound TV(q₀, p₀) ≤ Σ ε_k ≤ Σ √(KL_k/2)", "",
-              "Folding windows use the density-free k-NN ε_k (upward noise: `eps floor` summed over windows).", "",
-              "| run | windows | TV(q₀,p₀) | Σ ε_k | Σ √(KL_k/2) | holds (2 s.e.) | max folded (window) | "
-              "folded (final) | Σ eps floor |", "|---|---|---|---|---|---|---|---|---|"]
-    for key, d in res["c"].items():
-        terms = d["terms"]
-        fold_w = max((t.get("fold_fraction", math.nan) for t in terms), default=math.nan)
-        floor = sum(t.get("eps_floor", 0.0) for t in terms)
-        lines.append(f"| {key} | {len(d['windows']) - 1} | {d['tv_final']:.4f} ± {d['tv_final_se']:.4f} | "
-                     f"{d['sum_eps']:.4f} | {d['sum_sqrt_kl_half']:.4f} | {d['holds']} | {fold_w:.3f} | "
-                     f"{d.get('final_fold_fraction', math.nan):.3f} | {floor:.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
