@@ -28,7 +28,8 @@ from fewstep.training.fsdp import is_sharded
 
 __all__ = [
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "is_main_process",
-    "barrier", "allreduce_gradients", "broadcast_module", "broadcast_string", "all_reduce_mean", "cleanup",
+    "barrier", "allreduce_gradients", "broadcast_module", "broadcast_string", "all_reduce_mean", "all_reduce_log_means",
+    "cleanup",
 ]
 
 
@@ -186,6 +187,21 @@ def all_reduce_mean(values: Tensor) -> Tensor:
     out = values.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / get_world_size()
+
+
+def all_reduce_log_means(window: dict[str, list[float]]) -> dict[str, float]:
+    """Each key's mean over its logged values, averaged over ranks (one row of the trainer's log).
+
+    Args:
+        window: The values logged per key since the last row (every rank holds the same keys).
+
+    Returns:
+        The mean per key (keys sorted), the same on every rank.
+    """
+    keys = sorted(window)
+    means = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
+    means = all_reduce_mean(means)
+    return {k: float(v) for k, v in zip(keys, means)}
 
 
 def broadcast_string(text: str, src: int = 0) -> str:

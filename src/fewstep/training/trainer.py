@@ -34,6 +34,7 @@ import fewstep.training.distributed as D
 from fewstep.config.schema import TrainConfig
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Batch, Method
+from fewstep.training.batches import draw_global_batch, rank_micro_batches
 from fewstep.training.callbacks import Callback, CSVLogger
 from fewstep.training.checkpoint import (
     CheckpointError,
@@ -110,32 +111,15 @@ class Trainer:
             raise ValueError(f"no EMA with decay {d}; available {self.ema.decays}")
         return self.ema.copies[d]
 
-    # ------------------------------------------------------------------ batches
+    # ------------------------------------------------------------------ batches (fewstep.training.batches)
     def global_batch(self, step: int, name: str, occurrence: int = 0) -> Batch:
         """The global batch of (step, name): x0, cond, then x1 and u from one seeded CPU generator."""
-        b = self.config.batch_size
-        g = torch.Generator().manual_seed(derive_seed(self.seed, step, name, occurrence))
-        x0 = cond = None
-        if self.dataset is not None:
-            x0, cond = self.dataset.sample(b, generator=g)
-        x1 = torch.randn(b, *self.event_shape, generator=g)
-        u = torch.rand(b, 8, generator=g)
-        if not self.method.uses_data(self.method.config):
-            x0 = None  # data-free methods get labels (cond) only
-        return Batch(x1=x1, u=u, x0=x0, cond=cond)
+        return draw_global_batch(self.method, self.dataset, self.event_shape, self.config.batch_size,
+                                 derive_seed(self.seed, step, name, occurrence))
 
     def shards(self, batch: Batch) -> list[Batch]:
         """This rank's micro-batches: the global batch cut into world*grad_accum equal chunks."""
-        n = self.world * self.config.grad_accum
-        size = batch.size // n
-        out = []
-        for m in range(self.config.grad_accum):
-            i = (self.rank * self.config.grad_accum + m) * size
-            sl = slice(i, i + size)
-            out.append(Batch(x1=batch.x1[sl].to(self.device), u=batch.u[sl].to(self.device),
-                             x0=None if batch.x0 is None else batch.x0[sl].to(self.device),
-                             cond=None if batch.cond is None else batch.cond[sl].to(self.device)))
-        return out
+        return rank_micro_batches(batch, self.rank, self.world, self.config.grad_accum, self.device)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -213,7 +197,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, step, logs)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                row = self._reduce_window(window)
+                row = D.all_reduce_log_means(window)
                 row["it_per_s"] = (self.step - n0) / max(time.perf_counter() - t0, 1e-9)
                 self.history.append({"step": self.step, **row})
                 if self.logger is not None:
@@ -237,12 +221,6 @@ class Trainer:
         if self.logger is not None:
             self.logger.close()
         return self.method
-
-    def _reduce_window(self, window: dict[str, list[float]]) -> dict[str, float]:
-        keys = sorted(window)
-        means = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
-        means = D.all_reduce_mean(means)
-        return {k: float(v) for k, v in zip(keys, means)}
 
     def evaluate(self) -> None:
         """Call every callback's ``on_eval`` (rank 0 only)."""
