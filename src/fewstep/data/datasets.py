@@ -1,21 +1,19 @@
 r"""Datasets of data samples x0 (t = 0) with optional class labels, for flow matching and data-based methods.
 
-Every dataset implements ``sample(n, generator=None) -> (x0, labels)`` with x0 float32 of shape
-(n, *event_shape) and labels a LongTensor (n,) in [0, num_classes) or None. All randomness comes from the
-given ``torch.Generator`` so that a seeded generator reproduces a batch exactly.
+Every dataset implements :class:`fewstep.data.base.Dataset`: ``sample(n, generator=None) -> (x0, labels)`` with x0
+float32 of shape (n, *event_shape) and labels a LongTensor (n,) in [0, num_classes) or None. All randomness comes
+from the given ``torch.Generator`` so that a seeded generator reproduces a batch exactly.
 
 * :class:`MixtureDataset`: exact samples :math:`x_0 \sim \sum_k w_k N(\mu_k, \Sigma_k)` of any
   :class:`~fewstep.teachers.gmm.GaussianMixtureTeacher` (label = the class of the drawn component).
 * Toy 2-D sets: ``ring8``, ``aniso3``, ``grid`` (the analytic presets), ``checkerboard`` (uniform on the
-  dark squares of a 4x4 board on [-2, 2]^2), ``moons`` and ``spirals`` (two classes each).
+  dark squares of a 4x4 board on [-2, 2]^2), ``moons`` and ``spirals`` (two classes each; :mod:`fewstep.data.toys`).
 * ``digits``: sklearn's 1797 real 8x8 digits as 64-D vectors x/8 - 1 in [-1, 1] (or images (1, 8, 8)),
   a finite set drawn with replacement, split into train/test by a fixed seed.
 """
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,35 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.data.base import Dataset, check_n
+from fewstep.data.toys import CheckerboardDataset, MoonsDataset, SpiralsDataset
 from fewstep.teachers.gmm import GaussianMixtureTeacher
 from fewstep.teachers.presets import load_preset
 
-__all__ = ["Dataset", "MixtureDataset", "TensorDataset", "CheckerboardDataset", "MoonsDataset",
-           "SpiralsDataset", "DigitsDataset", "DATASETS", "get_dataset", "register_dataset"]
-
-
-def _check_n(n: int) -> None:
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-
-
-class Dataset(ABC):
-    """A source of data samples x0 with optional labels.
-
-    Attributes:
-        event_shape: Shape of one sample.
-        num_classes: Number of classes, or None when samples carry no labels.
-    """
-
-    event_shape: tuple[int, ...]
-    num_classes: int | None = None
-
-    @abstractmethod
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """Draw ``n`` samples: (x0 float32 (n, *event_shape), labels long (n,) or None)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(event_shape={self.event_shape}, num_classes={self.num_classes})"
+__all__ = ["MixtureDataset", "TensorDataset", "DigitsDataset", "DATASETS", "get_dataset", "register_dataset"]
 
 
 class MixtureDataset(Dataset):
@@ -78,7 +53,7 @@ class MixtureDataset(Dataset):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """x0 ~ p_0 exactly; labels = classes[component] when conditional."""
-        _check_n(n)
+        check_n(n)
         x, comp = self.teacher.sample(n, 0.0, generator=generator, dtype=torch.float32, return_components=True)
         labels = self.teacher.classes.cpu()[comp].to(x.device) if self.num_classes is not None else None
         return x, labels
@@ -115,93 +90,10 @@ class TensorDataset(Dataset):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """Indices i ~ Uniform{0..N-1} with replacement; returns (x[i], labels[i])."""
-        _check_n(n)
+        check_n(n)
         idx = torch.randint(0, len(self), (n,), generator=generator)
         return self.x[idx], (self.labels[idx] if self.labels is not None else None)
 
-
-class CheckerboardDataset(Dataset):
-    """Uniform on the 8 dark unit squares (i + j even) of a 4x4 board over [-2, 2]^2.
-
-    Args:
-        conditional: Label each sample by its row parity (2 classes), as in the ``grid`` preset.
-    """
-
-    def __init__(self, conditional: bool = False) -> None:
-        self.event_shape = (2,)
-        self.num_classes = 2 if conditional else None
-        cells = [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0]
-        self.cells = torch.tensor(cells, dtype=torch.long)  # (8, 2): (row i, column j)
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """Cell ~ Uniform{8 dark squares}; (x, y) = (-2 + j + U, -2 + i + U')."""
-        _check_n(n)
-        cell = self.cells[torch.randint(0, 8, (n,), generator=generator)]
-        u = torch.rand(n, 2, generator=generator)
-        x = torch.stack([-2.0 + cell[:, 1] + u[:, 0], -2.0 + cell[:, 0] + u[:, 1]], dim=1).to(torch.float32)
-        return x, (cell[:, 0] % 2 if self.num_classes else None)
-
-
-class MoonsDataset(Dataset):
-    r"""Two interleaved half circles (sklearn ``make_moons``), centred and scaled, with Gaussian noise.
-
-    Class 0: :math:`(\cos\theta, \sin\theta)`, class 1: :math:`(1 - \cos\theta, 0.5 - \sin\theta)`,
-    :math:`\theta \sim U[0, \pi]`; then :math:`x \leftarrow \text{scale}\,(x - (0.5, 0.25)) + \text{noise}\,z`.
-
-    Args:
-        noise: Std of the added Gaussian noise (after scaling).
-        scale: Scale factor (1.5 maps the moons into roughly [-2.3, 2.3] x [-1.2, 1.2]).
-        conditional: Return the moon index as label.
-    """
-
-    def __init__(self, noise: float = 0.05, scale: float = 1.5, conditional: bool = True) -> None:
-        if noise < 0 or scale <= 0:
-            raise ValueError(f"need noise >= 0 and scale > 0; got noise={noise}, scale={scale}")
-        self.noise, self.scale = noise, scale
-        self.event_shape = (2,)
-        self.num_classes = 2 if conditional else None
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """Label ~ Bernoulli(1/2), theta ~ U[0, pi], point on that moon, centred, scaled, plus noise."""
-        _check_n(n)
-        lab = torch.randint(0, 2, (n,), generator=generator)
-        th = math.pi * torch.rand(n, generator=generator)
-        outer = torch.stack([torch.cos(th), torch.sin(th)], 1)
-        inner = torch.stack([1 - torch.cos(th), 0.5 - torch.sin(th)], 1)
-        x = torch.where(lab[:, None] == 0, outer, inner) - torch.tensor([0.5, 0.25])
-        x = self.scale * x + self.noise * torch.randn(n, 2, generator=generator)
-        return x.to(torch.float32), (lab if self.num_classes else None)
-
-
-class SpiralsDataset(Dataset):
-    r"""Two interleaved spirals: :math:`\theta = \sqrt{u}\,\theta_{max}`, :math:`\theta_{max} = 2\pi\,\text{turns}`,
-    radius :math:`r = R\theta/\theta_{max}`, class c rotated by :math:`c\pi`, plus Gaussian noise.
-
-    Args:
-        noise: Std of the added noise.
-        radius: Outer radius R.
-        turns: Number of turns of each spiral.
-        conditional: Return the spiral index as label.
-    """
-
-    def __init__(self, noise: float = 0.05, radius: float = 2.0, turns: float = 1.5, conditional: bool = True) -> None:
-        if noise < 0 or radius <= 0 or turns <= 0:
-            raise ValueError(f"need noise >= 0, radius > 0, turns > 0; got {noise}, {radius}, {turns}")
-        self.noise, self.radius, self.turns = noise, radius, turns
-        self.event_shape = (2,)
-        self.num_classes = 2 if conditional else None
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """Label ~ Bernoulli(1/2), theta = sqrt(u) theta_max, r = R theta / theta_max, rotated by label * pi."""
-        _check_n(n)
-        lab = torch.randint(0, 2, (n,), generator=generator)
-        th_max = 2 * math.pi * self.turns
-        th = torch.sqrt(torch.rand(n, generator=generator)) * th_max  # ~uniform density along the arc
-        r = self.radius * th / th_max
-        ang = th + math.pi * lab
-        x = torch.stack([r * torch.cos(ang), r * torch.sin(ang)], 1)
-        x = x + self.noise * torch.randn(n, 2, generator=generator)
-        return x.to(torch.float32), (lab if self.num_classes else None)
 
 
 class DigitsDataset(TensorDataset):
