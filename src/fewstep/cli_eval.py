@@ -98,13 +98,14 @@ def context_flags(student: dict[str, float], floor: dict[str, float], n: int) ->
 
 
 def _analytic(run: Any) -> Any:
-    """The analytic mixture of a run (its teacher, its data's mixture, or the preset named by data.name), or None."""
+    """The analytic mixture of a run (its teacher, its MA score teacher, its data's mixture, or the preset named by
+    data.name), or None."""
     from fewstep.teachers.gmm import GaussianMixtureTeacher
     from fewstep.teachers.presets import PRESETS, load_preset
 
-    inner = getattr(run.teacher, "inner", run.teacher)
-    if isinstance(inner, GaussianMixtureTeacher):
-        return inner
+    for t in (getattr(run.teacher, "inner", run.teacher), getattr(run.method, "score_teacher", None)):
+        if isinstance(t, GaussianMixtureTeacher):  # score teacher: k-RF, pairs of a learned previous round
+            return t
     cfg = run.config
     if run.teacher is None and cfg.data.name in PRESETS:
         return load_preset(cfg.data.name, conditional=bool(cfg.data.kwargs.get("conditional", False)))
@@ -165,8 +166,8 @@ def _eval_analytic(run: Any, student: Any, mix: Any, spec: Any, args: argparse.N
 
 def _eval_target(run: Any, student: Any, mix: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     """``--target guided_ode|tilted|mixture``: the class-conditional student against one of the three targets of
-    its teacher at guidance w (``--w``, default the run's; :func:`fewstep.benchmarks.dm_targets.eval_target`)."""
-    from fewstep.benchmarks.dm_targets import eval_target, run_guidance
+    its teacher at guidance w (``--w``, default the run's; :func:`fewstep.benchmarks.dm_targets_eval.eval_target`)."""
+    from fewstep.benchmarks.dm_targets_eval import eval_target, run_guidance
 
     if mix is None:
         raise ValueError("--target needs a run with an analytic mixture teacher")

@@ -7,7 +7,8 @@ import shlex
 import pytest
 import torch
 
-from fewstep.benchmarks.dm_targets import VARIANTS, eval_target, run_guidance, separation, target_samples
+from fewstep.benchmarks.dm_targets import VARIANTS, separation, target_samples
+from fewstep.benchmarks.dm_targets_eval import eval_target, run_guidance
 from fewstep.benchmarks.dm_targets_report import (
     ablation_table,
     as_parts,
