@@ -87,7 +87,7 @@ MODULES: dict[str, list[str]] = {
     "methods/_shared/dm.py": [  # the DM / CA / fake-score formulas, schedules and backward simulation
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
         "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py", "methods/test_mutation_kills_cdm.py",
-        "methods/test_mutation_kills_dm.py"],
+        "methods/test_mutation_kills_dm.py", "methods/test_mutation_kills_dm_simulation.py"],
     "methods/_shared/ca_dm.py": [  # the CA + DM terms of ddmd and cdm
         "methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py",
         "methods/test_mutation_kills_cdm.py", "methods/test_cdm_dm_at.py", "methods/test_ddmd_dm_at.py"],
