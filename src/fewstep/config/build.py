@@ -7,7 +7,10 @@ r"""Build teacher, dataset, student and method from a :class:`~fewstep.config.sc
 * data: ``teacher`` -> exact samples x0 ~ p_0 of the analytic teacher; anything else ->
   ``fewstep.data.datasets.get_dataset(name, **kwargs)``.
 * student: ``FlowMap(build_network(kind, ...), parameterization)`` (an MLP, U-Net or DiT) with the
-  method's parameterization unless the config names one.
+  method's parameterization unless the config names one; ``student.init_from`` copies a previous run's final
+  (EMA) student into it, shapes checked (:func:`init_student_from`).
+* score_teacher (optional): built like ``teacher`` and passed to ``method.set_score_teacher`` (the MA target of
+  k-rectified flow: pairs from the previous round, score from the original teacher).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from fewstep.config.schema import (
 )
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Method
-from fewstep.methods.registry import get_method
+from fewstep.methods.registry import METHODS, get_method
 from fewstep.networks.factory import build_network
 from fewstep.sampling.spec import SamplerSpec
 from fewstep.teachers.guided import GuidedTeacher
@@ -38,7 +41,8 @@ from fewstep.training.callbacks import EvalCallback, SampleFigureCallback
 from fewstep.training.trainer import Trainer
 
 __all__ = ["build_teacher", "build_dataset", "build_student", "build_method", "build_run", "load_run",
-           "load_run_student", "LoadedRun", "resolve_sampler", "read_run_config", "build_from_objects"]
+           "load_run_student", "LoadedRun", "resolve_sampler", "read_run_config", "build_from_objects",
+           "init_student_from"]
 
 
 def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -125,6 +129,10 @@ def build_method(cfg: RunConfig, device: str | torch.device | None = None) -> tu
     dev = torch.device(name)
     torch.manual_seed(cfg.seed)
     method_cls = get_method(cfg.method.name)
+    if cfg.score_teacher is not None and not hasattr(method_cls, "set_score_teacher"):
+        users = ", ".join(sorted(n for n, c in METHODS.items() if hasattr(c, "set_score_teacher")))
+        raise ValueError(f"score_teacher is set but method {cfg.method.name!r} has no marginal-alignment score "
+                         f"target; only {users} use it (remove the score_teacher section)")
     mcfg, used_w = _method_config(method_cls, dict(cfg.method.cfg), cfg.teacher.guidance)
     wants = method_cls.uses_teacher(mcfg) or cfg.data.name == "teacher"
     teacher = build_teacher(cfg.teacher, dev) if wants else None
@@ -140,9 +148,10 @@ def build_method(cfg: RunConfig, device: str | torch.device | None = None) -> tu
     else:
         student = build_student(cfg.student, method_cls, tuple(dataset.event_shape), num_classes)
     if cfg.student.init_from:
-        src = load_run_student(cfg.student.init_from, ema=True)
-        student.load_state_dict(src.state_dict())
+        init_student_from(student, cfg.student.init_from)
     method = method_cls(student.to(dev), teacher, mcfg).to(dev)
+    if cfg.score_teacher is not None:
+        method.set_score_teacher(build_teacher(cfg.score_teacher, dev))
     return method, dataset, teacher
 
 
@@ -155,6 +164,8 @@ def build_run(cfg: RunConfig, device: str | torch.device | None = None, run_dir:
     method, dataset, teacher = build_method(cfg, device)
     callbacks = []
     inner = getattr(teacher, "inner", teacher) if teacher is not None else getattr(dataset, "teacher", None)
+    if not isinstance(inner, GaussianMixtureTeacher):  # k-RF: a learned pair teacher, scored by the analytic one
+        inner = getattr(method, "score_teacher", None)
     if with_eval and cfg.eval.nfe and isinstance(inner, GaussianMixtureTeacher):
         spec = resolve_sampler(cfg)
         callbacks.append(EvalCallback(inner, nfe=cfg.eval.nfe, n=cfg.eval.n_samples, seed=cfg.seed, sampler=spec))
@@ -279,6 +290,34 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
 def load_run_student(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> FlowMap:
     """The student of a run folder (the first EMA copy when ``ema`` and one exists), in eval mode."""
     return load_run(run_dir, device).student(ema)
+
+
+def init_student_from(student: nn.Module, run_dir: str | Path) -> None:
+    """``student.init_from``: load the final student of run folder ``run_dir`` (its first EMA copy, else the raw
+    weights; :func:`load_run`) into ``student``; errors are one line naming the key.
+
+    Args:
+        student: The freshly built student (same architecture as the run's).
+        run_dir: The previous run's folder.
+
+    Raises:
+        FileNotFoundError: no run folder, or no checkpoint in it.
+        CheckpointError: every checkpoint is incomplete or corrupt.
+        ValueError: the run's student has other tensors or shapes.
+    """
+    from fewstep.training.checkpoint import CheckpointError
+
+    try:
+        src = load_run_student(run_dir, ema=True).state_dict()
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise type(e)(f"student.init_from={str(run_dir)!r}: {e}") from None
+    own = student.state_dict()
+    shapes = [(k, *(tuple(d[k].shape) if k in d else "missing" for d in (src, own))) for k in sorted({*own, *src})]
+    bad = [s for s in shapes if s[1] != s[2]]
+    if bad:
+        raise ValueError(f"student.init_from={str(run_dir)!r}: its student does not match this one: {bad[0][0]!r} is "
+                         f"{bad[0][1]} there, {bad[0][2]} here (use that run's student section)")
+    student.load_state_dict(src)
 
 
 def build_from_objects(method: str | Method, teacher: Any, dataset: Any, method_cfg: dict[str, Any],

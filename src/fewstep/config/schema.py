@@ -1,7 +1,8 @@
 r"""Typed run configs: dataclasses loaded from YAML, with dotted command-line overrides.
 
 A run is described by one :class:`RunConfig` with the sections ``seed``, ``device``, ``teacher``, ``data``,
-``student``, ``method``, ``train`` and ``eval``. Loading is strict: every key must be a known field of its
+``student``, ``method``, ``train``, ``eval``, ``sampler`` and the optional ``score_teacher`` (written to a run
+folder's ``config.yaml`` only when set). Loading is strict: every key must be a known field of its
 section (``unknown config key 'train.lrr'``) and every value must have the field's type
 (``config key 'train.steps' must be an int, got 'ten'``). Overrides are ``section.key=value`` strings whose
 values are parsed as YAML (``train.lr=1e-3``, ``train.ema_decays=[0.99,0.999]``,
@@ -17,14 +18,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fewstep.config.train import AMP_MODES, LR_SCHEDULES, OPTIMIZERS, TrainConfig
-from fewstep.config.typed import check_value, from_dict, to_dict
+from fewstep.config.typed import OMIT_IF_DEFAULT, check_value, from_dict, to_dict
 
 __all__ = [
     "TeacherConfig", "DataConfig", "StudentConfig", "MethodSection", "TrainConfig", "EvalConfig", "SamplerConfig",
@@ -90,7 +91,9 @@ class StudentConfig:
         min_freq: Smallest frequency of the sinusoidal time embeddings.
         raw_time: Also feed the raw scalars t and t - s to the network.
         parameterization: ``average_velocity``, ``consistency`` or ``velocity``; empty = the method's default.
-        init_from: Optional run folder whose final student weights initialise this student.
+        init_from: Optional run folder whose final student (its first EMA copy, else the raw weights) initialises
+            this student and hence its EMA copies (k-rectified flow: round k+1 starts from round k); the
+            architectures must match (a mismatch names the first differing tensor).
         kind: Backbone: ``mlp``, ``unet`` or ``dit`` (images); hidden/depth are its width/depth
             (:func:`fewstep.networks.factory.build_network`).
         options: Kind-specific backbone options, e.g. ``{channel_mult: [1, 2]}`` (unet), ``{patch_size: 2}`` (dit).
@@ -178,7 +181,14 @@ class SamplerConfig:
 
 @dataclass
 class RunConfig:
-    """A full run: seed, device (``auto`` = cuda when available, ``cpu``, ``cuda:N``) and one section per component."""
+    """A full run: seed, device (``auto`` = cuda when available, ``cpu``, ``cuda:N``) and one section per component.
+
+    ``score_teacher`` (optional, same fields as ``teacher``): the teacher whose score is the marginal-alignment
+    target of the methods that have one (reflow, reflow_distill, perflow: ``Method.set_score_teacher``), when it
+    must differ from the pair teacher: k-rectified flow takes pairs from the previous round
+    (``teacher: {kind: run}``) but the score from the original teacher, since a rectified field's
+    velocity-to-score conversion is not a score.
+    """
 
     seed: int = 0
     device: str = "auto"
@@ -189,11 +199,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    score_teacher: TeacherConfig | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
-        if self.teacher.kind not in TEACHER_KINDS:
-            raise ValueError(f"invalid value for config key 'teacher.kind': {self.teacher.kind!r}; "
-                             f"expected one of {TEACHER_KINDS}")
+        for key, sec in (("teacher", self.teacher), ("score_teacher", self.score_teacher)):
+            if sec is not None and sec.kind not in TEACHER_KINDS:
+                raise ValueError(f"invalid value for config key '{key}.kind': {sec.kind!r}; "
+                                 f"expected one of {TEACHER_KINDS}")
+        if self.score_teacher is not None and self.score_teacher.guidance != 1.0:
+            raise ValueError(f"config key 'score_teacher.guidance' must be 1.0, got {self.score_teacher.guidance!r}; "
+                             "the MA score takes the method's guidance (teacher.guidance / method.cfg.guidance)")
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -212,7 +227,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
+            if node.get(p) is None:  # a missing or null (optional) section
+                node[p] = {}
+            nxt = node[p]
             if not isinstance(nxt, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
             node = nxt
@@ -242,9 +259,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         loaded = read_yaml(p)
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {str(p)!r} must contain a mapping at the top level")
+        sections = sorted(f.name for f in fields(RunConfig))
         for k in loaded:
-            if k not in data:
-                raise ValueError(f"unknown config key {k!r} in {str(p)!r}; valid sections: {sorted(data)}")
+            if k not in sections:
+                raise ValueError(f"unknown config key {k!r} in {str(p)!r}; valid sections: {sections}")
         data = _merge(data, loaded)
     apply_overrides(data, overrides)
     return from_dict(RunConfig, normalize_method_section(data))

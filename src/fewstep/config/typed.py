@@ -13,7 +13,11 @@ import types
 import typing
 from typing import Any, Union
 
-__all__ = ["check_value", "from_dict", "to_dict"]
+__all__ = ["OMIT_IF_DEFAULT", "check_value", "from_dict", "to_dict"]
+
+#: Field metadata key: :func:`to_dict` leaves the field out while it holds its default (an optional section, so
+#: run folders and config hashes of runs that do not use it stay as they were).
+OMIT_IF_DEFAULT = "omit_if_default"
 
 
 def _article(tp: type) -> str:
@@ -37,6 +41,8 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args:  # Optional[X]: X's own error (e.g. an unknown key of a section)
+            return check_value(key, value, next(a for a in args if a is not type(None)))
         errors = []
         for a in args:
             if a is type(None):
@@ -119,10 +125,12 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A config dataclass as a plain nested dict (tuples become lists), ready for YAML/JSON."""
+    """A config dataclass as a plain nested dict (tuples become lists), ready for YAML/JSON; fields marked
+    :data:`OMIT_IF_DEFAULT` are left out while they hold their default."""
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)
+                    if not (f.metadata.get(OMIT_IF_DEFAULT) and getattr(v, f.name) == f.default)}
         if isinstance(v, (list, tuple)):
             return [conv(x) for x in v]
         if isinstance(v, dict):
