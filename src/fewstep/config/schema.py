@@ -184,8 +184,8 @@ class RunConfig:
     """A full run: seed, device (``auto`` = cuda when available, ``cpu``, ``cuda:N``) and one section per component.
 
     ``score_teacher`` (optional, same fields as ``teacher``): the teacher whose score is the marginal-alignment
-    target of the methods that have one (reflow, reflow_distill, perflow: ``Method.set_score_teacher``), when it
-    must differ from the pair teacher: k-rectified flow takes pairs from the previous round
+    target of the methods that have one (reflow, reflow_distill: ``set_score_teacher``), when it must differ from
+    the pair teacher: k-rectified flow takes pairs from the previous round
     (``teacher: {kind: run}``) but the score from the original teacher, since a rectified field's
     velocity-to-score conversion is not a score.
     """
