@@ -65,7 +65,7 @@ def test_quick_reflow2_sweep_records_round1(tmp_path):
         f"ring8/reflow2/{a}/{s}" for a in ("round1", "base@N", "MA 0.001 start") for s in (0, 1)
     )
     assert res["runs"]["ring8/reflow2/round1/0"]["steps"] == 24
-    assert "round 2 (not a CLI option)" in res["runs"]["ring8/reflow2/MA 0.001 start/1"]["cli"]
+    assert "as a CLI run add teacher.kind=run" in res["runs"]["ring8/reflow2/MA 0.001 start/1"]["cli"]
     from fewstep.benchmarks.ma_report import _groups, compare
 
     lines, recs = compare(_groups(res), "ring8", metrics=("mmd2",), nfes=(4,))

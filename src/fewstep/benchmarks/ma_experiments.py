@@ -3,8 +3,8 @@ r"""Does marginal alignment (MA) help? Compute-matched sweeps for issue 14 (item
 Every arm is a run config: ``configs/reflow_ma.yaml`` (``--method reflow``) or ``configs/perflow_ma.yaml``
 (``--method perflow``) plus dotted overrides, trained exactly as ``fewstep distill --config <base> <overrides>`` would
 train it (:mod:`fewstep.benchmarks.ma_arms`); ``--method reflow2`` is 2-rectified flow, round 2 on the pairs of a
-round-1 reflow student (:mod:`fewstep.benchmarks.ma_rectify`; not expressible as a config). Arms per target and
-seed:
+round-1 reflow student (:mod:`fewstep.benchmarks.ma_rectify`; as a config: ``configs/reflow2_ma.yaml``). Arms per
+target and seed:
 
 * ``base@N``: :math:`\lambda = 0`, N steps (the equal-steps baseline);
 * ``MA λ start`` / ``MA λ mid``: :math:`\lambda > 0` from step 0 / from step N/2, N steps;

@@ -10,8 +10,10 @@ flow from the k-rectified one); its MA term aligns to the *original* teacher's s
 (:mod:`fewstep.methods.reflow`). So in round 2 MA can correct the errors of the round-1 pairs, which plain reflow
 copies.
 
-The config file cannot express round 2 (``teacher: {kind: run}`` sets the pair teacher but not the score teacher,
-and does not initialise the student from it): :func:`second_round` does it in-process on the built trainer.
+Through the CLI, round 2 is ``configs/reflow2_ma.yaml``: ``teacher: {kind: run, path: <round-1 run>}``,
+``student.init_from: <round-1 run>``, ``score_teacher: {kind: preset, name: ring8}``. Here :func:`second_round` does
+the same in-process on the built trainer, from the cached round-1 student; the CLI run's EMA student equals the
+sweep's bitwise (docs/results/ma.md).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def second_round(round1: Any) -> Callable[[Any], None]:
 def round_two_note(round1_file: str) -> str:
     """What a round-2 record's ``cli`` line does not say (appended to it)."""
     return (
-        f" # round 2 (not a CLI option): pairs from the round-1 student {round1_file} (RK4-64), student "
-        "initialised from it, MA scored by the teacher preset"
+        f" # round 2: pairs from the round-1 student {round1_file} (RK4-64), student initialised from it, MA scored "
+        "by the teacher preset; as a CLI run add teacher.kind=run teacher.path=<round-1 run> "
+        "student.init_from=<round-1 run> score_teacher.name=<preset> data.name=<preset> (configs/reflow2_ma.yaml)"
     )
