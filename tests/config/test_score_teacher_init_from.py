@@ -124,3 +124,9 @@ def test_shipped_reflow2_ma_config_end_to_end(round1: Path, tmp_path: Path) -> N
     assert isinstance(loaded.method.score_teacher, GaussianMixtureTeacher)
     assert loaded.config.score_teacher is not None and loaded.config.method.cfg["ma_weight"] == 0.003
     assert load_run_student(run).state_dict().keys() == load_run_student(round1).state_dict().keys()
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    assert raw["student"]["init_from"] == str(round1) and raw["score_teacher"]["name"] == "ring8"
+    raw["student"]["init_from"] = str(tmp_path / "gone")  # the run's checkpoint, not init_from, holds its weights
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert torch.equal(next(iter(load_run_student(run).state_dict().values())),
+                       next(iter(loaded.student().state_dict().values())))

@@ -265,7 +265,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
 
     root = Path(run_dir)
     cfg = read_run_config(root)
-    method, _, teacher = build_method(cfg, device)
+    # the checkpoint replaces the student's weights: student.init_from is not read again (that run may be gone)
+    method, _, teacher = build_method(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, init_from="")),
+                                      device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         found = load_latest(root, device=device)
