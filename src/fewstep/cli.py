@@ -63,7 +63,8 @@ def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
     import torch
 
     import fewstep.training.distributed as D
-    from fewstep.config.build import build_run, read_run_config, resolve_sampler
+    from fewstep.config.build import build_run, resolve_sampler
+    from fewstep.config.run_folder import read_run_config
     from fewstep.config.schema import SamplerConfig, load_config, save_config, to_dict
     from fewstep.training.checkpoint import check_run_dir, clear_run
 

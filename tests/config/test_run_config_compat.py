@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fewstep.config.build import RETIRED_KEYS, read_run_config, resolve_sampler
+from fewstep.config.build import resolve_sampler
+from fewstep.config.run_folder import RETIRED_KEYS, read_run_config
 from fewstep.config.schema import RunConfig, to_dict
 
 

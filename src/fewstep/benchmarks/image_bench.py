@@ -43,7 +43,7 @@ def eval_noise(n: int, shape: Sequence[int], num_classes: int | None, seed: int 
 
 
 def _data_name(run_dir: str | Path) -> str:
-    from fewstep.config.build import read_run_config
+    from fewstep.config.run_folder import read_run_config
 
     return read_run_config(run_dir).data.name
 

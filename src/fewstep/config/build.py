@@ -11,25 +11,27 @@ r"""Build teacher, dataset, student and method from a :class:`~fewstep.config.sc
   (EMA) student into it, shapes checked (:func:`init_student_from`).
 * score_teacher (optional): built like ``teacher`` and passed to ``method.set_score_teacher`` (the MA target of
   k-rectified flow: pairs from the previous round, score from the original teacher).
+* ``load_run``: ``build_method`` on the folder's config, then its newest checkpoint's weights; reading the folder
+  (``config.yaml``, checkpoint tensors, :class:`~fewstep.config.run_folder.LoadedRun`) is
+  :mod:`fewstep.config.run_folder`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fewstep.config.run_folder import LoadedRun, load_run_weights, read_run_config
 from fewstep.config.schema import (
     RunConfig,
     StudentConfig,
     TeacherConfig,
     check_value,
     from_dict,
-    normalize_method_section,
 )
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods.base import Method
@@ -41,8 +43,7 @@ from fewstep.training.callbacks import EvalCallback, SampleFigureCallback
 from fewstep.training.trainer import Trainer
 
 __all__ = ["build_teacher", "build_dataset", "build_student", "build_method", "build_run", "load_run",
-           "load_run_student", "LoadedRun", "resolve_sampler", "read_run_config", "build_from_objects",
-           "init_student_from"]
+           "load_run_student", "resolve_sampler", "build_from_objects", "init_student_from"]
 
 
 def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu") -> nn.Module:
@@ -177,71 +178,12 @@ def build_run(cfg: RunConfig, device: str | torch.device | None = None, run_dir:
                    resume=resume, run_config=to_dict(cfg))
 
 
-@dataclass
-class LoadedRun:
-    """A run folder rebuilt from its ``config.yaml`` and newest valid checkpoint.
-
-    Attributes:
-        config: The resolved run config.
-        method: The method with the raw (non-EMA) weights loaded.
-        teacher: The frozen teacher, or None for methods trained without one.
-        ema_students: EMA copies of the student by decay (first = the one used for sampling); may be empty.
-        step: Training steps completed by the loaded checkpoint.
-        sampler: The run's multi-step sampler (config ``sampler`` section, else the method's own).
-        run_dir: The folder.
-    """
-
-    config: RunConfig
-    method: Method
-    teacher: nn.Module | None
-    ema_students: dict[float, FlowMap]
-    step: int
-    sampler: SamplerSpec
-    run_dir: Path
-
-    def student(self, ema: bool = True) -> FlowMap:
-        """The first EMA copy when ``ema`` and one exists, else the raw student; in eval mode."""
-        if ema and self.ema_students:
-            return next(iter(self.ema_students.values())).eval()
-        return self.method.student.eval()
-
-
 def resolve_sampler(cfg: RunConfig, gamma: float | None = None, grid: str | None = None) -> SamplerSpec:
     """The sampler of a run: explicit ``gamma``/``grid`` > config ``sampler`` section > ``Method.sampler``."""
     own = get_method(cfg.method.name).sampler
     g = gamma if gamma is not None else (cfg.sampler.gamma if cfg.sampler.gamma is not None else own.gamma)
     kind = grid or cfg.sampler.grid or own.grid
     return SamplerSpec(gamma=float(g), grid=kind)
-
-
-#: Keys that older fewstep versions wrote into a run folder's config.yaml and that no longer exist (ignored there).
-RETIRED_KEYS: tuple[tuple[str, str], ...] = (("train", "num_workers"),)
-#: Method hyper-parameters that older versions wrote under another name (old name -> current name).
-RENAMED_METHOD_KEYS: dict[str, str] = {"teacher_guidance": "guidance"}
-
-
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The :class:`RunConfig` stored in ``run_dir/config.yaml`` (errors name the folder)."""
-    from fewstep.config.schema import read_yaml
-
-    root = Path(run_dir)
-    if root.is_file():
-        raise ValueError(f"{str(root)!r} is a file, not a fewstep run folder")
-    if not (root / "config.yaml").is_file():
-        raise FileNotFoundError(f"{str(root)!r} is not a fewstep run folder (no config.yaml)")
-    data = read_yaml(root / "config.yaml")
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(root / 'config.yaml')!r} must contain a mapping")
-    for section, key in RETIRED_KEYS:  # run folders written before a key was removed stay loadable
-        if isinstance(data.get(section), dict):
-            data[section].pop(key, None)
-    data = normalize_method_section(data)
-    method_cfg = (data.get("method") or {}).get("cfg") if isinstance(data.get("method"), dict) else None
-    if isinstance(method_cfg, dict):
-        for old, new in RENAMED_METHOD_KEYS.items():
-            if old in method_cfg and new not in method_cfg:
-                method_cfg[new] = method_cfg.pop(old)
-    return from_dict(RunConfig, data)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
@@ -258,35 +200,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         FileNotFoundError: no config.yaml, or no checkpoint at all.
         CheckpointError: checkpoints exist but none is complete and valid (each problem is named).
     """
-    import copy
-    import warnings
-
-    from fewstep.training.checkpoint import CheckpointError, list_checkpoints, load_latest, method_tensors
-
     root = Path(run_dir)
     cfg = read_run_config(root)
     # the checkpoint replaces the student's weights: student.init_from is not read again (that run may be gone)
     method, _, teacher = build_method(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, init_from="")),
                                       device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        found = load_latest(root, device=device)
-    if found is None:
-        if list_checkpoints(root):
-            why = "; ".join(str(w.message) for w in caught)
-            raise CheckpointError(f"every checkpoint of run folder {str(root)!r} is incomplete or corrupt ({why})")
-        raise FileNotFoundError(f"run folder {str(root)!r} has no checkpoint yet (ckpt-<step>/)")
-    for w in caught:
-        warnings.warn(str(w.message), UserWarning, stacklevel=2)
-    step, tensors, state = found
-    method.load_state_dict(method_tensors(tensors))
-    emas: dict[float, FlowMap] = {}
-    for d in (state.get("ema") or {}).get("decays", []):
-        m = copy.deepcopy(method.student)
-        pre = f"ema/{float(d)!r}/"
-        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
-        emas[float(d)] = m.eval()
-    return LoadedRun(cfg, method, teacher, emas, int(step), resolve_sampler(cfg), root)
+    step, emas = load_run_weights(root, method, device)
+    return LoadedRun(cfg, method, teacher, emas, step, resolve_sampler(cfg), root)
 
 
 def load_run_student(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> FlowMap:
