@@ -122,6 +122,14 @@ def test_teacher_guidance_goes_to_method_or_wrapper() -> None:
     with pytest.raises(ValueError, match="conflicts with method.cfg.guidance"):
         build_method(load_config(None, ["method.name=reflow", "teacher.conditional=true", "teacher.guidance=2.5",
                                         "method.cfg.guidance=1.5", "device=cpu"]))
+    # w = 1 reaches the method too: CDM / decoupled DMD default to 3 and must not keep it under an unguided teacher
+    small = ["teacher.conditional=true", "device=cpu", "student.hidden=8", "student.depth=1"]
+    for name in ("cdm", "ddmd"):
+        assert build_method(load_config(None, [f"method.name={name}", *small]))[0].config.guidance == 1.0
+        assert build_method(load_config(None, [f"method.name={name}", "teacher.guidance=3.0", *small]))[
+            0].config.guidance == 3.0
+        assert build_method(load_config(None, [f"method.name={name}", "method.cfg.guidance=2.0", *small]))[
+            0].config.guidance == 2.0
     base = load_preset("ring8", conditional=True)
     g = GuidedTeacher(base, 2.5)
     x, t, c = torch.randn(6, 2), torch.full((6,), 0.4), torch.tensor([0, 1, 2, 3, -1, 0])

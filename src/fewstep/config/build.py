@@ -2,8 +2,9 @@ r"""Build teacher, dataset, student and method from a :class:`~fewstep.config.sc
 
 * teacher: ``preset`` -> ``load_preset(name, conditional)``; ``json`` -> ``load_preset(path)``; ``run`` -> the
   EMA student of a flow-matching run folder wrapped as a velocity teacher (``ModuleTeacher.from_flowmap``).
-  A guidance weight w != 1 goes to the method's ``guidance`` field when it has one, else the teacher is
-  wrapped so that its default velocity is the guided one, v_u + w (v_c - v_u).
+  The guidance weight w goes to the method's ``guidance`` field when it has one (w = 1 included, unless
+  ``method.cfg.guidance`` is set: a method's own default weight never overrides the teacher's), else a w != 1
+  teacher is wrapped so that its default velocity is the guided one, v_u + w (v_c - v_u).
 * data: ``teacher`` -> exact samples x0 ~ p_0 of the analytic teacher; anything else ->
   ``fewstep.data.datasets.get_dataset(name, **kwargs)``.
 * student: ``FlowMap(build_network(kind, ...), parameterization)`` (an MLP, U-Net or DiT) with the
@@ -119,6 +120,8 @@ def _method_config(method_cls: type[Method], raw: dict[str, Any], guidance: floa
         if key in kw and float(kw[key]) != guidance:
             raise ValueError(f"teacher.guidance={guidance} conflicts with method.cfg.{key}={kw[key]}")
         kw[key], used = guidance, True
+    elif key is not None and key not in kw:
+        kw[key] = guidance  # w = 1 too: a method's own default weight (CDM, decoupled DMD: 3) never overrides it
     return method_cls.make_config(**kw), used
 
 
