@@ -32,6 +32,9 @@ def test_paired_difference_sign_interval_and_verdict(tmp_path: Path) -> None:
     assert rows[2]["diff"]["diff"] == pytest.approx(0.0) and rows[2]["diff"]["verdict"] == "tie"
     assert rows[1]["steps"] == ([300], [1200])
     assert rows[1]["long"] == {0: 13.0, 1: 14.0, 2: 15.0}
+    _write(tmp_path, "m600", {1: 20.0}, 600)
+    other = budget_rows(tmp_path, ["m"], "-x4", base_tag="600")[0]
+    assert other["base"] == {0: 20.0} and other["diff"]["diff"] == pytest.approx(-7.0)
 
 
 def test_missing_seeds_are_left_out_and_cli_writes_table(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ in ``docs/results/images_evals``: ``<method>.json`` (training seed 0), ``<method
 the table budget and ``<method><tag>.json``, ``<method><tag>-s1.json``, ... at the longer one (``tag`` e.g. ``-x4``).
 For every method and NFE the table lists the FD per training seed at both budgets and the seed-paired difference
 (longer minus table budget) with its 95 % t-interval (:func:`fewstep.benchmarks.ma_stats.paired`; ``tie`` when
-the interval contains 0, no interval with one seed). Optionally the wall time of each run, from the driver's log
+the interval contains 0, no interval with one seed). ``--base-tag 600`` compares against ``<method>600*.json``
+instead of the table budget. Optionally the wall time of each run, from the driver's log
 lines ``HH:MM:SS DONE <run> train_s=<s> eval_s=<s>``.
 
 ``python -m fewstep.benchmarks.image_budget --dir docs/results/images_evals --tag=-x4 --methods reflow shortcut
@@ -46,11 +47,12 @@ def load_fd(directory: str | Path, method: str, tag: str, seeds: Sequence[int] =
     return fd, steps
 
 
-def budget_rows(directory: str | Path, methods: Sequence[str], tag: str) -> list[dict[str, Any]]:
-    """One row per method and NFE: per-seed FD at both budgets and the paired difference (longer - table)."""
+def budget_rows(directory: str | Path, methods: Sequence[str], tag: str, base_tag: str = ""
+                ) -> list[dict[str, Any]]:
+    """One row per method and NFE: per-seed FD at both budgets and the paired difference (longer - base)."""
     rows = []
     for m in methods:
-        base, base_steps = load_fd(directory, m, "")
+        base, base_steps = load_fd(directory, m, base_tag)
         long, long_steps = load_fd(directory, m, tag)
         for nfe in sorted(long):
             d = paired(long[nfe], base.get(nfe, {}))
@@ -71,7 +73,7 @@ def _seeds(v: dict[int, float]) -> str:
 
 def markdown(rows: list[dict[str, Any]], times: Sequence[tuple[str, int, int]] = ()) -> str:
     """The paired table (and the wall-time table when ``times`` is given) as markdown."""
-    lines = ["| method | NFE | train steps | FD per seed, table budget | FD per seed, longer | longer - table "
+    lines = ["| method | NFE | train steps | FD per seed, base budget | FD per seed, longer | longer - base "
              "(paired, 95 % t) | verdict |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["diff"]
@@ -92,11 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fewstep.benchmarks.image_budget")
     p.add_argument("--dir", default="docs/results/images_evals")
     p.add_argument("--tag", required=True, help="run-name suffix of the longer budget; write --tag=-x4")
+    p.add_argument("--base-tag", default="", help="run-name suffix of the base budget (default: the table's runs)")
     p.add_argument("--methods", nargs="+", required=True)
     p.add_argument("--times", default=None, help="driver log with 'DONE <run> train_s=.. eval_s=..' lines")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    text = markdown(budget_rows(a.dir, a.methods, a.tag), wall_times(a.times) if a.times else ())
+    text = markdown(budget_rows(a.dir, a.methods, a.tag, a.base_tag), wall_times(a.times) if a.times else ())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)
     print(text)
