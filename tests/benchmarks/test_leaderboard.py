@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep.benchmarks.leaderboard.cells import Budget, cell_config, design_limits
+from fewstep.benchmarks.leaderboard.cells import Budget, cell_config, design_limits, shipped_design_limits
 from fewstep.benchmarks.leaderboard.summary import collect
 from fewstep.cli import main
 from fewstep.config.schema import load_config
@@ -90,6 +90,9 @@ def test_design_limits_come_from_the_configs() -> None:
     assert list(perflow) == [1] and "num_windows=2" in perflow[1]
     assert sorted(design_limits(cell_config("dmd2", "ring8", 0, b))) == [2, 4]
     assert design_limits(cell_config("meanflow", "ring8", 0, b)) == {}
+    # a config that evaluates NFE 1 only (reflow_distill) claims no multi-step sampling, also inside a cell
+    assert sorted(design_limits(cell_config("reflow_distill", "random:1", 0, b))) == [2, 4]
+    assert sorted(shipped_design_limits("reflow_distill")) == ["2", "4"]
 
 
 def _cell(method: str, target: str, mmd: dict[str, float], step_s: float, host: str = "h") -> dict:

@@ -38,7 +38,7 @@ from fewstep.methods.registry import get_method
 from fewstep.sampling.spec import sample_with
 from fewstep.training.callbacks import Callback
 
-__all__ = ["Budget", "CONFIG_DIR", "cell_config", "run_cell", "design_limits"]
+__all__ = ["Budget", "CONFIG_DIR", "cell_config", "run_cell", "design_limits", "shipped_design_limits"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs"
 
@@ -118,8 +118,7 @@ def cell_overrides(method: str, target: str, seed: int, budget: Budget) -> list[
         "train.ckpt_every=0",
         "train.progress=false",
         "train.tensorboard=false",
-        "eval.nfe=[]",
-    ]
+    ]  # eval.nfe stays the config's (design_limits reads it); the trainer's own eval is off (with_eval=False)
 
 
 def cell_config(method: str, target: str, seed: int, budget: Budget, config_dir: Path = CONFIG_DIR) -> RunConfig:
@@ -154,6 +153,12 @@ def design_limits(cfg: RunConfig) -> dict[int, str]:
             if k > 1:
                 out[k] = "one-step generator: multi-step sampling is not claimed by the config"
     return out
+
+
+def shipped_design_limits(method: str, config_dir: Path = CONFIG_DIR) -> dict[str, str]:
+    """:func:`design_limits` of the method's shipped config as it is now (string keys, as stored in cells)."""
+    cfg = load_config(config_path(method, config_dir), base={"method": {"name": method}})
+    return {str(k): v for k, v in design_limits(cfg).items()}
 
 
 class _Counter:
@@ -249,7 +254,7 @@ def run_cell(
         "budget": budget.to_dict(),
         "config": str(config_path(method, config_dir) or "defaults"),
         "overrides": cell_overrides(method, target, seed, budget),
-        "design_limits": {str(k): v for k, v in design_limits(cfg).items()},
+        "design_limits": shipped_design_limits(method, config_dir),
     }
     torch.set_num_threads(1)
     spec = resolve_sampler(cfg)

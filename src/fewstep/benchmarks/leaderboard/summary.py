@@ -10,14 +10,30 @@ random-mixture pass counts of the 1-NFE (Euler-4) and 2-NFE (Euler-8) bars.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from pathlib import Path
 from typing import Any
 
+from fewstep.benchmarks.leaderboard.cells import shipped_design_limits
 from fewstep.benchmarks.leaderboard.store import bars_dir, cell_path, read_json, stale_nfe
 from fewstep.benchmarks.leaderboard.targets import BAR_MULTIPLES, EULER_NFE, STUDENT_NFE, bar_file, is_random_target
+from fewstep.methods.registry import list_methods
 
 __all__ = ["collect", "mean_std"]
+
+
+@functools.cache
+def _shipped_limits(method: str) -> dict[str, str]:
+    return shipped_design_limits(method)
+
+
+def _limits(cell: dict[str, Any]) -> dict[str, str]:
+    """Design limits from the method's shipped config as it is now (a cell stores the ones of its run time; those
+    are used only for a method that is no longer registered)."""
+    if cell["method"] in list_methods():
+        return _shipped_limits(cell["method"])
+    return cell.get("design_limits", {})
 
 
 def mean_std(vals: list[float]) -> tuple[float, float]:
@@ -102,7 +118,7 @@ def _row(
         "seeds": [c["seed"] for c in cs],
         "nfe": {},
         "sampler": c0["sampler"],
-        "design_limits": c0.get("design_limits", {}),
+        "design_limits": _limits(c0),
         "imported": sum("imported_from" in c for c in cs),
     }
     for k in STUDENT_NFE:
@@ -158,7 +174,7 @@ def _method_summary(m: str, mine: list[dict[str, Any]], rows: list[dict[str, Any
         "throughput": {str(k): _median([c["throughput"][str(k)] for c in timed]) for k in STUDENT_NFE},
         "time_to_bar": {},
         "random_pass": {},
-        "design_limits": mine[0].get("design_limits", {}),
+        "design_limits": _limits(mine[0]),
         "shipped": shipped_budget(mine[0]["config"]),
         "budget_notes": budget_notes(mine[0]),
     }
