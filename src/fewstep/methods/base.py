@@ -98,6 +98,9 @@ class Method(nn.Module):
         parameterization: The flow-map parameterization of the student this method trains.
         needs_teacher: Whether a teacher is required whatever the config (False for training from data alone).
         needs_data: Whether batches must carry data x0 whatever the config.
+        needs_init: The method whose trained student must initialise this one (``student.init_from``; the
+            distribution-matching family: ``flow_matching``, as its papers start the generator from the teacher),
+            or None; ``fewstep bench`` trains that init first.
         sampler: The default multi-step sampler (:class:`~fewstep.sampling.spec.SamplerSpec`): deterministic
             jumps on a uniform grid unless the method was trained for another (consistency students: gamma=1).
 
@@ -116,6 +119,7 @@ class Method(nn.Module):
     parameterization: ClassVar[str] = "average_velocity"
     needs_teacher: ClassVar[bool] = True
     needs_data: ClassVar[bool] = False
+    needs_init: ClassVar[str | None] = None
     sampler: ClassVar[SamplerSpec] = DETERMINISTIC
 
     def __init__(self, student: FlowMap, teacher: nn.Module | None = None, config: Any = None) -> None:

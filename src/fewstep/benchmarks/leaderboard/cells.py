@@ -121,12 +121,13 @@ def cell_overrides(method: str, target: str, seed: int, budget: Budget) -> list[
     ]  # eval.nfe stays the config's (design_limits reads it); the trainer's own eval is off (with_eval=False)
 
 
-def cell_config(method: str, target: str, seed: int, budget: Budget, config_dir: Path = CONFIG_DIR) -> RunConfig:
-    """The run config of a cell: ``configs/<method>.yaml`` (or defaults) + :func:`cell_overrides`."""
+def cell_config(
+    method: str, target: str, seed: int, budget: Budget, config_dir: Path = CONFIG_DIR, extra: tuple = ()
+) -> RunConfig:
+    """The run config of a cell: ``configs/<method>.yaml`` (or defaults) + :func:`cell_overrides` + ``extra``."""
     get_method(method)
-    return load_config(
-        config_path(method, config_dir), cell_overrides(method, target, seed, budget), base={"method": {"name": method}}
-    )
+    over = cell_overrides(method, target, seed, budget) + list(extra)
+    return load_config(config_path(method, config_dir), over, base={"method": {"name": method}})
 
 
 def design_limits(cfg: RunConfig) -> dict[int, str]:
@@ -246,15 +247,20 @@ def run_cell(
         The cell record: config used, sampler, per-probe metrics, final metrics, timings, evaluation counts and
         the time at which each NFE first beat its 4x Euler bar.
     """
-    cfg = cell_config(method, target, seed, budget, config_dir)
+    from fewstep.benchmarks.leaderboard.init import cell_init  # Method.needs_init: e.g. a flow-matching init
+
+    init = cell_init(method, target, seed, budget, config_dir)
+    extra = () if init is None else (f"student.init_from={init.pop('folder')}",)
+    cfg = cell_config(method, target, seed, budget, config_dir, extra)
     rec: dict[str, Any] = {
         "method": method,
         "target": target,
         "seed": seed,
         "budget": budget.to_dict(),
         "config": str(config_path(method, config_dir) or "defaults"),
-        "overrides": cell_overrides(method, target, seed, budget),
+        "overrides": cell_overrides(method, target, seed, budget) + list(extra),
         "design_limits": shipped_design_limits(method, config_dir),
+        **({} if init is None else {"init": init}),
     }
     torch.set_num_threads(1)
     spec = resolve_sampler(cfg)
@@ -267,7 +273,7 @@ def run_cell(
     t0 = time.perf_counter()
     try:
         trainer.prepare()
-        prepare_s = time.perf_counter() - t0
+        prepare_s = time.perf_counter() - t0 + (init["train_s"] if init else 0.0)  # the init's training too
         prep_net, prep_teacher = counter.net_rows, counter.teacher_rows
         counter.net_rows = counter.teacher_rows = 0
         trainer.fit()

@@ -140,7 +140,10 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
         "(MMD² and FD in the digit-classifier features; floors: the teacher's own accurate ODE and real train "
         "digits). "
         "× FM step: training wall time per step relative to flow_matching on the same target and seed "
-        "(shared CPU: noisy).",
+        "(shared CPU: noisy). A method that declares an init (`Method.needs_init`: the DM family, as its papers "
+        "start the generator from the teacher) starts from a flow-matching run at the same budget "
+        "(`student.init_from`): its cells cost the init's steps plus their own, and time to bar counts the "
+        "init's training (budget notes).",
         "",
     ]
     ms = d["methods_summary"]

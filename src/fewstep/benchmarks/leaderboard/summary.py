@@ -86,7 +86,7 @@ def shipped_budget(config: str) -> dict[str, int]:
 
 
 def budget_notes(cell: dict[str, Any]) -> list[str]:
-    """Schedules of the method config that are longer than the bench's training.
+    """Schedules of the method config that are longer than the bench's training, and the cell's init if any.
 
     From the record's resolved config, else (an imported record) from the current config of the cell.
     """
@@ -97,11 +97,18 @@ def budget_notes(cell: dict[str, Any]) -> list[str]:
         from fewstep.benchmarks.leaderboard.cells import Budget, cell_config
 
         mcfg = cell_config(cell["method"], cell["target"], cell["seed"], Budget(**cell["budget"])).method.cfg
-    return [
+    notes = [
         f"method.cfg.{k}={mcfg[k]} >= {steps} bench steps (schedule unfinished)"
         for k in SCHEDULE_KEYS
         if isinstance(mcfg.get(k), int) and mcfg[k] >= steps > 0
     ]
+    init = cell.get("init")
+    if init:  # Method.needs_init (cells.run_cell): the cell costs the init's steps plus its own
+        notes.append(
+            f"includes a {init['method']} init of {init['steps']} steps (student.init_from): the cell costs "
+            f"{init['steps']} {init['method']} + {steps} own steps; time to bar counts the init's training"
+        )
+    return notes
 
 
 def _row(

@@ -71,6 +71,7 @@ class DistributionMatchingMethod(Method):
     """
 
     config_class = DMConfig
+    needs_init = "flow_matching"  # DM from random weights collapses (docs/results/dm_targets.md)
 
     def __init__(self, student: FlowMap, teacher: nn.Module | None = None, config: Any = None,
                  fake: nn.Module | None = None) -> None:

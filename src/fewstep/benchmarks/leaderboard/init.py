@@ -1,0 +1,116 @@
+"""The student init of a bench cell whose method declares one (``Method.needs_init``, e.g. the DM family).
+
+Such a cell first needs a run folder of the init method (``flow_matching``) trained on the same target, seed and
+budget (steps, batch, student width and depth: the init method's own bench cell config,
+:func:`~fewstep.benchmarks.leaderboard.cells.cell_config`); the cell then loads it with
+``student.init_from=<folder>``, as every documented DM number does. The folder is cached under
+``$FEWSTEP_BENCH_INIT`` (default ``runs/bench-init``) as ``<budget tag>/<method>/<target>-s<seed>`` and is reused
+when its manifest ``bench_init.json`` (written last: training seconds and evaluation counts) exists. The cell's
+``prepare_s`` includes the init's training time, also when the init is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fewstep.benchmarks.leaderboard.cells import CONFIG_DIR, Budget, _Counter, cell_config
+from fewstep.config.build import build_run
+from fewstep.config.schema import save_config
+from fewstep.methods.registry import get_method
+
+__all__ = ["INIT_ENV", "MANIFEST", "init_root", "init_folder", "ensure_init", "cell_init"]
+
+INIT_ENV = "FEWSTEP_BENCH_INIT"
+MANIFEST = "bench_init.json"
+
+
+def init_root() -> Path:
+    """``$FEWSTEP_BENCH_INIT``, else ``runs/bench-init`` (relative to the working directory).
+
+    Returns:
+        The root folder of the cached init runs.
+    """
+    return Path(os.environ.get(INIT_ENV) or "runs/bench-init")
+
+
+def init_folder(method: str, target: str, seed: int, budget: Budget, root: Path | None = None) -> Path:
+    """The cached run folder of ``method`` trained as the init of a cell.
+
+    Args:
+        method: The init method (e.g. ``flow_matching``).
+        target: Target name (``:`` becomes ``-`` in the folder name).
+        seed: Cell seed.
+        budget: The common budget.
+        root: Cache root; default :func:`init_root`.
+
+    Returns:
+        ``<root>/<budget tag>/<method>/<target>-s<seed>``.
+    """
+    return Path(root or init_root()) / budget.tag() / method / f"{target.replace(':', '-')}-s{seed}"
+
+
+def ensure_init(
+    method: str, target: str, seed: int, budget: Budget, config_dir: Path = CONFIG_DIR, root: Path | None = None
+) -> dict[str, Any]:
+    """Train ``method``'s bench cell config into its init folder unless a complete one is cached.
+
+    Args:
+        method: The init method.
+        target: Target name.
+        seed: Cell seed (the init's training seed).
+        budget: The common budget (the init trains ``budget.steps`` steps of ``budget.batch_size``).
+        config_dir: Folder of the shipped configs.
+        root: Cache root; default :func:`init_root`.
+
+    Returns:
+        The manifest: ``method``, ``steps``, ``train_s``, ``net_evals``, ``teacher_evals``, ``folder``, plus
+        ``cached`` (True when nothing was trained now).
+    """
+    folder = init_folder(method, target, seed, budget, root)
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        return {**json.loads(manifest.read_text()), "folder": str(folder), "cached": True}
+    if folder.exists():  # an init interrupted before its manifest: train it again from scratch
+        shutil.rmtree(folder)
+    cfg = cell_config(method, target, seed, budget, config_dir)
+    trainer = build_run(cfg, device="cpu", run_dir=folder, with_eval=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml")  # a run folder that student.init_from / load_run can read
+    counter = _Counter(trainer.method, getattr(trainer.method, "teacher", None))
+    t0 = time.perf_counter()
+    try:
+        trainer.prepare()
+        trainer.fit()
+    finally:
+        counter.close()
+    rec = {
+        "method": method,
+        "steps": budget.steps,
+        "train_s": time.perf_counter() - t0,
+        "net_evals": counter.net_rows,
+        "teacher_evals": counter.teacher_rows,
+    }
+    manifest.write_text(json.dumps(rec, indent=1) + "\n")
+    return {**rec, "folder": str(folder), "cached": False}
+
+
+def cell_init(method: str, target: str, seed: int, budget: Budget, config_dir: Path = CONFIG_DIR) -> dict | None:
+    """The init of a cell of ``method`` (:func:`ensure_init` of its ``needs_init``), or None if it needs none.
+
+    Args:
+        method: The cell's method.
+        target: Target name.
+        seed: Cell seed.
+        budget: The common budget.
+        config_dir: Folder of the shipped configs.
+
+    Returns:
+        The init manifest (see :func:`ensure_init`) or None.
+    """
+    need = get_method(method).needs_init
+    return None if need is None else ensure_init(need, target, seed, budget, config_dir)
