@@ -10,6 +10,9 @@ Examples::
 
 Finished cells are stored as small metrics JSON files under ``--cells-dir`` (``docs/leaderboard_cells`` for the full
 leaderboard, tracked by git, so results survive a machine change; :mod:`fewstep.benchmarks.leaderboard.store`).
+A method that declares an init (``Method.needs_init``: dmd, dmd2, ddmd, cdm) starts from a flow-matching run of the
+same target, seed and budget, trained once and cached in ``$FEWSTEP_BENCH_INIT`` (default ``runs/bench-init``;
+:mod:`fewstep.benchmarks.leaderboard.init`).
 """
 
 from __future__ import annotations
