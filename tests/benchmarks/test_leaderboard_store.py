@@ -58,6 +58,9 @@ def test_stale_entries_are_the_multistep_ones_of_gamma_samplers_before_the_fix()
     assert is_complete(_rec("meanflow", "r", DETERMINISTIC, 1, ALL))
     assert not is_complete(_rec("meanflow", "r", DETERMINISTIC, 2, {"1": 0.1, "2": 0.1}))  # an NFE missing
     assert not is_complete({**_rec("meanflow", "r", DETERMINISTIC, 2, ALL), "status": "failed"})
+    # a DM cell made from random weights is stale once the method needs a flow-matching init
+    assert sorted(stale_nfe(_rec("dmd2", "r", DETERMINISTIC, 2, ALL))) == ["1", "2", "4"]
+    assert stale_nfe({**_rec("dmd2", "r", DETERMINISTIC, 2, ALL), "init": {"method": "flow_matching"}}) == {}
 
 
 def _fake_cell(calls: list) -> object:

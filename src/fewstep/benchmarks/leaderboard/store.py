@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.benchmarks.leaderboard.targets import STUDENT_NFE
+from fewstep.methods.registry import METHODS
 
 __all__ = [
     "EVAL_VERSION",
@@ -102,6 +103,10 @@ def stale_nfe(rec: dict[str, Any]) -> dict[str, str]:
         for k in STUDENT_NFE:
             if k > 1:
                 out[str(k)] = "gamma > 0 re-noising drawn before the re-noise seed fix (eval_version 1)"
+    cls = METHODS.get(str(rec.get("method")))
+    if cls is not None and cls.needs_init and "init" not in rec:
+        for k in STUDENT_NFE:
+            out[str(k)] = f"trained from random weights, before the {cls.needs_init} init this method now starts from"
     return out
 
 
