@@ -2,7 +2,7 @@
 
 Such a cell first needs a run folder of the init method (``flow_matching``) trained on the same target, seed and
 budget (steps, batch, student width and depth: the init method's own bench cell config,
-:func:`~fewstep.benchmarks.leaderboard.cells.cell_config`); the cell then loads it with
+:func:`~fewstep.benchmarks.leaderboard.cell_setup.cell_config`); the cell then loads it with
 ``student.init_from=<folder>``, as every documented DM number does. The folder is cached under
 ``$FEWSTEP_BENCH_INIT`` (default ``runs/bench-init``) as ``<budget tag>/<method>/<target>-s<seed>`` and is reused
 when its manifest ``bench_init.json`` (written last: training seconds and evaluation counts) exists. The cell's
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fewstep.benchmarks.leaderboard.cells import CONFIG_DIR, Budget, _Counter, cell_config
+from fewstep.benchmarks.leaderboard.cell_setup import CONFIG_DIR, Budget, EvalCounter, cell_config
 from fewstep.config.build import build_run
 from fewstep.config.schema import save_config
 from fewstep.methods.registry import get_method
@@ -81,7 +81,7 @@ def ensure_init(
     trainer = build_run(cfg, device="cpu", run_dir=folder, with_eval=False)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")  # a run folder that student.init_from / load_run can read
-    counter = _Counter(trainer.method, getattr(trainer.method, "teacher", None))
+    counter = EvalCounter(trainer.method, getattr(trainer.method, "teacher", None))
     t0 = time.perf_counter()
     try:
         trainer.prepare()
