@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from _probe_nets import random_batch, two_class_teacher
+from _probe_nets import LinearProbe, random_batch, two_class_teacher
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.jvp import jvp
 from fewstep.methods import Batch
@@ -30,13 +30,11 @@ torch.set_num_threads(1)
 N = 16
 
 
-class _Quad(nn.Module):
-    """F(x, t, s, c) = a x^3 + b t^2 + d s^3 + e c (non-linear, so finite differences depend on their step)."""
+class _Quad(LinearProbe):
+    """F(x, t, s, c) = a x^3 + b t^2 + d s^3 + e c (non-linear, so finite differences depend on their step).
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.d, self.e = (nn.Parameter(torch.tensor(v, dtype=torch.float64))
-                                          for v in (0.3, -0.7, 0.4, 0.5))
+    The scalars a, b, d, e are :class:`LinearProbe`'s (0.3, -0.7, 0.4, 0.5).
+    """
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
         lab = torch.zeros_like(t) if cond is None else cond.to(x.dtype)

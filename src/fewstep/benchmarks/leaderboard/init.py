@@ -11,7 +11,6 @@ when its manifest ``bench_init.json`` (written last: training seconds and evalua
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.benchmarks.leaderboard.cell_setup import CONFIG_DIR, Budget, EvalCounter, cell_config
+from fewstep.benchmarks.leaderboard.store import read_json, write_json
 from fewstep.config.build import build_run
 from fewstep.config.schema import save_config
 from fewstep.methods.registry import get_method
@@ -72,10 +72,10 @@ def ensure_init(
         ``cached`` (True when nothing was trained now).
     """
     folder = init_folder(method, target, seed, budget, root)
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        return {**json.loads(manifest.read_text()), "folder": str(folder), "cached": True}
-    if folder.exists():  # an init interrupted before its manifest: train it again from scratch
+    manifest = read_json(folder / MANIFEST)
+    if manifest is not None:
+        return {**manifest, "folder": str(folder), "cached": True}
+    if folder.exists():  # an init interrupted before its (atomically written) manifest: train it again
         shutil.rmtree(folder)
     cfg = cell_config(method, target, seed, budget, config_dir)
     trainer = build_run(cfg, device="cpu", run_dir=folder, with_eval=False)
@@ -95,7 +95,7 @@ def ensure_init(
         "net_evals": counter.net_rows,
         "teacher_evals": counter.teacher_rows,
     }
-    manifest.write_text(json.dumps(rec, indent=1) + "\n")
+    write_json(folder / MANIFEST, rec)
     return {**rec, "folder": str(folder), "cached": False}
 
 

@@ -148,7 +148,7 @@ def import_leaderboard_json(
     Returns:
         Counts: ``imported``, ``kept`` (a record existed), ``skipped`` (several seeds), ``partial`` (stale entries).
     """
-    from fewstep.benchmarks.leaderboard.cells import Budget
+    from fewstep.benchmarks.leaderboard.cell_setup import Budget
 
     d = json.loads(Path(path).read_text())
     budget = Budget(**d["budget"])

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fewstep.benchmarks.leaderboard.cells import shipped_design_limits
+from fewstep.benchmarks.leaderboard.cell_setup import CONFIG_DIR, Budget, cell_config, shipped_design_limits
 from fewstep.benchmarks.leaderboard.store import bars_dir, cell_path, read_json, stale_nfe
 from fewstep.benchmarks.leaderboard.targets import BAR_MULTIPLES, EULER_NFE, STUDENT_NFE, bar_file, is_random_target
 from fewstep.methods.registry import list_methods
@@ -65,8 +65,6 @@ SCHEDULE_KEYS = ("warmup_steps", "curriculum_steps")
 
 def _config_file(config: str) -> Path | None:
     """A record's config path (absolute, or relative to the repository root), if the file exists."""
-    from fewstep.benchmarks.leaderboard.cells import CONFIG_DIR
-
     if config in ("defaults", "?", ""):
         return None
     p = Path(config)
@@ -94,8 +92,6 @@ def budget_notes(cell: dict[str, Any]) -> list[str]:
     if "resolved" in cell:
         mcfg = ((cell.get("resolved") or {}).get("method") or {}).get("cfg") or {}
     else:
-        from fewstep.benchmarks.leaderboard.cells import Budget, cell_config
-
         mcfg = cell_config(cell["method"], cell["target"], cell["seed"], Budget(**cell["budget"])).method.cfg
     notes = [
         f"method.cfg.{k}={mcfg[k]} >= {steps} bench steps (schedule unfinished)"
