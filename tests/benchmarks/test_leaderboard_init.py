@@ -65,7 +65,7 @@ def test_dm_cell_starts_from_the_cached_flow_matching_init(
     def no_training(*a: Any, **k: Any) -> Any:
         raise AssertionError("the cached init was trained again")
 
-    monkeypatch.setattr(init, "build_run", no_training)
+    monkeypatch.setattr(init, "train_run_folder", no_training)
     again = run_cell("dmd2", TARGET, 0, TINY, bars)  # second cell: the init is reused, nothing is trained
     assert again["status"] == "ok" and again["init"]["cached"]
     assert again["init"]["train_s"] == got["train_s"] and again["prepare_s"] >= got["train_s"]

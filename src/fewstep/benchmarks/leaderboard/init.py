@@ -4,8 +4,9 @@ Such a cell first needs a run folder of the init method (``flow_matching``) trai
 budget (steps, batch, student width and depth: the init method's own bench cell config,
 :func:`~fewstep.benchmarks.leaderboard.cell_setup.cell_config`); the cell then loads it with
 ``student.init_from=<folder>``, as every documented DM number does. The folder is cached under
-``$FEWSTEP_BENCH_INIT`` (default ``runs/bench-init``) as ``<budget tag>/<method>/<target>-s<seed>`` and is reused
-when its manifest ``bench_init.json`` (written last: training seconds and evaluation counts) exists. The cell's
+``$FEWSTEP_BENCH_INIT`` (default ``runs/bench-init``) as ``<budget tag>/<method>/<target>-s<seed>``, trained by
+:func:`~fewstep.benchmarks.leaderboard.cached_run.train_run_folder` (the folder appears only once complete), and is
+reused when its manifest ``bench_init.json`` (written last: training seconds and evaluation counts) exists. The cell's
 ``prepare_s`` includes the init's training time, also when the init is cached.
 """
 
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fewstep.benchmarks.leaderboard.cached_run import train_run_folder
 from fewstep.benchmarks.leaderboard.cell_setup import CONFIG_DIR, Budget, EvalCounter, cell_config
 from fewstep.benchmarks.leaderboard.store import read_json, write_json
-from fewstep.config.build import build_run
-from fewstep.config.schema import save_config
 from fewstep.methods.registry import get_method
 
 __all__ = ["INIT_ENV", "MANIFEST", "init_root", "init_folder", "ensure_init", "cell_init"]
@@ -75,25 +75,21 @@ def ensure_init(
     manifest = read_json(folder / MANIFEST)
     if manifest is not None:
         return {**manifest, "folder": str(folder), "cached": True}
-    if folder.exists():  # an init interrupted before its (atomically written) manifest: train it again
+    if folder.exists():  # a folder without its manifest (written after the folder is complete): train it again
         shutil.rmtree(folder)
-    cfg = cell_config(method, target, seed, budget, config_dir)
-    trainer = build_run(cfg, device="cpu", run_dir=folder, with_eval=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder / "config.yaml")  # a run folder that student.init_from / load_run can read
-    counter = EvalCounter(trainer.method, getattr(trainer.method, "teacher", None))
-    t0 = time.perf_counter()
-    try:
-        trainer.prepare()
-        trainer.fit()
-    finally:
-        counter.close()
+    counters: list[EvalCounter] = []
+
+    def count(trainer: Any) -> Callable[[], None]:
+        counters.append(EvalCounter(trainer.method, getattr(trainer.method, "teacher", None)))
+        return counters[-1].close
+
+    train_s = train_run_folder(cell_config(method, target, seed, budget, config_dir), folder, on_trainer=count)
     rec = {
         "method": method,
         "steps": budget.steps,
-        "train_s": time.perf_counter() - t0,
-        "net_evals": counter.net_rows,
-        "teacher_evals": counter.teacher_rows,
+        "train_s": train_s,
+        "net_evals": counters[0].net_rows,
+        "teacher_evals": counters[0].teacher_rows,
     }
     write_json(folder / MANIFEST, rec)
     return {**rec, "folder": str(folder), "cached": False}

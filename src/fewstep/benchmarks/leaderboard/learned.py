@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fewstep.benchmarks.leaderboard.cached_run import train_run_folder
 from fewstep.config.schema import RunConfig, load_config, to_dict
 
 __all__ = [
@@ -106,8 +106,9 @@ def ensure_teacher(name: str) -> Path:
     """Train the teacher of a learned target unless its cached run folder exists; returns the folder.
 
     Training is what ``fewstep train-teacher --config <config> --run-dir <tmp> --threads 1 --device cpu`` does
-    (:func:`fewstep.config.build.build_run`, the resolved config saved as ``config.yaml``), in this process; the
-    finished folder is renamed into place, so a cut-off training leaves no cache entry.
+    (:func:`~fewstep.benchmarks.leaderboard.cached_run.train_run_folder`: the resolved config saved as
+    ``config.yaml``), in this process; the finished folder is renamed into place, so a cut-off training leaves no
+    cache entry.
 
     Args:
         name: Learned target name.
@@ -121,26 +122,10 @@ def ensure_teacher(name: str) -> Path:
     out = teacher_dir(name)
     if out.is_dir():
         return out
-    from fewstep.config.build import build_run, resolve_sampler
-    from fewstep.config.schema import SamplerConfig, save_config
-
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cfg = teacher_config(name)
-    spec = resolve_sampler(cfg)
-    cfg.sampler = SamplerConfig(gamma=spec.gamma, grid=spec.grid)  # stored resolved, as `fewstep train-teacher` does
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        trainer = build_run(cfg, device="cpu", run_dir=tmp)
-        tmp.mkdir(parents=True)
-        save_config(cfg, tmp / "config.yaml")
-        trainer.fit()
+        train_run_folder(teacher_config(name), out, threads=1)
     except Exception as e:
         raise RuntimeError(f"training the teacher of {name!r} ({_config_path(name)}) failed: {e}") from e
-    finally:
-        torch.set_num_threads(threads)
-    tmp.replace(out)
     return out
 
 
