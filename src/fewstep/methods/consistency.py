@@ -17,13 +17,17 @@ Weights: :math:`w = 1` (``uniform``) or :math:`w = 1/(t - t')` (``inv_dt``, iCT)
 :math:`\theta^- \leftarrow \mu\theta^- + (1-\mu)\theta` after every update (μ = ``target_ema``; μ = 0 is iCT's
 :math:`\theta^- = \mathrm{sg}(\theta)`). N(k) is fixed or iCT's curriculum
 :math:`N(k) = \min(n_{min} 2^{\lfloor k/K'\rfloor}, n_{max})`,
-:math:`K' = \lfloor K/(\log_2(n_{max}/n_{min})+1)\rfloor`.
+:math:`K' = \lfloor K/(\log_2(n_{max}/n_{min})+1)\rfloor`, spread over K = ``curriculum_fraction`` × ``train.steps``
+(the run's length, which the trainer passes to :meth:`Method.prepare`; default the whole run, so N reaches
+:math:`n_{max}` before the end of any run of at least :math:`\log_2(n_{max}/n_{min})+1` steps) or over a fixed
+``curriculum_steps`` K.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +42,7 @@ from fewstep.sampling.samplers import time_grid
 from fewstep.sampling.spec import CONSISTENCY
 
 __all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber",
-           "discretization_steps", "consistency_grid"]
+           "discretization_steps", "curriculum_length", "consistency_grid"]
 
 DISTANCES = ("l2", "pseudo_huber")
 WEIGHTINGS = ("uniform", "inv_dt")
@@ -57,7 +61,10 @@ class ConsistencyConfig(MethodConfig):
         n_steps: Number of intervals N for the fixed schedule.
         n_min: First N of the curriculum.
         n_max: Last N of the curriculum.
-        curriculum_steps: Total training steps K the curriculum is spread over.
+        curriculum_fraction: Fraction of the run's ``train.steps`` the curriculum is spread over (K = fraction ×
+            steps); None = 1.0 (the whole run) unless ``curriculum_steps`` is set.
+        curriculum_steps: A fixed number of training steps K for the curriculum instead (it does not follow
+            ``train.steps``); set at most one of the two.
         grid: ``uniform`` in t or ``edm`` (rho-spacing of the noise-to-signal ratio t/(1-t)).
         rho: EDM exponent.
         grid_jitter: Draw a continuous grid index (every t trained) instead of the N grid points.
@@ -73,7 +80,8 @@ class ConsistencyConfig(MethodConfig):
     n_steps: int = 16
     n_min: int = 10
     n_max: int = 640
-    curriculum_steps: int = 4000
+    curriculum_fraction: float | None = None
+    curriculum_steps: int | None = None
     grid: str = "uniform"
     rho: float = 7.0
     grid_jitter: bool = True
@@ -96,6 +104,13 @@ class ConsistencyConfig(MethodConfig):
         if self.n_steps < 1 or self.n_min < 1 or self.n_max < self.n_min:
             raise ValueError(f"need n_steps >= 1 and 1 <= n_min <= n_max; got {self.n_steps}, {self.n_min}, "
                              f"{self.n_max}")
+        if self.curriculum_fraction is not None and self.curriculum_steps is not None:
+            raise ValueError("set curriculum_fraction or curriculum_steps, not both")
+        f = self.curriculum_fraction
+        if f is not None and not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f <= 1.0):
+            raise ValueError(f"curriculum_fraction must lie in (0, 1]; got {f!r}")
+        if self.curriculum_steps is not None and self.curriculum_steps < 1:
+            raise ValueError(f"curriculum_steps must be >= 1; got {self.curriculum_steps}")
         if self.huber_c <= 0:
             raise ValueError(f"huber_c must be positive; got {self.huber_c}")
 
@@ -106,11 +121,42 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     return torch.sqrt(sq + c * c) - c
 
 
-def discretization_steps(step: int, cfg: ConsistencyConfig) -> int:
-    r"""Number of intervals N(k): fixed, or iCT's :math:`\min(n_{min}2^{\lfloor k/K'\rfloor}, n_{max})`."""
+def curriculum_length(cfg: ConsistencyConfig, train_steps: int | None) -> int:
+    """Training steps K the iCT curriculum is spread over: ``curriculum_steps``, else fraction × ``train_steps``.
+
+    Args:
+        cfg: The method config.
+        train_steps: The run's ``train.steps`` (None when unknown, e.g. a loss called outside the trainer).
+
+    Returns:
+        K >= 1.
+
+    Raises:
+        ValueError: K follows ``train.steps`` but ``train_steps`` is None.
+    """
+    if cfg.curriculum_steps is not None:
+        return cfg.curriculum_steps
+    if train_steps is None:
+        raise ValueError("the iCT curriculum spans curriculum_fraction x train.steps, but the run length is unknown: "
+                         "train through the Trainer (it calls method.prepare({'steps': ...})) or set curriculum_steps")
+    frac = 1.0 if cfg.curriculum_fraction is None else cfg.curriculum_fraction
+    return max(1, round(frac * train_steps))
+
+
+def discretization_steps(step: int, cfg: ConsistencyConfig, train_steps: int | None = None) -> int:
+    r"""Number of intervals N(k): fixed, or iCT's :math:`\min(n_{min}2^{\lfloor k/K'\rfloor}, n_{max})`.
+
+    Args:
+        step: Training step k (0-based).
+        cfg: The method config.
+        train_steps: The run's ``train.steps`` (:func:`curriculum_length`; unused by the fixed schedule).
+
+    Returns:
+        N(k).
+    """
     if cfg.n_schedule == "fixed":
         return cfg.n_steps
-    k_prime = max(1, math.floor(cfg.curriculum_steps / (math.log2(cfg.n_max / cfg.n_min) + 1)))
+    k_prime = max(1, math.floor(curriculum_length(cfg, train_steps) / (math.log2(cfg.n_max / cfg.n_min) + 1)))
     return int(min(cfg.n_min * 2 ** (step // k_prime), cfg.n_max))
 
 
@@ -132,6 +178,13 @@ class _ConsistencyBase(Method):
         super().__init__(student, teacher, config)
         self.require_parameterization()
         self.target = self.frozen_copy()
+        self.train_steps: int | None = None  # the run's train.steps, set by prepare (the iCT curriculum follows it)
+
+    def prepare(self, context: dict[str, Any]) -> None:
+        """Remember the run's ``train.steps`` (``context['steps']``), the length the iCT curriculum follows."""
+        super().prepare(context)
+        steps = context.get("steps")
+        self.train_steps = None if steps is None else int(steps)
 
     def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
         """The point x_{t'} paired with x_t (teacher step for cd, same (x0, x1) for ct)."""
@@ -150,7 +203,7 @@ class _ConsistencyBase(Method):
         grid, so every t in (0, 1] is trained (a fixed grid only ever shows the network N distinct times,
         which leaves multi-step sampling at off-grid times to interpolation).
         """
-        n = discretization_steps(step, self.config)
+        n = discretization_steps(step, self.config, self.train_steps)
         g = consistency_grid(n, self.config.grid, self.config.rho).to(u.device)
         if not self.config.grid_jitter:
             i = (u * n).long().clamp(0, n - 1) + 1
@@ -176,7 +229,7 @@ class _ConsistencyBase(Method):
         w = 1.0 / (t - t_prev) if self.config.weighting == "inv_dt" else torch.ones_like(t)
         loss = (w * d).mean()
         return loss, {"loss": float(loss.detach()), "distance": float(d.detach().mean()),
-                      "N": float(discretization_steps(step, self.config))}
+                      "N": float(discretization_steps(step, self.config, self.train_steps))}
 
     def after_update(self, name: str, step: int) -> None:
         if name == "student":
