@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fewstep.benchmarks.leaderboard.cell_setup import CONFIG_DIR, Budget, EvalCo
 from fewstep.benchmarks.leaderboard.store import read_json, write_json
 from fewstep.methods.registry import get_method
 
-__all__ = ["INIT_ENV", "MANIFEST", "init_root", "init_folder", "ensure_init", "cell_init"]
+__all__ = ["INIT_ENV", "MANIFEST", "init_root", "init_folder", "ensure_init", "cell_init", "init_cost"]
 
 INIT_ENV = "FEWSTEP_BENCH_INIT"
 MANIFEST = "bench_init.json"
@@ -110,3 +111,38 @@ def cell_init(method: str, target: str, seed: int, budget: Budget, config_dir: P
     """
     need = get_method(method).needs_init
     return None if need is None else ensure_init(need, target, seed, budget, config_dir)
+
+
+def init_cost(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The init's share of the training cost of a method's cells (medians over the cells that record an init).
+
+    The init trains ``steps`` steps of the cell's batch (``budget.batch_size``), so its evaluations per training
+    sample and step are its evaluated rows over ``steps × batch_size``.
+
+    Args:
+        cells: Cell records of one method (``init`` as :func:`cell_init` returns it, ``budget`` as stored).
+
+    Returns:
+        None when no cell has an init; else ``method``, ``cells`` (how many have one), medians of ``steps``,
+        ``net_evals_per_sample``, ``teacher_evals_per_sample``, ``net_evals``, ``teacher_evals`` (totals) and
+        ``train_s``.
+    """
+    got = [c for c in cells if c.get("init")]
+    if not got:
+        return None
+
+    def med(key: str, per_row: bool = False) -> float | None:
+        vals = [
+            c["init"][key] / max(1, c["init"]["steps"] * c["budget"]["batch_size"]) if per_row else c["init"][key]
+            for c in got
+            if not per_row or "batch_size" in c.get("budget", {})
+        ]
+        return statistics.median(vals) if vals else None
+
+    return {
+        "method": got[0]["init"]["method"],
+        "cells": len(got),
+        **{k: med(k) for k in ("steps", "net_evals", "teacher_evals", "train_s")},
+        "net_evals_per_sample": med("net_evals", per_row=True),
+        "teacher_evals_per_sample": med("teacher_evals", per_row=True),
+    }

@@ -13,6 +13,16 @@ def _f(v: float | None, digits: int = 4) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _init(init: dict[str, Any] | None) -> str:
+    """The Cost table's init entry: ``+ <steps> <method> steps, <net> / <teacher>``, or ``–`` without an init."""
+    if not init:
+        return "–"
+    return (
+        f"+ {init['steps']:.0f} {init['method']} steps, {_f(init['net_evals_per_sample'], 1)} / "
+        f"{_f(init['teacher_evals_per_sample'], 1)}"
+    )
+
+
 def _cell(ent: dict[str, Any] | None, limit: str | None, key: str = "mmd2") -> str:
     """``mean ± std`` with a mark: ✓ beats the 4K Euler bar, ✗ misses it, (design) for a by-design miss.
 
@@ -176,11 +186,14 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
         "row through any network of the method (student, fake score, target copies) and through the teacher; "
         "setup = teacher rows evaluated before training (e.g. reflow's pair generation). Time to bar: training "
         "(+ setup) wall time at the first evaluation that beats the Euler-4K bar (reached / cells), resolution "
-        "= steps / probes. Throughput: EMA student samples per second on one CPU thread.",
+        "= steps / probes. Throughput: EMA student samples per second on one CPU thread. Init (a method with "
+        "`Method.needs_init`): the init run's steps and its net / teacher evaluations per training sample and "
+        "step, in addition to the method's own columns (`train s` is the method's own training).",
         "",
         "| method | shipped steps × batch | ms/step | × FM | net evals/sample/step | teacher evals/sample/step "
-        "| setup teacher evals | train s | time to 1-NFE bar | time to 2-NFE bar | samples/s at 1 / 4 NFE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setup teacher evals | init: steps, net / teacher evals/sample/step | train s | time to 1-NFE bar "
+        "| time to 2-NFE bar | samples/s at 1 / 4 NFE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in ms.items():
         tb = [
@@ -191,7 +204,7 @@ def markdown(d: dict[str, Any], figure: str | None = None, figure_note: str = ""
         L.append(
             f"| {m} | {sh.get('steps')} × {sh.get('batch_size')} | {_f(s['step_ms'], 1)} | "
             f"{_f(s['step_vs_fm'], 2)} | {_f(s['net_evals_per_sample'], 1)} | "
-            f"{_f(s['teacher_evals_per_sample'], 1)} | {_f(s['prepare_teacher_evals'], 0)} | "
+            f"{_f(s['teacher_evals_per_sample'], 1)} | {_f(s['prepare_teacher_evals'], 0)} | {_init(s.get('init'))} | "
             f"{_f(s['train_s'], 0)} | {tb[0]} | {tb[1]} | {_f(s['throughput']['1'], 0)} / "
             f"{_f(s['throughput']['4'], 0)} |"
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.benchmarks.leaderboard.cell_setup import CONFIG_DIR, Budget, cell_config, shipped_design_limits
+from fewstep.benchmarks.leaderboard.init import init_cost
 from fewstep.benchmarks.leaderboard.store import bars_dir, cell_path, read_json, stale_nfe
 from fewstep.benchmarks.leaderboard.targets import BAR_MULTIPLES, EULER_NFE, STUDENT_NFE, bar_file, is_random_target
 from fewstep.methods.registry import list_methods
@@ -174,6 +175,7 @@ def _method_summary(m: str, mine: list[dict[str, Any]], rows: list[dict[str, Any
         "net_evals_per_sample": _median([c["net_evals_per_sample"] for c in timed]),
         "teacher_evals_per_sample": _median([c["teacher_evals_per_sample"] for c in timed]),
         "prepare_teacher_evals": _median([c["prepare_teacher_evals"] for c in timed]),
+        "init": init_cost(mine),  # Method.needs_init: the init run's steps and evaluations (None without one)
         "throughput": {str(k): _median([c["throughput"][str(k)] for c in timed]) for k in STUDENT_NFE},
         "time_to_bar": {},
         "random_pass": {},
