@@ -26,95 +26,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    pass
+from fewstep.cli_train import CONDITIONAL_BY_DEFAULT, add_train_args, run_train
 
-__all__ = ["main", "build_parser", "DIAGNOSTICS"]
+__all__ = ["main", "build_parser", "DIAGNOSTICS", "CONDITIONAL_BY_DEFAULT"]
 
 #: Diagnostics reachable as ``fewstep diagnose NAME``; each maps to a function ``main_<name>(argv)`` of
 #: :mod:`fewstep.evaluation.diagnose`, imported only when the command runs.
 DIAGNOSTICS: dict[str, str] = {"tv": "main_tv"}
-
-#: Datasets whose default is class-conditional (``data.kwargs.conditional=false`` makes them unconditional).
-CONDITIONAL_BY_DEFAULT = ("moons", "spirals", "digits_data")
-
-
-def _default_run_dir(method: str) -> Path:
-    return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-
-
-def _latest_run_dir(method: str | None) -> Path:
-    """The most recently modified ``runs/<method>-*`` folder (any method when None) that has a config.yaml."""
-    pattern = f"{method}-*" if method else "*"
-    runs = sorted((p for p in Path("runs").glob(pattern) if (p / "config.yaml").is_file()),
-                  key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise FileNotFoundError(f"--resume: no run folder runs/{pattern} found; pass --run-dir")
-    return runs[-1]
-
-
-def _train(args: argparse.Namespace, method: str | None, base: dict) -> int:
-    import torch
-
-    import fewstep.training.distributed as D
-    from fewstep.config.build import build_run, resolve_sampler
-    from fewstep.config.run_folder import read_run_config
-    from fewstep.config.schema import SamplerConfig, load_config, save_config, to_dict
-    from fewstep.training.checkpoint import check_run_dir, clear_run
-
-    torch.set_num_threads(args.threads)
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    resume_dir = None
-    if args.resume:
-        resume_dir = Path(args.run_dir) if args.run_dir else _latest_run_dir(method)
-    if resume_dir is not None and args.config is None:
-        cfg = load_config(None, args.overrides, base=to_dict(read_run_config(resume_dir)))
-    else:
-        if resume_dir is not None:
-            read_run_config(resume_dir)  # a run folder at all?
-        if method is not None:
-            base = {**base, "method": {"name": method}}
-        cfg = load_config(args.config, args.overrides, base=base)
-        if method is not None and cfg.method.name != method:
-            cfg.method.name = method  # --method wins over the file
-    spec = resolve_sampler(cfg)
-    cfg.sampler = SamplerConfig(gamma=spec.gamma, grid=spec.grid)  # stored resolved in the run folder
-    rank, world, device = D.init_distributed(args.device or cfg.device)
-    run_dir = resume_dir or (Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.method.name))
-    run_dir = Path(D.broadcast_string(str(run_dir)))  # one folder for all ranks
-    trainer = build_run(cfg, device=device, run_dir=run_dir, resume=args.resume)  # validates every key first
-    if rank == 0:
-        if args.overwrite and run_dir.is_dir():
-            clear_run(run_dir)
-        check_run_dir(run_dir, args.resume)
-        save_config(cfg, run_dir / "config.yaml")
-        ds = trainer.dataset
-        if cfg.data.name in CONDITIONAL_BY_DEFAULT and getattr(ds, "num_classes", None):
-            print(f"note: data {cfg.data.name!r} is class-conditional ({ds.num_classes} classes) by default; "
-                  "data.kwargs.conditional=false trains an unconditional student", file=sys.stderr)
-        print(f"multi-step sampler: {spec.describe()} (method {cfg.method.name}; override with sampler.gamma=...)",
-              file=sys.stderr)
-    D.barrier()
-    trainer.fit()
-    if rank == 0:
-        last = trainer.history[-1] if trainer.history else {}
-        print(f"done: {trainer.step} steps; run folder {run_dir}")
-        for k, v in last.items():
-            print(f"  {k:28s} {v:.6g}")
-        for rec in trainer.eval_history[-1:]:
-            for nfe, d in rec["results"].items():
-                print(f"  eval nfe={nfe}: " + ", ".join(f"{m}={v:.4g}" for m, v in d.items()
-                                                     if isinstance(v, (int, float))))
-    D.cleanup()
-    return 0
-
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from fewstep.methods import list_methods
@@ -169,20 +90,11 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (see configs/README.md)")
-    p.add_argument("--run-dir", help="run folder (default runs/<method>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a run already in --run-dir")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's device)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 method.cfg.norm_p=0.75")
-
-
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=None,
                    help="CTM gamma in [0, 1] (0 deterministic jumps, 1 fresh noise); default: the run's sampler")
-    p.add_argument("--grid", help="grid rule (uniform, edm) or explicit decreasing times ending at 0, e.g. 1,0.6,0; "
-                                  "default: the run's sampler")
+    p.add_argument("--grid", help="grid rule (uniform, edm, power:P = (1 - i/K)^P) or explicit decreasing times "
+                                  "ending at 0, e.g. 1,0.6,0; default: the run's sampler")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -205,13 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-teacher", help="train a velocity teacher by flow matching on a dataset")
     t.add_argument("--data", default=None, help="dataset name (default: from the config, else ring8); moons, spirals "
                                                 "are class-conditional by default (data.kwargs.conditional=false)")
-    _add_train_args(t)
-    t.set_defaults(fn=lambda a: _train(a, "flow_matching", {"data": {"name": a.data or "ring8"}}
+    add_train_args(t)
+    t.set_defaults(fn=lambda a: run_train(a, "flow_matching", {"data": {"name": a.data or "ring8"}}
                                        if a.config is None or a.data else {}))
     d = sub.add_parser("distill", help="train a few-step student with a method")
     d.add_argument("--method", help="method name (see `fewstep methods`); default: from the config")
-    _add_train_args(d)
-    d.set_defaults(fn=lambda a: _train(a, a.method, {}))
+    add_train_args(d)
+    d.set_defaults(fn=lambda a: run_train(a, a.method, {}))
     s = sub.add_parser("sample", help="sample a trained student to .npy + .json (and .png)")
     s.add_argument("run_dir")
     s.add_argument("--nfe", type=int, default=1, help="number of steps on the run's grid rule")

@@ -51,20 +51,20 @@ def check_nfe(nfe: Sequence[int]) -> None:
 def run_sampler(run: Any, gamma: float | None, grid: str | None) -> tuple[Any, list[float] | None]:
     """The run's sampler with --gamma / --grid applied; --grid is a rule name or explicit comma-separated times."""
     from fewstep.config.build import resolve_sampler
-    from fewstep.sampling.spec import GRID_KINDS
+    from fewstep.sampling.spec import GRID_RULES_HELP, check_grid_rule, is_grid_rule
 
     if gamma is not None and not (math.isfinite(gamma) and 0.0 <= gamma <= 1.0):
         raise ValueError(f"--gamma must lie in [0, 1]; got {gamma}")
     times = None
     kind = None
     if grid:
-        if grid in GRID_KINDS:
-            kind = grid
+        if is_grid_rule(grid):
+            kind = check_grid_rule(grid, "--grid")
         else:
             try:
                 times = [float(v) for v in grid.split(",")]
             except ValueError:
-                raise ValueError(f"--grid must be one of {GRID_KINDS} or decreasing times like 1,0.5,0; "
+                raise ValueError(f"--grid must be {GRID_RULES_HELP} or decreasing times like 1,0.5,0; "
                                  f"got {grid!r}") from None
             if not all(math.isfinite(v) for v in times):
                 raise ValueError(f"--grid times must be finite numbers; got {grid!r}")

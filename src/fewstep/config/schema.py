@@ -163,20 +163,20 @@ class SamplerConfig:
 
     Attributes:
         gamma: CTM gamma in [0, 1] (0 = deterministic jumps, 1 = jump to data and re-noise); None = the method's.
-        grid: ``uniform`` or ``edm``; empty = the method's.
+        grid: ``uniform``, ``edm`` or ``power:<p>`` (t_i = (1 - i/K)^p, e.g. ``power:2`` = (1, 0.25, 0) at K = 2;
+            :mod:`fewstep.sampling.spec`); empty = the method's.
     """
 
     gamma: float | None = None
     grid: str = ""
 
     def __post_init__(self) -> None:
-        from fewstep.sampling.spec import GRID_KINDS
+        from fewstep.sampling.spec import check_grid_rule
 
         if self.gamma is not None and not (0.0 <= self.gamma <= 1.0):
             raise ValueError(f"invalid value for config key 'sampler.gamma': {self.gamma!r}; must lie in [0, 1]")
-        if self.grid and self.grid not in GRID_KINDS:
-            raise ValueError(f"invalid value for config key 'sampler.grid': {self.grid!r}; "
-                             f"expected one of {GRID_KINDS}")
+        if self.grid:
+            check_grid_rule(self.grid, "config key 'sampler.grid'")
 
 
 @dataclass

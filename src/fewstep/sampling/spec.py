@@ -13,6 +13,12 @@ With grid :math:`1 = t_0 > t_1 > \dots > t_K = 0` and :math:`\eta = t/(1-t)`, on
 (:func:`fewstep.sampling.samplers.gamma_sample`). :math:`\gamma = 0` is deterministic flow-map sampling
 :math:`x_{t_{i+1}} = f_{t_i \to t_{i+1}}(x_{t_i})`; :math:`\gamma = 1` jumps to data and re-noises with fresh noise
 (multi-step consistency sampling, Song et al. 2023, "Consistency Models", Alg. 1; Kim et al. 2024, CTM).
+
+Grid rules for K steps (:func:`grid_times`): ``uniform`` :math:`t_i = 1 - i/K`; ``edm`` (EDM's rho = 7 spacing of
+:math:`\eta`, later intermediate times: K = 2 gives t_1 ≈ 0.89); ``power:<p>`` :math:`t_i = (1 - i/K)^p` (p > 1
+moves the intermediate times towards data: ``power:2`` is (1, 0.25, 0) at K = 2 and (1, 0.5625, 0.25, 0.0625, 0) at
+K = 4; p = 1 is ``uniform``). The intermediate times are a free choice of a few-step sampler (Song et al. 2023 tune
+them per model); a rule is the same for every K, so it is set once per method, not per NFE.
 """
 
 from __future__ import annotations
@@ -35,9 +41,74 @@ __all__ = [
     "CONSISTENCY",
     "sample_with",
     "resolve_grid",
+    "grid_times",
+    "check_grid_rule",
+    "is_grid_rule",
 ]
 
-GRID_KINDS: tuple[str, ...] = ("uniform", "edm")
+#: Grid rule names; ``power`` takes its exponent in the rule, ``power:<p>``.
+GRID_KINDS: tuple[str, ...] = ("uniform", "edm", "power")
+GRID_RULES_HELP = "one of 'uniform', 'edm', 'power:<p>' (p > 0: t_i = (1 - i/K)^p)"
+
+
+def _parse_rule(rule: Any) -> tuple[str, float | None]:
+    """(kind, exponent) of a grid rule; anything else raises ValueError("must be ...; got ...")."""
+    if not isinstance(rule, str):
+        raise ValueError(f"must be {GRID_RULES_HELP}; got {rule!r}")
+    kind, sep, arg = rule.partition(":")
+    if kind in ("uniform", "edm") and not sep:
+        return kind, None
+    if kind == "power":
+        try:
+            p = float(arg)
+        except ValueError:
+            p = math.nan
+        if sep and math.isfinite(p) and p > 0:
+            return kind, p
+        raise ValueError(f"must be 'power:<p>' with a finite exponent p > 0, e.g. 'power:2' (t_i = (1 - i/K)^p); "
+                         f"got {rule!r}")
+    raise ValueError(f"must be {GRID_RULES_HELP}; got {rule!r}")
+
+
+def check_grid_rule(rule: Any, what: str = "sampler grid") -> str:
+    """``rule`` if it is a valid grid rule, else ValueError ``"<what> must be ...; got ..."`` (one line).
+
+    Args:
+        rule: The rule, e.g. ``uniform``, ``edm``, ``power:2``.
+        what: How the error names the value (a config key, a CLI option).
+
+    Returns:
+        The rule, unchanged.
+
+    Raises:
+        ValueError: ``rule`` is not a grid rule.
+    """
+    try:
+        _parse_rule(rule)
+    except ValueError as e:
+        raise ValueError(f"{what} {e}") from None
+    return rule
+
+
+def is_grid_rule(text: str) -> bool:
+    """True when ``text`` names a grid rule (``uniform``, ``edm``, ``power:<p>``), not a list of times."""
+    return text.partition(":")[0] in GRID_KINDS
+
+
+def grid_times(rule: str, nfe: int) -> Tensor:
+    """The K = ``nfe`` step grid of ``rule`` (float64, from 1 to 0; see the module docstring).
+
+    Args:
+        rule: A grid rule (:func:`check_grid_rule`).
+        nfe: Number of steps K >= 1.
+
+    Returns:
+        The decreasing grid, shape (nfe + 1,), exactly 1 first and 0 last.
+    """
+    kind, p = _parse_rule(rule)
+    if kind == "power":
+        return time_grid(nfe, kind="uniform") ** p
+    return time_grid(nfe, kind=kind)
 
 
 @dataclass(frozen=True)
@@ -46,7 +117,8 @@ class SamplerSpec:
 
     Attributes:
         gamma: CTM gamma in [0, 1]: 0 = deterministic jumps, 1 = jump to data and re-noise with fresh noise.
-        grid: Grid rule for K steps from 1 to 0: ``uniform`` (t_i = 1 - i/K) or ``edm`` (EDM rho=7 spacing).
+        grid: Grid rule for K steps from 1 to 0: ``uniform`` (t_i = 1 - i/K), ``edm`` (EDM rho=7 spacing) or
+            ``power:<p>`` (t_i = (1 - i/K)^p).
     """
 
     gamma: float = 0.0
@@ -56,8 +128,7 @@ class SamplerSpec:
         g = self.gamma
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= 1.0:
             raise ValueError(f"sampler gamma must be a number in [0, 1]; got {g!r}")
-        if self.grid not in GRID_KINDS:
-            raise ValueError(f"sampler grid must be one of {GRID_KINDS}; got {self.grid!r}")
+        check_grid_rule(self.grid)
 
     @property
     def stochastic(self) -> bool:
@@ -68,7 +139,7 @@ class SamplerSpec:
         """The K = ``nfe`` step grid of this rule (float64, from 1 to 0)."""
         if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
             raise ValueError(f"the number of sampling steps (NFE) must be an int >= 1; got {nfe!r}")
-        return time_grid(nfe, kind=self.grid)
+        return grid_times(self.grid, nfe)
 
     def describe(self) -> str:
         """One line, e.g. ``gamma=1 (jump to data, fresh noise), uniform grid``."""
