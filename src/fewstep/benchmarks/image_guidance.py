@@ -38,10 +38,10 @@ from fewstep.benchmarks.dm_targets_eval import run_guidance
 from fewstep.benchmarks.image_bench import _data_name, eval_noise
 from fewstep.benchmarks.ma_stats import paired, t_interval
 from fewstep.evaluation.image_features import FLOOR_N, frechet_image_distance, image_metrics
-from fewstep.sampling.samplers import solve_adaptive
+from fewstep.sampling.samplers import solve, solve_adaptive
 from fewstep.sampling.spec import sample_with
 
-__all__ = ["guided_target", "load_targets", "target_rows", "student_row", "report", "main"]
+__all__ = ["guided_target", "load_targets", "target_rows", "init_rows", "student_row", "report", "main"]
 
 SEED_A, SEED_B = 1, 2  # noise seeds of the two target draws (the students use seed 0)
 
@@ -87,6 +87,24 @@ def target_rows(name: str, targets: dict[tuple[float, int], dict[str, Any]]) -> 
     return rows
 
 
+def init_rows(teacher_run: str | Path, targets: dict[tuple[float, int], dict[str, Any]],
+              steps: Sequence[int] = (1, 4)) -> list[dict[str, Any]]:
+    """The students' common init: the unguided teacher's Euler k from the students' noise (seed 0), vs each target."""
+    from fewstep.config.build import build_teacher
+    from fewstep.config.schema import TeacherConfig
+
+    name, teacher = _data_name(teacher_run), build_teacher(TeacherConfig(kind="run", path=str(teacher_run)))
+    x1, cond = eval_noise(targets[(1.0, SEED_A)]["x"].shape[0], teacher.event_shape, teacher.num_classes, 0)
+    rows = []
+    for k in steps:
+        with torch.no_grad():
+            x = solve(teacher.velocity, x1, int(k), method="euler", cond=cond).x
+        rows.append({"nfe": int(k), **image_metrics(name, x, cond),
+                     **{f"fd_w{w:g}": frechet_image_distance(name, x, targets[(w, SEED_A)]["x"])
+                        for w in sorted({key[0] for key in targets})}})
+    return rows
+
+
 def student_row(run_dir: str | Path, targets: dict[tuple[float, int], dict[str, Any]], variant: str = "full",
                 nfe: int | None = None, n: int | None = None) -> dict[str, Any]:
     """One student at its own NFE (the method's ``n_steps``): FD to both targets (draw A) and real-data metrics."""
@@ -126,6 +144,13 @@ def report(data: dict[str, Any], base: str = "full") -> str:
     for r in data.get("targets", []):
         lines.append(f"| {r['w']:g} | {r['nfe']} | {r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{r['class_acc']:.3f} | {r['fd_floor']:.2f} | {r['fd_to_w1']:.2f} |")
+    ws = [r["w"] for r in data.get("targets", [])]
+    lines += ["", "### The students' init: the unguided teacher, Euler k from the students' noise", "",
+              "| Euler steps | FD to real | precision | recall | class acc | "
+              + " | ".join(f"FD to guided ODE w = {w:g}" for w in ws) + " |", "|---" * (5 + len(ws)) + "|"]
+    for r in data.get("init", []):
+        lines.append(f"| {r['nfe']} | {r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{r['class_acc']:.3f} | " + " | ".join(f"{r[f'fd_w{w:g}']:.2f}" for w in ws) + " |")
     groups: dict[tuple[str, str, float], dict[int, dict[str, Any]]] = {}
     for r in data.get("students", {}).values():
         groups.setdefault((r["method"], r["variant"], r["w"]), {})[r["seed"]] = r
@@ -191,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     teacher_name = _data_name(a.teacher)
     n = int(a.n or FLOOR_N[teacher_name])
     if a.cmd == "targets":
-        data["targets"] = target_rows(teacher_name, load_targets(a.teacher, a.w, n, a.rtol, a.cache))
+        targets = load_targets(a.teacher, a.w, n, a.rtol, a.cache)
+        data["targets"] = target_rows(teacher_name, targets)
+        data["init"] = init_rows(a.teacher, targets)
         data["target_setup"] = {"teacher": a.teacher, "n": n, "rtol": a.rtol, "seeds": [SEED_A, SEED_B]}
     else:
         targets = load_targets(a.teacher, [float(w["w"]) for w in data.get("targets", [])] or [1.0], n, a.rtol,
