@@ -12,6 +12,7 @@ MODULES: dict[str, list[str]] = {
     "core/flowmap.py": ["core/test_flowmap.py", "core/test_mutation_kills_flowmap.py"],
     "sampling/samplers.py": ["sampling/test_samplers.py", "sampling/test_mutation_kills_samplers.py"],
     "sampling/logdensity.py": ["sampling/test_logdensity.py", "sampling/test_mutation_kills_logdensity.py"],
+    "sampling/divergence.py": ["sampling/test_logdensity.py", "sampling/test_mutation_kills_logdensity.py"],
     "methods/_shared/alignment.py": [  # not the 23-s learned-teacher test
         *(f"methods/test_alignment.py::{t}" for t in (
             "test_surrogate_gradient_matches_closed_form_kl", "test_surrogate_gradient_is_exact_for_fixed_samples",
@@ -106,11 +107,13 @@ MODULES: dict[str, list[str]] = {
 _P, _F = "fewstep.core.paths.xǁGeneralAffinePathǁ", "fewstep.core.flowmap.xǁ"
 _PW, _AL = "fewstep.methods.perflow.xǁPerflowǁ", "fewstep.methods._shared.alignment.x_"
 _SA, _LD = "fewstep.sampling.samplers.x_", "fewstep.sampling.logdensity.x_"
+_DV = "fewstep.sampling.divergence.x_"  # split from logdensity.py (same function bodies, so the same mutant numbers)
 _RF = "fewstep.methods._shared.reflow_family.xǁPairMethodǁ"
 _LD_INC = "after check_grid(order='monotone') a grid whose last time is 1 is increasing: the second test is redundant"
 _LD_DEC = "after check_grid(order='monotone') a grid whose first time is 1 is decreasing: the second test is redundant"
 _LD_ZERO = "zeros in float32: ode_logdensity casts log_p_start to x's dtype, and 0 is exact in both"
-_LD_PROBES = "skipping ode_logdensity's probe check: _vel_div checks the probes with the same message on its first call"
+_LD_PROBES = ("skipping ode_logdensity's probe check: velocity_and_divergence checks the probes with the same message "
+              "on its first call")
 _F64_TIMES = ("output times passed to torchdiffeq in float64 instead of the state's dtype: torchdiffeq casts t to "
               "the state's dtype in every call; only the step-size arithmetic's rounding differs")
 _DEFAULT_T = 'as_time(t, x, ) uses the default name "t"'
@@ -146,13 +149,13 @@ EQUIVALENT: dict[str, str] = {
     _SA + "solve_adaptive__mutmut_84": _F64_TIMES,
     _SA + "renoise__mutmut_25": _ONE_DEVICE,
     _SA + "gamma_sample__mutmut_28": "tn < 0 instead of tn <= 0: at tn = 0 the gamma formula gives u = 0 exactly",
-    _LD + "make_probes__mutmut_13": "±1 probes kept as integers before the final cast to x's dtype: same values",
-    _LD + "make_probes__mutmut_18": "randint(2, shape) is randint(0, 2, shape)",
-    _LD + "make_probes__mutmut_37": _ONE_DEVICE,
-    _LD + "make_probes__mutmut_39": _ONE_DEVICE,
-    _LD + "divergence__mutmut_7": _ONE_DEVICE,
-    _LD + "divergence__mutmut_10": _ONE_DEVICE,
-    _LD + "divergence__mutmut_13": "expanding a (batch,) time tensor to (batch,) is a no-op",
+    _DV + "make_probes__mutmut_13": "±1 probes kept as integers before the final cast to x's dtype: same values",
+    _DV + "make_probes__mutmut_18": "randint(2, shape) is randint(0, 2, shape)",
+    _DV + "make_probes__mutmut_37": _ONE_DEVICE,
+    _DV + "make_probes__mutmut_39": _ONE_DEVICE,
+    _DV + "divergence__mutmut_7": _ONE_DEVICE,
+    _DV + "divergence__mutmut_10": _ONE_DEVICE,
+    _DV + "divergence__mutmut_13": "expanding a (batch,) time tensor to (batch,) is a no-op",
     _LD + "likelihood__mutmut_35": _LD_INC,
     _LD + "likelihood__mutmut_36": _LD_INC,
     _LD + "likelihood__mutmut_41": _LD_ZERO,
@@ -165,7 +168,7 @@ EQUIVALENT: dict[str, str] = {
     _LD + "ode_logdensity__mutmut_60": _ONE_DEVICE,
     _LD + "ode_logdensity__mutmut_44": _LD_PROBES,
     _LD + "ode_logdensity__mutmut_45": _LD_PROBES,
-    **{_LD + f"_vel_div__mutmut_{i}": _ONE_DEVICE for i in (41, 44, 92, 95)},
+    **{_DV + f"velocity_and_divergence__mutmut_{i}": _ONE_DEVICE for i in (41, 44, 92, 95)},
     **{_LD + f"ode_logdensity__mutmut_{i}": _ONE_DEVICE for i in (194, 197)},
     **{_RF + f"take_pairs__mutmut_{i}": _ONE_DEVICE for i in (7, 9, 11, 13, 17)},
     **{_RF + f"prepare__mutmut_{i}": "fingerprint dropped or None: ensure_pairs / generate_pairs fall back to "

@@ -11,9 +11,10 @@ Sampling (t from 1 to 0, :math:`\log q_1 = \log\mathcal N(0, I)`) gives
 :math:`\log q_0(x_0) = \log\mathcal N(x_1) + \int_0^1 \nabla\!\cdot v\,dt`; the likelihood direction (data to
 noise, t from 0 to 1) gives the same formula read backwards. The divergence is exact (one autograd pass per
 dimension) or Hutchinson's :math:`\frac1K\sum_k z_k^\top (\partial v/\partial x) z_k` with probes held fixed
-along the path. With ``create_graph=True`` every quantity keeps its graph, so :math:`\partial \log q/\partial\theta`
-and :math:`\partial x_{end}/\partial\theta` reach the network's parameters (both terms of the
-marginal-alignment regularizer, docs/methods.md §6).
+along the path (the estimators are in :mod:`fewstep.sampling.divergence`; :func:`divergence` and
+:func:`make_probes` are re-exported here). With ``create_graph=True`` every quantity keeps its graph, so
+:math:`\partial \log q/\partial\theta` and :math:`\partial x_{end}/\partial\theta` reach the network's
+parameters (both terms of the marginal-alignment regularizer, docs/methods.md §6).
 
 Flow maps (discrete change of variables through jumps) are in :mod:`fewstep.sampling.jump_density`;
 :func:`jump_logdet` and :func:`flowmap_logdensity` are re-exported here.
@@ -31,6 +32,13 @@ import torch
 from torch import Tensor
 
 from fewstep.core.utils import standard_normal_logprob
+from fewstep.sampling.divergence import (
+    DIVERGENCE_METHODS,
+    check_probes,
+    divergence,
+    make_probes,
+    velocity_and_divergence,
+)
 from fewstep.sampling.integrators import RK_METHODS, rk_step
 from fewstep.sampling.jump_density import flowmap_logdensity, jump_logdet
 from fewstep.sampling.samplers import check_grid, time_grid
@@ -50,7 +58,6 @@ __all__ = [
 ]
 
 FIXED_METHODS: tuple[str, ...] = RK_METHODS
-DIVERGENCE_METHODS: tuple[str, ...] = ("exact", "hutchinson")
 
 
 @dataclass
@@ -72,97 +79,6 @@ class LogDensityResult:
     times: Tensor
     trajectory: list[Tensor] | None = field(default=None, repr=False)
     log_q_trajectory: list[Tensor] | None = field(default=None, repr=False)
-
-
-def make_probes(x: Tensor, k: int, generator: torch.Generator | None = None, kind: str = "rademacher") -> Tensor:
-    r"""K Hutchinson probes z with :math:`E[zz^\top] = I`, shape (k, *x.shape), x's dtype and device.
-
-    Args:
-        x: A batch whose shape the probes copy.
-        k: Number of probes (>= 1).
-        generator: Optional CPU generator.
-        kind: ``rademacher`` (entries ±1, lowest variance) or ``gaussian`` (N(0, 1)).
-
-    Returns:
-        The probes, shape (k, *x.shape).
-    """
-    if k < 1:
-        raise ValueError(f"number of probes k must be >= 1, got {k}")
-    shape = (k, *x.shape)
-    if kind == "rademacher":
-        z = torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
-    elif kind == "gaussian":
-        z = torch.randn(shape, generator=generator, dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown probe kind {kind!r}; expected 'rademacher' or 'gaussian'")
-    return z.to(device=x.device, dtype=x.dtype)
-
-
-def _check_probes(probes: Tensor | None, x: Tensor) -> Tensor:
-    if probes is None:
-        raise ValueError("method='hutchinson' needs probes of shape (K, *x.shape); build them with make_probes")
-    if probes.dim() != x.dim() + 1 or tuple(probes.shape[1:]) != tuple(x.shape):
-        raise ValueError(f"probes must have shape (K, {', '.join(map(str, x.shape))}); got {tuple(probes.shape)}")
-    return probes
-
-
-def _vel_div(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, method: str, probes: Tensor | None,
-             create_graph: bool) -> tuple[Tensor, Tensor]:
-    """Velocity v = fn(x, t) and its divergence (B,), with one forward pass."""
-    if method not in DIVERGENCE_METHODS:
-        raise ValueError(f"unknown divergence method {method!r}; expected one of {DIVERGENCE_METHODS}")
-    if method == "hutchinson":
-        probes = _check_probes(probes, x)
-    with torch.enable_grad():
-        xin = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
-        v = fn(xin, t)
-        if v.shape != xin.shape:
-            raise ValueError(f"velocity must have the shape of x {tuple(xin.shape)}; got {tuple(v.shape)}")
-        vf = v.reshape(v.shape[0], -1)
-        b, d = vf.shape
-        if method == "exact":
-            div = torch.zeros(b, dtype=v.dtype, device=v.device)
-            for i in range(d):
-                g = torch.autograd.grad(vf[:, i].sum(), xin, create_graph=create_graph, retain_graph=True,
-                                        allow_unused=True)[0]
-                if g is not None:
-                    div = div + g.reshape(b, -1)[:, i]
-        else:
-            assert probes is not None
-            est = []
-            for z in probes:
-                g = torch.autograd.grad(v, xin, grad_outputs=z, create_graph=create_graph, retain_graph=True,
-                                        allow_unused=True)[0]
-                est.append(torch.zeros(b, dtype=v.dtype, device=v.device) if g is None
-                           else (g * z).reshape(b, -1).sum(1))
-            div = torch.stack(est).mean(0)
-    if not create_graph:
-        v, div = v.detach(), div.detach()
-    return v, div
-
-
-def divergence(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor | float, method: str = "exact",
-               probes: Tensor | None = None, create_graph: bool = False) -> Tensor:
-    r"""Divergence :math:`\nabla\!\cdot v(x, t) = \mathrm{tr}\,\partial v/\partial x` per row, shape (batch,).
-
-    ``exact`` takes one autograd gradient per dimension (use in low dimension); ``hutchinson`` returns
-    :math:`\frac1K\sum_k z_k^\top(\partial v/\partial x)z_k`, each term one vector-Jacobian product, unbiased
-    with variance O(1/K).
-
-    Args:
-        fn: Velocity field ``fn(x, t) -> v`` with t of shape (batch,).
-        x: Points, shape (batch, ...).
-        t: Time, scalar or shape (batch,).
-        method: ``exact`` or ``hutchinson``.
-        probes: Hutchinson probes, shape (K, *x.shape) (see :func:`make_probes`).
-        create_graph: Keep the graph so the result is differentiable (w.r.t. x and parameters).
-
-    Returns:
-        The divergence per row, shape (batch,).
-    """
-    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    tt = tt.expand(x.shape[0]) if tt.dim() == 0 else tt
-    return _vel_div(fn, x, tt, method, probes, create_graph)[1]
 
 
 def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor | list[float], log_p_start: Tensor,
@@ -202,7 +118,7 @@ def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor |
     if divergence == "hutchinson" and probes is None:
         probes = make_probes(x, num_probes, generator)
     if divergence == "hutchinson":
-        _check_probes(probes, x)
+        check_probes(probes, x)
     nfe = 0
 
     def fvd(y: Tensor, t: float) -> tuple[Tensor, Tensor]:
@@ -212,7 +128,8 @@ def ode_logdensity(velocity_fn: Callable[..., Tensor], x: Tensor, grid: Tensor |
     def fvd_vec(y: Tensor, tv: Tensor) -> tuple[Tensor, Tensor]:
         nonlocal nfe
         nfe += 1
-        return _vel_div(lambda z, s: velocity_fn(z, s, **kwargs), y, tv, divergence, probes, create_graph)
+        return velocity_and_divergence(lambda z, s: velocity_fn(z, s, **kwargs), y, tv, divergence, probes,
+                                       create_graph)
 
     def augmented(state: tuple[Tensor, Tensor], tv: Tensor) -> tuple[Tensor, Tensor]:
         v, div = fvd_vec(state[0], tv)

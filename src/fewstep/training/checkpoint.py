@@ -9,7 +9,9 @@ Layout of one checkpoint (``run_dir/ckpt-<step>/``)::
 Every file is written to a temporary file in the same folder, flushed, ``fsync``-ed and moved into place with
 ``os.replace``. A checkpoint counts only if ``COMPLETE`` exists and every checksum matches, so a run killed at
 any moment (SIGKILL included) leaves either a valid checkpoint or one that :func:`load_latest` reports with a
-warning naming the bad file and skips, falling back to the previous good one. Nothing is ever unpickled.
+warning naming the bad file and skips, falling back to the previous good one. Nothing is ever unpickled: nested
+state with tensors (optimiser states) is split into named tensors and a JSON skeleton by
+:mod:`fewstep.training.tensor_tree` (:func:`flatten_tensors` / :func:`unflatten_tensors`, re-exported here).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import Tensor
 from fewstep.core.io import atomic_write, atomic_write_bytes, fsync_dir
 from fewstep.training.fsdp import full_tensor, load_full_state_dict, shard_optimizer_state
 from fewstep.training.optim import lr_factor
+from fewstep.training.tensor_tree import flatten_tensors, unflatten_tensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints", "prune_checkpoints",
            "verify_checkpoint", "atomic_write_bytes", "sha256_file", "CheckpointError", "flatten_tensors",
@@ -64,39 +67,6 @@ def sha256_file(path: str | Path) -> str:
 def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(clean, str(tmp)))
-
-
-def flatten_tensors(tree: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
-    """Move every tensor of a nested dict/list into ``tensors`` under a '/'-joined name.
-
-    Returns the JSON-able skeleton, with ``{"__tensor__": name}`` where a tensor was.
-    """
-    if torch.is_tensor(tree):
-        tensors[prefix] = tree
-        return {"__tensor__": prefix}
-    if isinstance(tree, dict):
-        return {"__dict__": [[_key(k), flatten_tensors(v, f"{prefix}/{k}", tensors)] for k, v in tree.items()]}
-    if isinstance(tree, (list, tuple)):
-        return [flatten_tensors(v, f"{prefix}/{i}", tensors) for i, v in enumerate(tree)]
-    return tree
-
-
-def _key(k: Any) -> Any:
-    return {"__int__": k} if isinstance(k, int) and not isinstance(k, bool) else k
-
-
-def unflatten_tensors(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of :func:`flatten_tensors` (int dict keys and tensors restored)."""
-    if isinstance(skeleton, dict):
-        if "__tensor__" in skeleton:
-            return tensors[skeleton["__tensor__"]]
-        if "__dict__" in skeleton:
-            return {(k["__int__"] if isinstance(k, dict) else k): unflatten_tensors(v, tensors)
-                    for k, v in skeleton["__dict__"]}
-        return {k: unflatten_tensors(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [unflatten_tensors(v, tensors) for v in skeleton]
-    return skeleton
 
 
 def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any],
