@@ -39,8 +39,10 @@ class CADMConfig(DMConfig):
         dm_renoise: Re-noise schedule of the DM term: ``uniform`` or ``uniform_capped``.
         ca_norm: Normaliser of the CA term: ``separate`` (CDM code), ``dm`` or ``cfg`` (module docstring; default
             ``cfg``, measured in docs/results/dmd.md).
-        fake_samples: ``final`` (default here, measured: the fake score models the student's n_steps samples) or
-            ``anchor`` (DMD2/CDM code: the x0-predictions at the random anchors).
+        fake_samples: ``final`` (default here, measured at w = 3: the fake score models the student's n_steps
+            samples), ``anchor`` (DMD2/CDM code: the x0-predictions at the random anchors) or ``auto``
+            (:meth:`CADMMethod.auto_fake_samples`: ``anchor`` when the CA term is off, i.e. α = 1 or w_CA = 0,
+            else ``final``).
         n_steps: Steps of the student's fixed schedule (backward simulation).
         fake_updates: Fake-score steps per student step.
         dm_at: Where the DM (and CDM's off-trajectory) term acts: ``every`` (the random anchor shared with CA) or
@@ -80,6 +82,20 @@ class CADMMethod(DistributionMatchingMethod):
         if self.config.dm_at == "final" and self.config.ca_norm == "dm":
             raise ValueError("ca_norm='dm' shares the DM normaliser per sample, which needs DM at CA's anchor; "
                              "use dm_at='every' or another ca_norm")
+
+    def auto_fake_samples(self) -> str:
+        """``fake_samples="auto"``: ``anchor`` when CA is off (α = 1 or w_CA = 0), else ``final``.
+
+        With CA off the loss is DM alone, at every anchor of the schedule (``dm_at="every"``): its gradient
+        (x̂0^fake − x̂0^real)/n is the score difference of the distribution the fake score models, so that must be
+        the anchors' x0-predictions; fitted to the final samples only, it stops pulling the early anchors once the
+        final samples are right, and they drift (docs/results/dm_targets.md, "Why cdm and ddmd drift at w = 1").
+        With CA on (α > 1), ``final`` is the measured choice (docs/results/dmd.md). Unconditional teachers
+        come with α = 1 (``teacher.guidance=1``), so CA is off there too.
+        """
+        cfg = self.config
+        ca_off = cfg.guidance == 1.0 or cfg.ca_weight == 0
+        return "anchor" if ca_off and cfg.dm_at == "every" else "final"
 
     def dm_anchor(self, batch: Batch, a: Anchor) -> Anchor:
         """The anchor the DM terms act on: ``a`` (``dm_at="every"``) or the final anchor of the fixed schedule."""

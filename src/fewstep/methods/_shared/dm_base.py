@@ -43,8 +43,9 @@ class DMConfig(MethodConfig):
         t_max: Largest re-noise level.
         fake_ema: If > 0, merge the student into the fake score after each fake step with this decay.
         fake_samples: What the fake score is trained on: ``anchor`` (the x0-prediction at the same random
-            backward-simulation anchor as the student loss, as in DMD2/CDM) or ``final`` (the student's output
-            after the fixed ``n_steps`` inference schedule, i.e. its sampling distribution).
+            backward-simulation anchor as the student loss, as in DMD2/CDM), ``final`` (the student's output
+            after the fixed ``n_steps`` inference schedule, i.e. its sampling distribution) or ``auto`` (the
+            method's rule, :meth:`DistributionMatchingMethod.auto_fake_samples`; ``anchor`` here).
     """
 
     guidance: float = 1.0
@@ -57,7 +58,7 @@ class DMConfig(MethodConfig):
     fake_samples: str = "anchor"
 
 
-FAKE_SAMPLES: tuple[str, ...] = ("anchor", "final")
+FAKE_SAMPLES: tuple[str, ...] = ("anchor", "final", "auto")
 
 
 class DistributionMatchingMethod(Method):
@@ -89,6 +90,16 @@ class DistributionMatchingMethod(Method):
                              f"expected one of {FAKE_SAMPLES}")
         self.fake = fake if fake is not None else make_fake_score(student)
 
+    def auto_fake_samples(self) -> str:
+        """What ``fake_samples="auto"`` resolves to: ``anchor`` (the fake score models what DM acts on)."""
+        return "anchor"
+
+    @property
+    def fake_samples(self) -> str:
+        """The resolved ``fake_samples`` (``anchor`` or ``final``; ``auto`` becomes :meth:`auto_fake_samples`)."""
+        kind = self.config.fake_samples
+        return self.auto_fake_samples() if kind == "auto" else kind
+
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.student, "fake": self.fake}
 
@@ -119,7 +130,7 @@ class DistributionMatchingMethod(Method):
 
     def fake_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Flow matching of the fake score on the student's x0-predictions (``fake_samples``), τ ~ U[t_min, t_max]."""
-        a = self.anchor(batch, grad=False, final=self.config.fake_samples == "final")
+        a = self.anchor(batch, grad=False, final=self.fake_samples == "final")
         tau = renoise_time(batch.u[:, U_FAKE], "uniform", t_min=self.config.t_min, t_max=self.config.t_max)
         loss = fake_score_loss(self.fake, a.x0, tau, torch.randn_like(a.x0), batch.cond)
         return loss, {"fake_loss": float(loss.detach())}
