@@ -50,7 +50,9 @@ def test_a_power_rule_without_a_positive_exponent_is_named(rule: str) -> None:
     msg = rf"^sampler grid must be 'power:<p>' with a finite exponent p > 0, e.g\. 'power:2' .*; got '{rule}'$"
     with pytest.raises(ValueError, match=msg):
         SamplerSpec(grid=rule)
-    with pytest.raises(ValueError, match=rf"^config key 'sampler.grid' must be 'power:<p>'.*; got '{rule}'$"):
+    with pytest.raises(ValueError, match=rf"^invalid value for config key 'sampler.grid': '{rule}'; "
+                                         r"must be 'power:<p>' with a finite exponent p > 0, e\.g\. 'power:2' "
+                                         r"\(t_i = \(1 - i/K\)\^p\)$"):
         SamplerConfig(grid=rule)
 
 
@@ -59,6 +61,9 @@ def test_unknown_rules_are_named(rule: object) -> None:
     with pytest.raises(ValueError, match=r"^sampler grid must be one of 'uniform', 'edm', 'power:<p>' .*; got "):
         SamplerSpec(grid=rule)  # type: ignore[arg-type]
     assert check_grid_rule("power:2.5") == "power:2.5"
+    with pytest.raises(ValueError, match=r"^invalid value for config key 'sampler.grid': 'cosine'; must be one of "
+                                         r"'uniform', 'edm', 'power:<p>' \(p > 0: t_i = \(1 - i/K\)\^p\)$"):
+        SamplerConfig(grid="cosine")
 
 
 def test_config_section_resolves_and_round_trips(tmp_path: object) -> None:
@@ -66,7 +71,7 @@ def test_config_section_resolves_and_round_trips(tmp_path: object) -> None:
     spec = resolve_sampler(cfg)
     assert spec.grid == "power:2" and spec.gamma == 0.0 and spec.times(2).tolist() == [1.0, 0.25, 0.0]
     assert resolve_sampler(cfg, grid="uniform").grid == "uniform"  # an explicit --grid still wins
-    with pytest.raises(ValueError, match=r"^config key 'sampler.grid' must be 'power:<p>'"):
+    with pytest.raises(ValueError, match=r"^invalid value for config key 'sampler.grid': 'power:-2'; must be 'power"):
         load_config(None, ["sampler.grid=power:-2"])
 
 

@@ -171,12 +171,13 @@ class SamplerConfig:
     grid: str = ""
 
     def __post_init__(self) -> None:
-        from fewstep.sampling.spec import check_grid_rule
+        from fewstep.sampling.spec import grid_rule_problem
 
         if self.gamma is not None and not (0.0 <= self.gamma <= 1.0):
             raise ValueError(f"invalid value for config key 'sampler.gamma': {self.gamma!r}; must lie in [0, 1]")
-        if self.grid:
-            check_grid_rule(self.grid, "config key 'sampler.grid'")
+        problem = grid_rule_problem(self.grid) if self.grid else None
+        if problem:
+            raise ValueError(f"invalid value for config key 'sampler.grid': {self.grid!r}; {problem}")
 
 
 @dataclass

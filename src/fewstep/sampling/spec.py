@@ -43,6 +43,7 @@ __all__ = [
     "resolve_grid",
     "grid_times",
     "check_grid_rule",
+    "grid_rule_problem",
     "is_grid_rule",
 ]
 
@@ -51,23 +52,28 @@ GRID_KINDS: tuple[str, ...] = ("uniform", "edm", "power")
 GRID_RULES_HELP = "one of 'uniform', 'edm', 'power:<p>' (p > 0: t_i = (1 - i/K)^p)"
 
 
-def _parse_rule(rule: Any) -> tuple[str, float | None]:
-    """(kind, exponent) of a grid rule; anything else raises ValueError("must be ...; got ...")."""
+def _parse_rule(rule: Any) -> tuple[str, float | None] | str:
+    """(kind, exponent) of a grid rule, or what is wrong with it (``"must be ..."``)."""
     if not isinstance(rule, str):
-        raise ValueError(f"must be {GRID_RULES_HELP}; got {rule!r}")
+        return f"must be {GRID_RULES_HELP}"
     kind, sep, arg = rule.partition(":")
     if kind in ("uniform", "edm") and not sep:
         return kind, None
-    if kind == "power":
-        try:
-            p = float(arg)
-        except ValueError:
-            p = math.nan
-        if sep and math.isfinite(p) and p > 0:
-            return kind, p
-        raise ValueError(f"must be 'power:<p>' with a finite exponent p > 0, e.g. 'power:2' (t_i = (1 - i/K)^p); "
-                         f"got {rule!r}")
-    raise ValueError(f"must be {GRID_RULES_HELP}; got {rule!r}")
+    if kind != "power":
+        return f"must be {GRID_RULES_HELP}"
+    try:
+        p = float(arg)
+    except ValueError:
+        p = math.nan
+    if sep and math.isfinite(p) and p > 0:
+        return kind, p
+    return "must be 'power:<p>' with a finite exponent p > 0, e.g. 'power:2' (t_i = (1 - i/K)^p)"
+
+
+def grid_rule_problem(rule: Any) -> str | None:
+    """None for a valid grid rule (``uniform``, ``edm``, ``power:<p>``), else what is wrong (``"must be ..."``)."""
+    parsed = _parse_rule(rule)
+    return parsed if isinstance(parsed, str) else None
 
 
 def check_grid_rule(rule: Any, what: str = "sampler grid") -> str:
@@ -75,7 +81,7 @@ def check_grid_rule(rule: Any, what: str = "sampler grid") -> str:
 
     Args:
         rule: The rule, e.g. ``uniform``, ``edm``, ``power:2``.
-        what: How the error names the value (a config key, a CLI option).
+        what: How the error names the value (a CLI option, a field).
 
     Returns:
         The rule, unchanged.
@@ -83,10 +89,9 @@ def check_grid_rule(rule: Any, what: str = "sampler grid") -> str:
     Raises:
         ValueError: ``rule`` is not a grid rule.
     """
-    try:
-        _parse_rule(rule)
-    except ValueError as e:
-        raise ValueError(f"{what} {e}") from None
+    problem = grid_rule_problem(rule)
+    if problem is not None:
+        raise ValueError(f"{what} {problem}; got {rule!r}")
     return rule
 
 
@@ -105,7 +110,9 @@ def grid_times(rule: str, nfe: int) -> Tensor:
     Returns:
         The decreasing grid, shape (nfe + 1,), exactly 1 first and 0 last.
     """
-    kind, p = _parse_rule(rule)
+    parsed = _parse_rule(check_grid_rule(rule))
+    assert not isinstance(parsed, str)
+    kind, p = parsed
     if kind == "power":
         return time_grid(nfe, kind="uniform") ** p
     return time_grid(nfe, kind=kind)
