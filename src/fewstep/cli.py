@@ -7,7 +7,7 @@ Commands::
     fewstep distill --method NAME [--config F.yaml] [--run-dir D] [--resume | --overwrite] [section.key=value ...]
     fewstep sample RUN_DIR [--nfe 4 | --grid 1,0.5,0] [--gamma G] [--n 1000] [--label L] [--out samples]
     fewstep sample RUN_DIR --class-grid 1 2 4 [--out grid]    image students: one row per class, a column per NFE
-    fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000] [--gamma G] [--grid uniform|edm]   metrics with the teacher's
+    fewstep eval RUN_DIR [--nfe 1 2 4] [--n 2000] [--gamma G] [--grid uniform|edm|power:P]   metrics with the teacher's
     fewstep eval RUN_DIR --target guided_ode|tilted|mixture [--w W]   class-conditional 2-D teachers: vs one CFG target
     fewstep export RUN_DIR --format diffusers OUT [--nfe K]   a diffusers folder (student of a diffusers teacher)
     fewstep demo                                      ring8: reflow vs reflow+MA vs the teacher's Euler

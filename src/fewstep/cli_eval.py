@@ -134,8 +134,8 @@ def run_eval(args: argparse.Namespace) -> int:
     student = run.student(ema=not args.raw)
     spec, times = run_sampler(run, args.gamma, args.grid)
     if times is not None:
-        raise ValueError("fewstep eval takes a grid rule (--grid uniform|edm) and --nfe; explicit times are for "
-                         "fewstep sample")
+        raise ValueError("fewstep eval takes a grid rule (--grid uniform|edm|power:P) and --nfe; explicit times are "
+                         "for fewstep sample")
     mix = _analytic(run)
     if getattr(args, "target", None):
         res = _eval_target(run, student, mix, spec, args)

@@ -82,7 +82,7 @@ def _sample_class_grid(args: argparse.Namespace, step: int, student: Any, spec: 
     if not k or len(tuple(student.net.event_shape)) != 3:
         raise ValueError("--class-grid needs a class-conditional image student (event shape (C, H, W))")
     if grid is not None:
-        raise ValueError("--class-grid sets the step counts: give --grid only as a rule name (uniform, edm)")
+        raise ValueError("--class-grid sets the step counts: give --grid only as a rule name (uniform, edm, power:P)")
     check_nfe(args.class_grid)
     cols = class_grid_samples(student, spec, args.class_grid, int(k), per_cell=2, seed=args.seed)
     out = Path(args.out or Path(args.run_dir) / "class-grid").with_suffix(".png")
