@@ -106,7 +106,7 @@ class CADMMethod(DistributionMatchingMethod):
         """L_DM of the student's x0-prediction with the conditional real teacher; returns (loss, g, n_DM)."""
         cfg = self.config
         tau = renoise_time(u, cfg.dm_renoise, sigma, cfg.t_min, cfg.t_max)
-        x0_real, x0_fake = dm_terms(self.teacher, self.fake, x0_student, tau, cond, 1.0)
+        x0_real, x0_fake = dm_terms(self.teacher, self.fake_for(sigma), x0_student, tau, cond, 1.0)
         loss, g = dm_loss(x0_student, x0_real, x0_fake, cfg.norm_floor, "dmd2")
         return loss, g, normaliser(x0_real, x0_student, cfg.norm_floor)
 

@@ -25,6 +25,7 @@ from fewstep.methods._shared.dm import (
     make_fake_score,
     renoise_time,
 )
+from fewstep.methods._shared.split_fake import SplitFake
 from fewstep.methods.base import U_FAKE, U_S, U_T, Batch, Method, MethodConfig
 
 __all__ = ["DMConfig", "DistributionMatchingMethod", "FAKE_SAMPLES"]
@@ -46,6 +47,9 @@ class DMConfig(MethodConfig):
             backward-simulation anchor as the student loss, as in DMD2/CDM), ``final`` (the student's output
             after the fixed ``n_steps`` inference schedule, i.e. its sampling distribution) or ``auto`` (the
             method's rule, :meth:`DistributionMatchingMethod.auto_fake_samples`; ``anchor`` here).
+        fake_split: Copies of the fake score, one per anchor-level bin (:mod:`~fewstep.methods._shared.split_fake`):
+            1 (default) = one fake score for every anchor; K > 1 fits copy k to the predictions from bin k only
+            (needs ``fake_samples`` resolving to ``anchor`` and ``fake_ema = 0``).
     """
 
     guidance: float = 1.0
@@ -56,6 +60,7 @@ class DMConfig(MethodConfig):
     t_max: float = 0.98
     fake_ema: float = 0.0
     fake_samples: str = "anchor"
+    fake_split: int = 1
 
 
 FAKE_SAMPLES: tuple[str, ...] = ("anchor", "final", "auto")
@@ -89,6 +94,17 @@ class DistributionMatchingMethod(Method):
             raise ValueError(f"config key fake_samples={cfg.fake_samples!r} is not valid; "
                              f"expected one of {FAKE_SAMPLES}")
         self.fake = fake if fake is not None else make_fake_score(student)
+        if cfg.fake_split < 1:
+            raise ValueError(f"fake_split must be >= 1; got {cfg.fake_split}")
+        if cfg.fake_split > 1:
+            if self.fake_samples != "anchor" or cfg.fake_ema > 0:
+                raise ValueError("fake_split > 1 fits each copy to the predictions of its anchor bin: it needs "
+                                 f"fake_samples resolving to 'anchor' (got {self.fake_samples!r}) and fake_ema = 0")
+            self.fake = SplitFake(self.fake, cfg.fake_split)
+
+    def fake_for(self, sigma: Tensor) -> Any:
+        """The fake score for predictions made from anchor levels ``sigma``: the fake itself, or its routed split."""
+        return self.fake.route(sigma) if isinstance(self.fake, SplitFake) else self.fake
 
     def auto_fake_samples(self) -> str:
         """What ``fake_samples="auto"`` resolves to: ``anchor`` (the fake score models what DM acts on)."""
@@ -132,7 +148,7 @@ class DistributionMatchingMethod(Method):
         """Flow matching of the fake score on the student's x0-predictions (``fake_samples``), τ ~ U[t_min, t_max]."""
         a = self.anchor(batch, grad=False, final=self.fake_samples == "final")
         tau = renoise_time(batch.u[:, U_FAKE], "uniform", t_min=self.config.t_min, t_max=self.config.t_max)
-        loss = fake_score_loss(self.fake, a.x0, tau, torch.randn_like(a.x0), batch.cond)
+        loss = fake_score_loss(self.fake_for(a.sigma), a.x0, tau, torch.randn_like(a.x0), batch.cond)
         return loss, {"fake_loss": float(loss.detach())}
 
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -151,6 +167,6 @@ class DistributionMatchingMethod(Method):
         cfg = self.config
         a = self.anchor(batch, grad=True)
         tau = renoise_time(batch.u[:, U_S], "uniform", t_min=cfg.t_min, t_max=cfg.t_max)
-        x0_real, x0_fake = dm_terms(self.teacher, self.fake, a.x0, tau, batch.cond, cfg.guidance)
+        x0_real, x0_fake = dm_terms(self.teacher, self.fake_for(a.sigma), a.x0, tau, batch.cond, cfg.guidance)
         loss, g = dm_loss(a.x0, x0_real, x0_fake, cfg.norm_floor, "dmd2")
         return loss, {"dm_loss": float(loss.detach()), "dm_grad_rms": float(g.pow(2).mean().sqrt())}
