@@ -159,3 +159,42 @@ def test_perflow_ma_gradient_is_the_window_kl_gradient(k: int) -> None:
     g_true = closed_form_grad(teacher, a0, b0, float(grid[k]), float(grid[k + 1]), eps)
     # Monte-Carlo gradient with 6e4 samples: relative error ~ 1e-2
     assert float((g_ma - g_true).norm() / g_true.norm()) < 0.05, (g_ma, g_true)
+
+
+class _RecordS(nn.Module):
+    """Average-velocity student that records the (t, s) it is asked about and returns zeros."""
+
+    parameterization = "average_velocity"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Tensor, Tensor]] = []
+
+    def F(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        self.seen.append((t.detach().clone(), s.detach().clone()))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("second_time", ["window_end", "in_window"])
+def test_second_time_of_an_average_velocity_student(second_time: str) -> None:
+    """window_end asks only for whole-window jumps F(x_t, t, t_end); in_window draws s ~ U(t_end, t) so every
+    jump along the chord is trained (the sampler's K sub-steps per window use them)."""
+    ring8 = load_preset("ring8")
+    cls = get_method("perflow")
+    m = cls(FlowMap(MLP(2, 8, 1, use_s=True), "average_velocity"), ring8,
+            cls.make_config(num_windows=2, solve_steps=1, second_time=second_time))
+    rec = _RecordS()
+    m.student = rec
+    g = torch.Generator().manual_seed(0)
+    b = Batch(x1=torch.randn(512, 2, generator=g), u=torch.rand(512, 8, generator=g), x0=ring8.sample(512, generator=g))
+    m.loss("student", b, 0)
+    t, s = rec.seen[-1]
+    t_end = torch.where(t > 0.5, torch.full_like(t, 0.5), torch.zeros_like(t))
+    if second_time == "window_end":
+        assert torch.equal(s, t_end)
+    else:
+        assert bool(((s >= t_end - 1e-12) & (s <= t + 1e-12)).all())
+        frac = (s - t_end) / (t - t_end)
+        assert 0.4 < float(frac.mean()) < 0.6 and float(frac.std()) > 0.2  # uniform over [t_end, t]
+    with pytest.raises(ValueError, match="second_time"):
+        cls(FlowMap(MLP(2, 8, 1, use_s=True), "average_velocity"), ring8, cls.make_config(second_time="end"))

@@ -46,7 +46,7 @@ from torch import Tensor
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast, set_unregistered
 from fewstep.methods._shared.reflow_family import MAOptions, add_ma, ma_term
-from fewstep.methods.base import U_SELECT, U_T, Batch, Method
+from fewstep.methods.base import U_AUX, U_S, U_SELECT, U_T, Batch, Method
 from fewstep.methods.registry import register
 from fewstep.sampling.samplers import ODE_METHODS, check_grid
 from fewstep.teachers.base import as_velocity_fn
@@ -55,6 +55,7 @@ from fewstep.teachers.flowmap import TeacherFlowMap
 __all__ = ["PerflowConfig", "Perflow", "window_grid", "window_targets"]
 
 WINDOW_INPUTS: tuple[str, ...] = ("data", "teacher")
+SECOND_TIMES: tuple[str, ...] = ("window_end", "in_window")
 
 
 @dataclass
@@ -68,6 +69,12 @@ class PerflowConfig(MAOptions):
         solver: Teacher solver inside a window (euler/heun/rk4).
         solve_steps: Teacher steps per window.
         input_steps: Teacher steps of the solve from 1 to t_k for ``window_input: teacher``.
+        second_time: Second time s of a flow-map (``average_velocity``) student's regression F(x_t, t, s):
+            ``window_end`` (s = t_{k+1}: only whole-window jumps are trained) or ``in_window``
+            (s ~ U(t_{k+1}, t): every jump along the window's chord, so K sub-steps per window sample it too).
+            A ``velocity`` student ignores s.
+        end_fraction: With ``in_window``, the fraction of rows that keep s = t_{k+1} (the whole-window jump, the
+            one a sampler with one step per window takes).
     """
 
     num_windows: int = 4
@@ -76,6 +83,8 @@ class PerflowConfig(MAOptions):
     solver: str = "rk4"
     solve_steps: int = 2
     input_steps: int = 16
+    second_time: str = "window_end"
+    end_fraction: float = 0.0
 
 
 def window_grid(num_windows: int = 4, windows: list | tuple | Tensor | None = None) -> Tensor:
@@ -127,6 +136,10 @@ class Perflow(Method):
         cfg.check_ma()
         if cfg.window_input not in WINDOW_INPUTS:
             raise ValueError(f"unknown window_input {cfg.window_input!r}; expected one of {WINDOW_INPUTS}")
+        if cfg.second_time not in SECOND_TIMES:
+            raise ValueError(f"unknown second_time {cfg.second_time!r}; expected one of {SECOND_TIMES}")
+        if not 0.0 <= cfg.end_fraction <= 1.0:
+            raise ValueError(f"end_fraction must lie in [0, 1]; got {cfg.end_fraction}")
         if cfg.solver not in ODE_METHODS:
             raise ValueError(f"unknown PeRFlow solver {cfg.solver!r}; expected one of {ODE_METHODS}")
         if cfg.solve_steps < 1 or cfg.input_steps < 1:
@@ -173,6 +186,10 @@ class Perflow(Method):
         with torch.no_grad():
             x_e = self.window_map(x_s, t_s, t_e, cond)
         x_t, t, target = window_targets(x_s, x_e, t_s, t_e, batch.u[:, U_T])
-        loss = ((self.window_velocity(x_t, t, t_e, cond) - target) ** 2).mean()
+        # The chord is straight, so every jump along it (from t to any s in [t_e, t]) has the window velocity.
+        s = t_e
+        if self.config.second_time == "in_window":
+            s = torch.where(batch.u[:, U_AUX] < self.config.end_fraction, t_e, t_e + batch.u[:, U_S] * (t - t_e))
+        loss = ((self.window_velocity(x_t, t, s, cond) - target) ** 2).mean()
         logs = {"loss_window": float(loss.detach())}
         return add_ma(loss, logs, ma_term(self.student, self.teacher, self.config, x_s, t_s, t_e, cond, step))

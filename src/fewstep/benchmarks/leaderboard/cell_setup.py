@@ -125,7 +125,7 @@ def cell_config(
 def design_limits(cfg: RunConfig) -> dict[int, str]:
     """NFE counts at which a config cannot meet its bar by design, with the reason (from the config itself).
 
-    * a window method (PeRFlow, ``num_windows`` W) takes one Euler jump per window: K < W NFE skips windows;
+    * a window method (PeRFlow, ``num_windows`` W) takes one jump per window: K < W NFE skips windows;
     * a one-step generator (``n_steps: 1`` of the DMD family, or a config that evaluates only ``nfe: [1]``)
       does not claim multi-step sampling.
     """
@@ -137,7 +137,7 @@ def design_limits(cfg: RunConfig) -> dict[int, str]:
         for k in STUDENT_NFE:
             if k < windows:
                 out[k] = (
-                    f"one Euler jump per window and num_windows={windows}: {k} NFE cannot cover the "
+                    f"one jump per window and num_windows={windows}: {k} NFE cannot cover the "
                     f"{windows} windows (by design)"
                 )
     one_step = getattr(mcfg, "n_steps", None) == 1 and cfg.method.name.startswith("dmd")
