@@ -19,6 +19,7 @@ from fewstep.benchmarks.leaderboard.cell_setup import Budget, cell_config
 from fewstep.config.build import build_method
 from fewstep.config.schema import load_config
 from fewstep.methods import get_method
+from fewstep.methods._shared.split_fake import SplitFake
 
 torch.set_num_threads(1)
 
@@ -72,6 +73,8 @@ def test_shipped_configs_resolve(name: str) -> None:
     small = ["student.hidden=8", "student.depth=1"]
     shipped = build_method(load_config(f"configs/{name}.yaml", small), "cpu")[0]
     assert shipped.config.guidance == 3.0 and shipped.fake_samples == "final"
+    assert not isinstance(shipped.fake, SplitFake)  # the guided runs keep one fake score
     cell = cell_config(name, "random:0", 0, Budget(steps=10, batch_size=8, hidden=8, depth=1, n=100))
     bench = build_method(cell, "cpu")[0]
     assert bench.config.guidance == 1.0 and bench.fake_samples == "anchor"
+    assert isinstance(bench.fake, SplitFake) and len(bench.fake.copies) == bench.config.n_steps

@@ -87,10 +87,16 @@ def test_dm_term_scores_each_row_with_its_copy(name: str) -> None:
     assert float((g - g1).norm()) > 1e-3 * float(g.norm())
 
 
-def test_split_one_is_the_plain_fake_and_errors() -> None:
-    """fake_split = 1 keeps the plain fake network; K > 1 needs anchor fake samples and no fake EMA."""
+def test_split_only_with_anchor_fake_samples_and_errors() -> None:
+    """fake_split = 1 keeps the plain fake; K > 1 splits only when fake_samples resolves to anchor (w = 1 under
+    auto), not under final (w > 1 under auto: the guided configs keep one fake score); bad values raise."""
     assert not isinstance(make(n_steps=4).fake, SplitFake)
-    for bad in (dict(fake_split=0), dict(fake_split=2, fake_samples="final"), dict(fake_split=2, fake_ema=0.5)):
+    assert isinstance(make(n_steps=4, fake_split=2).fake, SplitFake)
+    cls = get_method("ddmd")
+    guided = cls(_student_net(param="velocity"), ring_teacher(),
+                 cls.make_config(guidance=3.0, fake_samples="auto", fake_split=4))
+    assert guided.fake_samples == "final" and not isinstance(guided.fake, SplitFake)
+    for bad in (dict(fake_split=0), dict(fake_split=2, fake_ema=0.5)):
         cls = get_method("ddmd")
         with pytest.raises(ValueError, match="fake_split"):
             cls(_student_net(param="velocity"), ring_teacher(), cls.make_config(guidance=1.0, **bad))

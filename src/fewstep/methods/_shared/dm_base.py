@@ -49,7 +49,8 @@ class DMConfig(MethodConfig):
             method's rule, :meth:`DistributionMatchingMethod.auto_fake_samples`; ``anchor`` here).
         fake_split: Copies of the fake score, one per anchor-level bin (:mod:`~fewstep.methods._shared.split_fake`):
             1 (default) = one fake score for every anchor; K > 1 fits copy k to the predictions from bin k only
-            (needs ``fake_samples`` resolving to ``anchor`` and ``fake_ema = 0``).
+            when ``fake_samples`` resolves to ``anchor`` (under ``final`` the fake models one distribution, the
+            n_steps samples, so one copy is kept); needs ``fake_ema = 0``.
     """
 
     guidance: float = 1.0
@@ -96,10 +97,10 @@ class DistributionMatchingMethod(Method):
         self.fake = fake if fake is not None else make_fake_score(student)
         if cfg.fake_split < 1:
             raise ValueError(f"fake_split must be >= 1; got {cfg.fake_split}")
-        if cfg.fake_split > 1:
-            if self.fake_samples != "anchor" or cfg.fake_ema > 0:
-                raise ValueError("fake_split > 1 fits each copy to the predictions of its anchor bin: it needs "
-                                 f"fake_samples resolving to 'anchor' (got {self.fake_samples!r}) and fake_ema = 0")
+        if cfg.fake_split > 1 and cfg.fake_ema > 0:
+            raise ValueError("fake_split > 1 fits each copy to its own anchor bin; a fake_ema merge of the student "
+                             "into every copy is not defined: use fake_ema = 0")
+        if cfg.fake_split > 1 and self.fake_samples == "anchor":  # ``final``: one distribution, one fake score
             self.fake = SplitFake(self.fake, cfg.fake_split)
 
     def fake_for(self, sigma: Tensor) -> Any:
