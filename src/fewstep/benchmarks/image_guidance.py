@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def init_rows(teacher_run: str | Path, targets: dict[tuple[float, int], dict[str
 
 def student_row(run_dir: str | Path, targets: dict[tuple[float, int], dict[str, Any]], variant: str = "full",
                 nfe: int | None = None, n: int | None = None) -> dict[str, Any]:
-    """One student at its own NFE (the method's ``n_steps``): FD to both targets (draw A) and real-data metrics."""
+    """One student at its own NFE (the method's ``n_steps``): FD to both targets and to the guided ODE at every
+    computed w (``fd_to``; draw A), and the real-data metrics."""
     from fewstep.config.build import load_run
 
     run = load_run(run_dir)
@@ -122,7 +124,9 @@ def student_row(run_dir: str | Path, targets: dict[tuple[float, int], dict[str, 
     return {"run": str(run_dir), "method": run.config.method.name, "variant": variant, "w": w,
             "seed": int(run.config.seed), "steps": run.step, "nfe": k, **image_metrics(name, x, cond),
             "fd_guided": frechet_image_distance(name, x, targets[(w, SEED_A)]["x"]),
-            "fd_w1": frechet_image_distance(name, x, targets[(1.0, SEED_A)]["x"])}
+            "fd_w1": frechet_image_distance(name, x, targets[(1.0, SEED_A)]["x"]),
+            "fd_to": {f"{v:g}": frechet_image_distance(name, x, t["x"]) for (v, sd), t in sorted(targets.items())
+                      if sd == SEED_A}}
 
 
 def _ci(vals: Sequence[float], fmt: str = ".2f") -> str:
@@ -167,6 +171,16 @@ def report(data: dict[str, Any], base: str = "full") -> str:
                      + " | ".join(_ci([r[k] for r in rs.values()], f) for k, f in
                                   (("fd", ".2f"), ("precision", ".3f"), ("recall", ".3f"), ("class_acc", ".3f")))
                      + " |")
+    lines += ["", "### FD to the guided ODE at each w' (mean over seeds; nearest in bold)", "",
+              "| method | variant | trained at w | " + " | ".join(f"w' = {w:g}" for w in ws) + " |",
+              "|---" * (3 + len(ws)) + "|"]
+    for (m, v, w), rs in sorted(groups.items()):
+        if not all("fd_to" in r for r in rs.values()):
+            continue
+        means = {u: statistics.fmean(r["fd_to"][f"{u:g}"] for r in rs.values()) for u in ws}
+        best = min(means, key=means.__getitem__)
+        lines.append(f"| {m} | {v} | {w:g} | " + " | ".join(
+            f"**{means[u]:.1f}**" if u == best else f"{means[u]:.1f}" for u in ws) + " |")
     lines += ["", f"### Variants against `{base}` (same method and w; paired by seed, variant − {base})", "",
               "| method | w | variant | seeds | Δ FD to guided ODE | verdict | Δ class acc | verdict |",
               "|---|---|---|---|---|---|---|---|"]
