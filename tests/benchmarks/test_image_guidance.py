@@ -66,3 +66,13 @@ def test_report_says_which_target_is_nearer() -> None:
     ca = next(line for line in text.splitlines() if line.startswith("| cdm | 2 | ca_only"))
     assert "| guided ODE |" in dmd2 and "| w = 1 |" in cdm
     assert "| +11.00 ± " in ca and "| further |" in ca and "| lower |" in ca
+
+
+def test_report_marks_the_nearest_guided_w() -> None:
+    target = {"nfe": 60, "fd": 1.0, "precision": 0.9, "recall": 0.9, "class_acc": 1.0, "fd_floor": 1.0, "fd_to_w1": 1.0}
+    targets = [{"w": w, **target} for w in (1.0, 2.0, 4.0)]
+    fd_to = {"1": 50.0, "2": 20.0, "4": 30.0}
+    students = {f"r{s}": {**_student("ddmd", "full", 4.0, s, 30.0, 50.0, 1.0), "fd_to": fd_to} for s in range(2)}
+    line = next(ln for ln in report({"targets": targets, "students": students}).splitlines()
+                if ln.startswith("| ddmd | full | 4 |"))
+    assert line.endswith("| 50.0 | **20.0** | 30.0 |")
