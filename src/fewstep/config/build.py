@@ -9,7 +9,8 @@ r"""Build teacher, dataset, student and method from a :class:`~fewstep.config.sc
   ``fewstep.data.datasets.get_dataset(name, **kwargs)``.
 * student: ``FlowMap(build_network(kind, ...), parameterization)`` (an MLP, U-Net or DiT) with the
   method's parameterization unless the config names one; ``student.init_from`` copies a previous run's final
-  (EMA) student into it, shapes checked (:func:`init_student_from`).
+  (EMA) student into it, shapes checked (:func:`init_student_from`); a flow-map student from a velocity run gets
+  a zero-output s-pathway (:mod:`fewstep.config.init_from`).
 * score_teacher (optional): built like ``teacher`` and passed to ``method.set_score_teacher`` (the MA target of
   k-rectified flow: pairs from the previous round, score from the original teacher).
 * ``load_run``: ``build_method`` on the folder's config, then its newest checkpoint's weights; reading the folder
@@ -20,12 +21,14 @@ r"""Build teacher, dataset, student and method from a :class:`~fewstep.config.sc
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fewstep.config.init_from import init_state
 from fewstep.config.run_folder import LoadedRun, load_run_weights, read_run_config
 from fewstep.config.schema import (
     RunConfig,
@@ -228,7 +231,8 @@ def init_student_from(student: nn.Module, run_dir: str | Path) -> None:
     Raises:
         FileNotFoundError: no run folder, or no checkpoint in it.
         CheckpointError: every checkpoint is incomplete or corrupt.
-        ValueError: the run's student has other tensors or shapes.
+        ValueError: the run's student has other tensors or shapes than this one, beyond a new s-pathway
+            (:mod:`fewstep.config.init_from`).
     """
     from fewstep.training.checkpoint import CheckpointError
 
@@ -236,13 +240,11 @@ def init_student_from(student: nn.Module, run_dir: str | Path) -> None:
         src = load_run_student(run_dir, ema=True).state_dict()
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise type(e)(f"student.init_from={str(run_dir)!r}: {e}") from None
-    own = student.state_dict()
-    shapes = [(k, *(tuple(d[k].shape) if k in d else "missing" for d in (src, own))) for k in sorted({*own, *src})]
-    bad = [s for s in shapes if s[1] != s[2]]
-    if bad:
-        raise ValueError(f"student.init_from={str(run_dir)!r}: its student does not match this one: {bad[0][0]!r} is "
-                         f"{bad[0][1]} there, {bad[0][2]} here (use that run's student section)")
-    student.load_state_dict(src)
+    state, fresh = init_state(student, src, f"student.init_from={str(run_dir)!r}")
+    if fresh:  # a flow-map student from a velocity run: F(x, t, s) = v(x, t) at step 0
+        print(f"fewstep: student.init_from={str(run_dir)!r}: loaded its {len(src)} tensors; new "
+              f"s-pathway, output zero at init: {', '.join(fresh)}", file=sys.stderr)
+    student.load_state_dict(state)
 
 
 def build_from_objects(method: str | Method, teacher: Any, dataset: Any, method_cfg: dict[str, Any],

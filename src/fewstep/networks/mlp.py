@@ -94,6 +94,19 @@ class MLP(nn.Module):
         layers.append(nn.Linear(hidden, dim))
         self.net = nn.Sequential(*layers)
 
+    def h_columns(self) -> list[int]:
+        """Input columns of the first linear layer ``net.0`` fed by h = t - s (its embedding, then the raw h when
+        ``raw_time``); empty without ``use_s``. Dropping them gives the layout of the same MLP built without s.
+
+        Returns:
+            Column indices into ``net[0].weight``.
+        """
+        if self.h_emb is None:
+            return []
+        e = 2 * len(self.t_emb.freqs)
+        start = self.dim + e  # after x and phi(t)
+        return [*range(start, start + e), *([start + e + 1] if self.raw_time else [])]  # raw t sits at start + e
+
     def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         """Evaluate F(x, t, s, cond); returns a tensor of x's shape."""
         b = x.shape[0]
