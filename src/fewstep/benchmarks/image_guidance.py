@@ -67,7 +67,7 @@ def load_targets(teacher_run: str | Path, ws: Sequence[float], n: int, rtol: flo
         for seed in (SEED_A, SEED_B):
             f = Path(cache) / f"target_w{w:g}_seed{seed}_n{n}_rtol{rtol:g}.pt" if cache else None
             if f is not None and f.exists():
-                out[(w, seed)] = torch.load(f)
+                out[(w, seed)] = torch.load(f, weights_only=True)
                 continue
             x, cond, nfe = guided_target(teacher, w, n, seed, rtol)
             out[(w, seed)] = {"x": x, "cond": cond, "nfe": nfe}
