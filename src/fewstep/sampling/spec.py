@@ -76,6 +76,14 @@ def grid_rule_problem(rule: Any) -> str | None:
     return parsed if isinstance(parsed, str) else None
 
 
+def _parsed(rule: Any, what: str) -> tuple[str, float | None]:
+    """(kind, exponent) of a valid grid rule, else ValueError ``"<what> must be ...; got ..."``."""
+    parsed = _parse_rule(rule)
+    if isinstance(parsed, str):
+        raise ValueError(f"{what} {parsed}; got {rule!r}")
+    return parsed
+
+
 def check_grid_rule(rule: Any, what: str = "sampler grid") -> str:
     """``rule`` if it is a valid grid rule, else ValueError ``"<what> must be ...; got ..."`` (one line).
 
@@ -89,9 +97,7 @@ def check_grid_rule(rule: Any, what: str = "sampler grid") -> str:
     Raises:
         ValueError: ``rule`` is not a grid rule.
     """
-    problem = grid_rule_problem(rule)
-    if problem is not None:
-        raise ValueError(f"{what} {problem}; got {rule!r}")
+    _parsed(rule, what)
     return rule
 
 
@@ -110,9 +116,7 @@ def grid_times(rule: str, nfe: int) -> Tensor:
     Returns:
         The decreasing grid, shape (nfe + 1,), exactly 1 first and 0 last.
     """
-    parsed = _parse_rule(check_grid_rule(rule))
-    assert not isinstance(parsed, str)
-    kind, p = parsed
+    kind, p = _parsed(rule, "sampler grid")
     if kind == "power":
         return time_grid(nfe, kind="uniform") ** p
     return time_grid(nfe, kind=kind)
