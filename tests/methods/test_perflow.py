@@ -198,3 +198,22 @@ def test_second_time_of_an_average_velocity_student(second_time: str) -> None:
         assert 0.4 < float(frac.mean()) < 0.6 and float(frac.std()) > 0.2  # uniform over [t_end, t]
     with pytest.raises(ValueError, match="second_time"):
         cls(FlowMap(MLP(2, 8, 1, use_s=True), "average_velocity"), ring8, cls.make_config(second_time="end"))
+
+
+def test_end_fraction_keeps_the_whole_window_jump_on_that_share_of_rows() -> None:
+    ring8 = load_preset("ring8")
+    cls = get_method("perflow")
+    m = cls(FlowMap(MLP(2, 8, 1, use_s=True), "average_velocity"), ring8,
+            cls.make_config(num_windows=2, solve_steps=1, second_time="in_window", end_fraction=0.5))
+    rec = _RecordS()
+    m.student = rec
+    g = torch.Generator().manual_seed(1)
+    b = Batch(x1=torch.randn(2048, 2, generator=g), u=torch.rand(2048, 8, generator=g),
+              x0=ring8.sample(2048, generator=g))
+    m.loss("student", b, 0)
+    t, s = rec.seen[-1]
+    t_end = torch.where(t > 0.5, torch.full_like(t, 0.5), torch.zeros_like(t))
+    at_end = (s == t_end).double().mean()
+    assert abs(float(at_end) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="end_fraction"):
+        cls(FlowMap(MLP(2, 8, 1, use_s=True), "average_velocity"), ring8, cls.make_config(end_fraction=1.5))
