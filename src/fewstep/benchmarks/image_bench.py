@@ -33,7 +33,8 @@ from fewstep.sampling.image_grid import image_mosaic, save_grid
 from fewstep.sampling.samplers import solve, solve_adaptive
 from fewstep.sampling.spec import sample_with
 
-__all__ = ["eval_noise", "teacher_rows", "student_rows", "image_mosaic", "save_grid", "step_times", "main"]
+__all__ = ["eval_noise", "run_data_name", "teacher_rows", "student_rows", "image_mosaic", "save_grid", "step_times",
+           "main"]
 
 
 def eval_noise(n: int, shape: Sequence[int], num_classes: int | None, seed: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -42,7 +43,8 @@ def eval_noise(n: int, shape: Sequence[int], num_classes: int | None, seed: int 
     return x1, (torch.arange(n) % num_classes if num_classes else None)
 
 
-def _data_name(run_dir: str | Path) -> str:
+def run_data_name(run_dir: str | Path) -> str:
+    """The data name (e.g. ``digits8``) in the run config of ``run_dir``."""
     from fewstep.config.run_folder import read_run_config
 
     return read_run_config(run_dir).data.name
@@ -51,7 +53,7 @@ def _data_name(run_dir: str | Path) -> str:
 def teacher_rows(run_dir: str | Path, n: int | None = None, seed: int = 0, steps: Sequence[int] = (1, 2, 4, 8, 16),
                  guidance: float = 1.0, rtol: float = 1e-4, split: str = "all") -> list[dict[str, Any]]:
     """Metrics of a flow-matching run used as teacher: Euler with each step count and adaptive dopri5."""
-    name = _data_name(run_dir)
+    name = run_data_name(run_dir)
     teacher = build_teacher(TeacherConfig(kind="run", path=str(run_dir)))
     n = int(n or FLOOR_N[name])
     x1, cond = eval_noise(n, teacher.event_shape, teacher.num_classes, seed)
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.cmd == "teacher":
         rows = teacher_rows(a.run, a.n, a.seed, a.steps, a.guidance, split=a.split)
-        name = _data_name(a.run)
+        name = run_data_name(a.run)
         text = markdown(rows, fd_floor(name, a.n or FLOOR_N[name], split=a.split))
     elif a.cmd == "students":
         rows = [r for run in a.runs for r in student_rows(run, a.nfe, a.n, a.seed, a.split, a.gamma, a.grid)]

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fewstep.benchmarks.dm_targets_eval import run_guidance
-from fewstep.benchmarks.image_bench import _data_name, eval_noise
+from fewstep.benchmarks.image_bench import eval_noise, run_data_name
 from fewstep.benchmarks.ma_stats import paired, t_interval
 from fewstep.evaluation.image_features import FLOOR_N, frechet_image_distance, image_metrics
 from fewstep.sampling.samplers import solve, solve_adaptive
@@ -94,7 +94,7 @@ def init_rows(teacher_run: str | Path, targets: dict[tuple[float, int], dict[str
     from fewstep.config.build import build_teacher
     from fewstep.config.schema import TeacherConfig
 
-    name, teacher = _data_name(teacher_run), build_teacher(TeacherConfig(kind="run", path=str(teacher_run)))
+    name, teacher = run_data_name(teacher_run), build_teacher(TeacherConfig(kind="run", path=str(teacher_run)))
     x1, cond = eval_noise(targets[(1.0, SEED_A)]["x"].shape[0], teacher.event_shape, teacher.num_classes, 0)
     rows = []
     for k in steps:
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(a.md).write_text(text)
         print(text)
         return 0
-    teacher_name = _data_name(a.teacher)
+    teacher_name = run_data_name(a.teacher)
     n = int(a.n or FLOOR_N[teacher_name])
     if a.cmd == "targets":
         targets = load_targets(a.teacher, a.w, n, a.rtol, a.cache)
