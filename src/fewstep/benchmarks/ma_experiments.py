@@ -76,13 +76,13 @@ def heldout_pairs(teacher: Any, folder: Path, n: int = 4096) -> tuple[torch.Tens
 
 
 def measure(
-    student: Any, teacher: Any, held: tuple[torch.Tensor, ...], seed: int, n_eval: int
+    student: Any, teacher: Any, held: tuple[torch.Tensor, ...], seed: int, n_eval: int, knn_max_dim: int = 3
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Metrics of one trained student (per-NFE sample metrics, held-out pair loss, the 4-window TV bound) and its
-    per-pair held-out losses."""
+    per-pair held-out losses; density-free k-NN KL/TV up to ``knn_max_dim`` dimensions."""
     fm = heldout_fm_loss(student, *held)
     res: dict[str, Any] = {
-        "eval": evaluate_student(student, teacher, n=n_eval, seed=seed),
+        "eval": evaluate_student(student, teacher, n=n_eval, seed=seed, knn_max_dim=knn_max_dim),
         "fm_loss": float(fm.mean()),
         "fm_loss_se": float(fm.std() / len(fm) ** 0.5),
     }
@@ -119,8 +119,11 @@ def sweep(
     only: list[str] | None = None,
     n_held: int = 4096,
     round1_steps: int = 2000,
+    knn_max_dim: int = 3,
 ) -> dict[str, Any]:
     """Train and measure every arm x seed (resumable: keys already in ``out`` are skipped); returns the results.
+
+    Density-free k-NN KL/TV are measured for targets of dimension <= ``knn_max_dim`` (recorded in ``settings``).
 
     ``method="reflow2"`` is 2-rectified flow (:mod:`fewstep.benchmarks.ma_rectify`): per seed a round-1 reflow
     student (``round1_steps`` steps, recorded as arm ``round1``), then every arm is round 2 on its pairs.
@@ -136,6 +139,7 @@ def sweep(
             "seeds": seeds,
             "lambdas": list(lambdas),
             "base_config": BASE_CONFIG[method],
+            "knn_max_dim": knn_max_dim,
         }
     )
     res["settings"].setdefault("git", git_commit(short=True))
@@ -157,7 +161,7 @@ def sweep(
             r1, rec = round_one(preset, seed, budget, round1_steps, pair_dir, cache / "students")
             key = f"{tag}/{method}/{ROUND1}/{seed}"
             if rec is not None or key not in res["runs"]:
-                m, fm = measure(copy.deepcopy(r1), teacher, held, seed, n_eval)
+                m, fm = measure(copy.deepcopy(r1), teacher, held, seed, n_eval, knn_max_dim)
                 res["runs"][key] = {**res["runs"].get(key, {}), **(rec or {}), **m}
                 torch.save({"state": r1.state_dict(), "fm_rows": fm.float()}, res["runs"][key]["student_file"])
                 out.write_text(json.dumps(res, indent=1, default=float))
@@ -169,8 +173,9 @@ def sweep(
                     continue
                 if key in res["runs"]:
                     old = res["runs"][key]
-                    if teacher.dim <= 3 and "kl_knn" not in old["eval"]["1"] and Path(old["student_file"]).is_file():
-                        m, _ = measure(load_student(old)[0], teacher, held, seed, n_eval)
+                    fresh = teacher.dim <= knn_max_dim and "kl_knn" not in old["eval"]["1"]
+                    if fresh and Path(old["student_file"]).is_file():
+                        m, _ = measure(load_student(old)[0], teacher, held, seed, n_eval, knn_max_dim)
                         old.update(m)
                         out.write_text(json.dumps(res, indent=1, default=float))
                     continue
@@ -178,7 +183,7 @@ def sweep(
                 setup, r1_file = setups.get(seed, (None, ""))
                 pdir = pair_dir if setup is None else cache / "pairs" / f"{tag}-round2-{round1_steps}-{seed}"
                 student, _, timing = train_arm(method, ov, pdir, setup)
-                m, fm = measure(student, teacher, held, seed, n_eval)
+                m, fm = measure(student, teacher, held, seed, n_eval, knn_max_dim)
                 path = cache / "students" / (key.replace("/", "__").replace(" ", "_") + ".pt")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"state": student.state_dict(), "fm_rows": fm.float()}, path)
@@ -225,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--cache", default="/tmp/fewstep_ma")
     s.add_argument("--out", default="docs/results/ma.json")
     s.add_argument("--round1-steps", type=int, default=2000, help="reflow2: steps of the round-1 student")
+    s.add_argument(
+        "--knn-max-dim", type=int, default=3, help="density-free k-NN KL/TV up to this target dimension (bias grows)"
+    )
     s.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 12 steps, 1 lambda, tiny student, r=2")
     r = sub.add_parser("report")
     r.add_argument("json", nargs="+")
@@ -247,7 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     r1 = 24 if a.quick else a.round1_steps
-    sweep(a.presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held, r1)
+    sweep(
+        a.presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held, r1,
+        a.knn_max_dim,
+    )
 
 
 if __name__ == "__main__":
