@@ -127,10 +127,12 @@ def claim_i(res: dict[str, Any], tag: str, draws: int = 6, nfes: tuple[int, ...]
         return {"n_students": len(losses), "n_matched": 0}
     best = {**pairs[0], "n_students": len(losses), "n_matched": len(pairs)}
     evs: dict[str, list[dict[int, dict[str, float]]]] = {}
+    knn_dim = int(res.get("settings", {}).get("knn_max_dim", 3))  # k-NN KL/TV up to the sweep's dimension
     for side in ("a", "b"):
         st, teacher = load_student(runs[best[side]])
         evs[side] = [
-            evaluate_student(st, teacher, n=2000, seed=100 + i, nfe=nfes, density_max_dim=0) for i in range(draws)
+            evaluate_student(st, teacher, n=2000, seed=100 + i, nfe=nfes, density_max_dim=0, knn_max_dim=knn_dim)
+            for i in range(draws)
         ]
 
     def mse(v: list[float]) -> tuple[float, float]:
