@@ -10,7 +10,9 @@ The student is a consistency function :math:`f_\theta(x,t) = f_{t\to 0}(x) = x -
 
 * ``cd``: :math:`x_{t'}` is one teacher ODE step from :math:`x_t` (Euler :math:`x_t - (t-t')v(x_t,t)` or Heun);
 * ``ct``: :math:`x_{t'} = (1-t')x_0 + t' x_1` with the same :math:`(x_0, x_1)` (the conditional velocity
-  :math:`x_1 - x_0` replaces the teacher; the loss vanishes at the exact flow map only as :math:`\Delta t\to0`).
+  :math:`x_1 - x_0` replaces the teacher; the loss vanishes at the exact flow map only as :math:`\Delta t\to0`),
+  or, with ``velocity="batch"``, :math:`x_{t'} = x_t - (t-t')\hat v(x_t,t)` with the batch estimate
+  :func:`batch_velocity` of the marginal velocity (still no teacher: the batch's data are the reference).
 
 Distances: :math:`d = \|a-b\|^2` (``l2``) or pseudo-Huber :math:`\sqrt{\|a-b\|^2 + c^2} - c` (``pseudo_huber``).
 Weights: :math:`w = 1` (``uniform``) or :math:`w = 1/(t - t')` (``inv_dt``, iCT). The target network
@@ -42,10 +44,11 @@ from fewstep.sampling.samplers import time_grid
 from fewstep.sampling.spec import CONSISTENCY
 
 __all__ = ["ConsistencyConfig", "ConsistencyDistillation", "ConsistencyTraining", "pseudo_huber",
-           "discretization_steps", "curriculum_length", "consistency_grid"]
+           "discretization_steps", "curriculum_length", "consistency_grid", "batch_velocity"]
 
 DISTANCES = ("l2", "pseudo_huber")
 WEIGHTINGS = ("uniform", "inv_dt")
+VELOCITIES = ("conditional", "batch")
 
 
 @dataclass
@@ -69,6 +72,8 @@ class ConsistencyConfig(MethodConfig):
         rho: EDM exponent.
         grid_jitter: Draw a continuous grid index (every t trained) instead of the N grid points.
         solver: Teacher step of ``cd``: ``euler`` or ``heun`` (ignored by ``ct``).
+        velocity: Partner velocity of ``ct``: ``conditional`` (x1 - x0 of the row) or ``batch``
+            (:func:`batch_velocity` over the batch's data; ignored by ``cd``).
         guidance: Teacher guidance weight (``cd``, class-conditional teachers).
     """
 
@@ -86,6 +91,7 @@ class ConsistencyConfig(MethodConfig):
     rho: float = 7.0
     grid_jitter: bool = True
     solver: str = "heun"
+    velocity: str = "conditional"
     guidance: float = 1.0
 
     def __post_init__(self) -> None:
@@ -93,6 +99,8 @@ class ConsistencyConfig(MethodConfig):
             raise ValueError(f"unknown distance {self.distance!r}; expected one of {DISTANCES}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        if self.velocity not in VELOCITIES:
+            raise ValueError(f"unknown velocity {self.velocity!r}; expected one of {VELOCITIES}")
         if self.n_schedule not in ("fixed", "ict"):
             raise ValueError(f"unknown n_schedule {self.n_schedule!r}; expected 'fixed' or 'ict'")
         if self.solver not in ("euler", "heun"):
@@ -119,6 +127,34 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     r"""Per-sample pseudo-Huber distance :math:`\sqrt{\|a-b\|^2 + c^2} - c`, shape (batch,)."""
     sq = (a - b).flatten(1).pow(2).sum(1)
     return torch.sqrt(sq + c * c) - c
+
+
+def batch_velocity(x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor | None = None) -> Tensor:
+    r"""Marginal velocity from a batch of data, the stable-target-field estimate (Xu et al. 2023).
+
+    With the empirical data distribution :math:`\{x_0^j\}` as the prior,
+    :math:`\hat x_0(x_t) = \sum_j w_j x_0^j`, :math:`w_j \propto \exp(-\|x_t - (1-t)x_0^j\|^2 / 2t^2)`, and
+    :math:`\hat v = (x_t - \hat x_0)/t`. It tends to :math:`E[x_1 - x_0 \mid x_t]` as the batch grows; with one
+    row it is that row's conditional velocity :math:`x_1 - x_0`.
+
+    Args:
+        x_t: Points, shape (B, ...), each at its own time.
+        t: Times, shape (B,), in (0, 1] (clamped below at 1e-6).
+        x0: The batch's data, shape (N, ...) (usually the rows x_t was made from).
+        cond: Class labels of the rows (B = N); the weights then cover the rows of the same label only.
+
+    Returns:
+        :math:`\hat v`, shape of ``x_t``.
+    """
+    a, b = x_t.flatten(1).double(), x0.flatten(1).double()
+    tt = t.double().clamp(min=1e-6)
+    c = (1 - tt)[:, None]
+    d2 = a.pow(2).sum(1, keepdim=True) - 2 * c * (a @ b.T) + c * c * b.pow(2).sum(1)[None]
+    logits = -d2 / (2 * tt[:, None] ** 2)
+    if cond is not None:
+        logits = logits.masked_fill(cond[:, None] != cond[None, :], float("-inf"))
+    w = torch.softmax(logits, dim=1)
+    return ((a - w @ b) / tt[:, None]).to(x_t.dtype).reshape(x_t.shape)
 
 
 def curriculum_length(cfg: ConsistencyConfig, train_steps: int | None) -> int:
@@ -257,13 +293,15 @@ class ConsistencyDistillation(_ConsistencyBase):
 
 @register
 class ConsistencyTraining(_ConsistencyBase):
-    """Consistency training: x_{t'} = (1-t') x0 + t' x1 with the same (x0, x1); no teacher."""
+    """Consistency training: x_{t'} = (1-t') x0 + t' x1 with the same (x0, x1), or the batch velocity; no teacher."""
 
     name = "ct"
     description = "Consistency training (discrete CM from data): same (x0, x1) at t and t'."
     needs_teacher = False
 
     def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
-        """The same noise/data pair at the earlier time t'."""
+        """The same noise/data pair at the earlier time t', or one Euler step of :func:`batch_velocity`."""
         assert batch.x0 is not None
+        if self.config.velocity == "batch":
+            return x_t - bcast(t - t_prev, x_t) * batch_velocity(x_t, t, batch.x0, batch.cond)
         return LinearPath().interpolate(batch.x0, batch.x1, t_prev)
