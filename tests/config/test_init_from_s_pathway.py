@@ -84,6 +84,9 @@ def test_image_backbones_start_at_the_velocity(cls: type, kw: dict, capsys: pyte
 @pytest.mark.parametrize("extra,needle", [
     (["student.hidden=16"], "its student does not match this one: 'net.net.0.bias' is (8,) there, (16,) here"),
     (["student.raw_time=true"], "'net.net.0.weight' is (8, 6) there, (8, 12) here"),
+    # the frequencies are not saved: without the check the weights would load and run on other time features
+    (["student.max_freq=2.0"], "fixed buffer 'net.t_emb.freqs' differs from the run's"),
+    (["student.min_freq=0.25"], "fixed buffer 'net.t_emb.freqs' differs from the run's"),
 ])
 def test_other_mismatches_are_one_line(velocity_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        extra: list[str], needle: str) -> None:

@@ -220,6 +220,21 @@ def load_run_student(run_dir: str | Path, ema: bool = True, device: str | torch.
     return load_run(run_dir, device).student(ema)
 
 
+def _check_fixed_buffers(student: nn.Module, source: nn.Module, where: str) -> None:
+    """One-line error when a buffer that is not saved (e.g. the time embedding's ``freqs``, set by
+    ``student.max_freq`` / ``min_freq``) differs between ``source`` and ``student``: the loaded weights would run
+    on features they were never trained on, silently."""
+    saved = set(source.state_dict())
+    theirs = dict(source.named_buffers())
+    for name, b in student.named_buffers():
+        a = theirs.get(name)
+        if name in saved or a is None:
+            continue
+        if a.shape != b.shape or not torch.allclose(a.to(b.dtype), b):
+            raise ValueError(f"{where}: fixed buffer {name!r} differs from the run's (a time-embedding setting such "
+                             f"as student.max_freq / min_freq / emb_dim must match the run's config)")
+
+
 def init_student_from(student: nn.Module, run_dir: str | Path) -> None:
     """``student.init_from``: load the final student of run folder ``run_dir`` (its first EMA copy, else the raw
     weights; :func:`load_run`) into ``student``; errors are one line naming the key.
@@ -232,14 +247,16 @@ def init_student_from(student: nn.Module, run_dir: str | Path) -> None:
         FileNotFoundError: no run folder, or no checkpoint in it.
         CheckpointError: every checkpoint is incomplete or corrupt.
         ValueError: the run's student has other tensors or shapes than this one, beyond a new s-pathway
-            (:mod:`fewstep.config.init_from`).
+            (:mod:`fewstep.config.init_from`), or another unsaved buffer (time-embedding frequencies).
     """
     from fewstep.training.checkpoint import CheckpointError
 
     try:
-        src = load_run_student(run_dir, ema=True).state_dict()
+        source = load_run_student(run_dir, ema=True)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise type(e)(f"student.init_from={str(run_dir)!r}: {e}") from None
+    _check_fixed_buffers(student, source, f"student.init_from={str(run_dir)!r}")
+    src = source.state_dict()
     state, fresh = init_state(student, src, f"student.init_from={str(run_dir)!r}")
     if fresh:  # a flow-map student from a velocity run: F(x, t, s) = v(x, t) at step 0
         print(f"fewstep: student.init_from={str(run_dir)!r}: loaded its {len(src)} tensors; new "
