@@ -12,8 +12,10 @@ decrement either in :math:`\eta = t/(1-t)` (``r_schedule="eta"``; IMM: :math:`\e
 :math:`r \leftarrow \max(r, s)`.
 
 Each particle uses its own pair (x0, x1): :math:`x_t = (1-t)x_0 + t x_1` and the DDIM interpolant
-:math:`x_r = (1-r)\,x_0 + \tfrac{r}{t}(x_t - (1-t)x_0) = (1-r)x_0 + r x_1`. With
-:math:`y_t^i = f^\theta_{t\to s}(x_t^i)` and the stop-gradient :math:`y_r^i = f^{\theta^-}_{r\to s}(x_r^i)`
+:math:`x_r = (1-r)\,x_0 + \tfrac{r}{t}(x_t - (1-t)x_0) = (1-r)x_0 + r x_1`; with ``interpolant="batch"`` the
+DDIM step takes the batch's posterior mean :math:`\hat x_0(x_t)` instead of the particle's own x0, i.e.
+:math:`x_r = x_t - (t-r)\,\hat v(x_t,t)` with :func:`fewstep.methods.consistency.batch_velocity` (no teacher).
+With :math:`y_t^i = f^\theta_{t\to s}(x_t^i)` and the stop-gradient :math:`y_r^i = f^{\theta^-}_{r\to s}(x_r^i)`
 (θ⁻ an EMA copy, or sg(θ) when ``target_ema = 0``), the loss is
 
 .. math::
@@ -40,7 +42,9 @@ from torch import Tensor
 from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.paths import LinearPath
+from fewstep.core.utils import bcast
 from fewstep.methods.base import U_AUX, U_S, U_SELECT, U_T, Batch, Method, MethodConfig
+from fewstep.methods.consistency import batch_velocity
 from fewstep.methods.registry import register
 
 __all__ = ["IMMConfig", "IMM", "laplace_mmd2", "imm_r", "imm_weight"]
@@ -65,6 +69,8 @@ class IMMConfig(MethodConfig):
         target_ema: EMA decay of θ⁻ (0: θ⁻ = sg(θ)).
         t_one_fraction: Fraction of groups with t = 1 exactly (the 1-step jump starts there).
         s_zero_fraction: Fraction of groups with s = 0 exactly (jumps that end at the data).
+        interpolant: ``conditional`` (x_r from the particle's own (x0, x1)) or ``batch`` (DDIM step with the
+            batch's posterior mean of x0).
     """
 
     group_size: int = 4
@@ -80,8 +86,11 @@ class IMMConfig(MethodConfig):
     target_ema: float = 0.0
     t_one_fraction: float = 0.0
     s_zero_fraction: float = 0.0
+    interpolant: str = "conditional"
 
     def __post_init__(self) -> None:
+        if self.interpolant not in ("conditional", "batch"):
+            raise ValueError(f"unknown interpolant {self.interpolant!r}; expected 'conditional' or 'batch'")
         if not (0.0 <= self.t_one_fraction <= 1.0 and 0.0 <= self.s_zero_fraction <= 1.0):
             raise ValueError(f"t_one_fraction and s_zero_fraction must lie in [0, 1]; got {self.t_one_fraction}, "
                              f"{self.s_zero_fraction}")
@@ -201,7 +210,10 @@ class IMM(Method):
         s, r, t = self.group_times(batch.u, groups)
         x0, x1, cond = batch.x0, batch.x1, batch.cond
         x_t = LinearPath().interpolate(x0, x1, t)
-        x_r = LinearPath().interpolate(x0, x1, r)
+        if cfg.interpolant == "batch":
+            x_r = x_t - bcast(t - r, x_t) * batch_velocity(x_t, t, x0, cond)
+        else:
+            x_r = LinearPath().interpolate(x0, x1, r)
         with torch.no_grad():
             y_r = self.target(x_r, r, s, cond)
         y_t = self.student(x_t, t, s, cond)
