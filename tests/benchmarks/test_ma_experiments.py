@@ -12,7 +12,7 @@ from fewstep.benchmarks.ma_eval import sample_with_density
 from fewstep.benchmarks.ma_stats import claim_i_pairs, paired, t_interval
 
 
-def test_quick_sweep_and_report(tmp_path):
+def test_quick_sweep_and_report(tmp_path, capsys):
     out, md = tmp_path / "ma.json", tmp_path / "ma.md"
     ME.main(["sweep", "--quick", "--presets", "ring8", "--out", str(out), "--cache", str(tmp_path / "cache")])
     res = json.loads(out.read_text())
@@ -26,6 +26,10 @@ def test_quick_sweep_and_report(tmp_path):
             e = r["eval"][k]
             assert math.isfinite(e["mmd2"]) and 0.0 <= e["fold"] <= 1.0 and e["eq_ratio"] > 0
         assert r["tv_bound"]["sum_eps"] >= 0 and len(r["tv_bound"]["eps"]) == 4
+    capsys.readouterr()  # drop the sweep's progress lines
+    ME.main(["modes", str(out), "--nfe", "2"])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 5 and table[2].startswith("| ring8/reflow/base@N | 2 | ")
     ME.main(["report", str(out), "--out", str(md)])
     text = md.read_text()
     assert "## ring8" in text and "MA 0.001 start" in text and "Telescoping bound" in text

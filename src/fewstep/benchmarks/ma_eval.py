@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_student",
     "heldout_fm_loss",
     "density_free",
+    "mode_table",
 ]
 
 # reflow2: 2-rectified flow, round 2 on a round-1 student's pairs (fewstep.benchmarks.ma_rectify)
@@ -183,3 +184,38 @@ def load_student(run: dict[str, Any]) -> Any:
     st = build_student(cfg.student, get_method(cfg.method.name), (teacher.dim,), None)
     st.load_state_dict(torch.load(run["student_file"], weights_only=True)["state"])
     return st.eval(), teacher
+
+
+def mode_table(runs: dict[str, dict[str, Any]], nfe: int = 4, n: int = 2000) -> list[str]:
+    """Mode coverage of the cached students of a sweep (:func:`fewstep.evaluation.metrics.mode_coverage`): per arm,
+    the share of mixture components covered and the off-mode share of ``n`` samples at ``nfe`` uniform jumps (the
+    noise of :func:`evaluate_student`, seeded by the run's seed); markdown rows, mean and range over seeds.
+
+    Args:
+        runs: ``runs`` of a sweep JSON (keys ``target/method/arm/seed``); runs without a cached student are skipped.
+        nfe: Jump count.
+        n: Samples per student.
+
+    Returns:
+        Markdown table lines.
+    """
+    from fewstep.evaluation.metrics import mode_coverage
+    from fewstep.sampling.samplers import sample_flowmap
+
+    arms: dict[str, list[tuple[float, float]]] = {}
+    for key, run in runs.items():
+        if not Path(run.get("student_file", "")).is_file():
+            continue
+        student, teacher = load_student(run)
+        gen = torch.Generator().manual_seed(int(key.rsplit("/", 1)[1]))
+        with torch.no_grad():
+            x = sample_flowmap(student.double(), torch.randn(n, teacher.dim, generator=gen, dtype=torch.float64), nfe).x
+        cov = mode_coverage(x, teacher)
+        arms.setdefault(key.rsplit("/", 1)[0], []).append((float(cov["modes_covered"]), float(cov["off_mode"])))
+    lines = [f"| target/method/arm | students | modes covered ({nfe} NFE): mean [min, max] | off-mode share: mean "
+             "[min, max] |", "|---|---|---|---|"]
+    for arm, v in arms.items():
+        c, o = zip(*v, strict=True)
+        lines.append(f"| {arm} | {len(v)} | {sum(c) / len(c):.2f} [{min(c):.2f}, {max(c):.2f}] | "
+                     f"{sum(o) / len(o):.3f} [{min(o):.3f}, {max(o):.3f}] |")
+    return lines

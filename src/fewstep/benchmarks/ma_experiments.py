@@ -234,10 +234,19 @@ def main(argv: list[str] | None = None) -> None:
         "--knn-max-dim", type=int, default=3, help="density-free k-NN KL/TV up to this target dimension (bias grows)"
     )
     s.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 12 steps, 1 lambda, tiny student, r=2")
+    mo = sub.add_parser("modes", help="mode coverage of the cached students (markdown table on stdout)")
+    mo.add_argument("json", nargs="+")
+    mo.add_argument("--nfe", type=int, default=4)
     r = sub.add_parser("report")
     r.add_argument("json", nargs="+")
     r.add_argument("--out", default="docs/results/ma_tables.md", help="generated tables (not the summary ma.md)")
     a = p.parse_args(argv)
+    if a.cmd == "modes":
+        from fewstep.benchmarks.ma_eval import mode_table
+
+        runs = {k: v for f in a.json for k, v in json.loads(Path(f).read_text())["runs"].items()}
+        print("\n".join(mode_table(runs, a.nfe)))
+        return
     if a.cmd == "report":
         from fewstep.benchmarks.ma_report import write_report
 
