@@ -28,7 +28,7 @@ Weights: :math:`w = 1` (``uniform``) or :math:`w = 1/(t - t')` (``inv_dt``, iCT)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast
-from fewstep.methods.base import U_T, Batch, Method, MethodConfig
+from fewstep.methods.base import U_LABEL_DROP, U_T, Batch, Method, MethodConfig
 from fewstep.methods.registry import register
 from fewstep.sampling.samplers import time_grid
 from fewstep.sampling.spec import CONSISTENCY
@@ -75,6 +75,8 @@ class ConsistencyConfig(MethodConfig):
         velocity: Partner velocity of ``ct``: ``conditional`` (x1 - x0 of the row) or ``batch``
             (:func:`batch_velocity` over the batch's data; ignored by ``cd``).
         guidance: Teacher guidance weight (``cd``, class-conditional teachers).
+        cond_drop: ``cd`` only: probability of replacing a class label by the null label -1 (student, target and
+            teacher all see -1, the teacher's unconditional velocity), so the unconditional model is trained too.
     """
 
     distance: str = "pseudo_huber"
@@ -93,6 +95,7 @@ class ConsistencyConfig(MethodConfig):
     solver: str = "heun"
     velocity: str = "conditional"
     guidance: float = 1.0
+    cond_drop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.distance not in DISTANCES:
@@ -121,6 +124,8 @@ class ConsistencyConfig(MethodConfig):
             raise ValueError(f"curriculum_steps must be >= 1; got {self.curriculum_steps}")
         if self.huber_c <= 0:
             raise ValueError(f"huber_c must be positive; got {self.huber_c}")
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ValueError(f"cond_drop must lie in [0, 1]; got {self.cond_drop}")
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
@@ -226,6 +231,10 @@ class _ConsistencyBase(Method):
         """The point x_{t'} paired with x_t (teacher step for cd, same (x0, x1) for ct)."""
         raise NotImplementedError
 
+    def labels(self, batch: Batch) -> Batch:
+        """The batch with the class labels every network sees (unchanged here; ``cd`` drops some)."""
+        return batch
+
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Per-sample distance d(a, b), shape (batch,)."""
         if self.config.distance == "l2":
@@ -255,6 +264,7 @@ class _ConsistencyBase(Method):
     def loss(self, name: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if batch.x0 is None:
             raise ValueError(f"{self.name} needs data batches (x0) to form x_t = (1-t) x0 + t x1")
+        batch = self.labels(batch)
         t, t_prev = self.times(batch.u[:, U_T], step)
         x_t = LinearPath().interpolate(batch.x0, batch.x1, t)
         with torch.no_grad():
@@ -279,6 +289,13 @@ class ConsistencyDistillation(_ConsistencyBase):
     name = "cd"
     description = "Consistency distillation (discrete CM): f(x_t,t) vs EMA f(teacher step to t', t')."
     needs_teacher = True
+
+    def labels(self, batch: Batch) -> Batch:
+        """Labels with a fraction ``cond_drop`` replaced by -1 (column ``U_LABEL_DROP``), as the flow-map methods."""
+        cond, p = batch.cond, self.config.cond_drop
+        if cond is None or p <= 0:
+            return batch
+        return replace(batch, cond=torch.where(batch.u[:, U_LABEL_DROP] < p, torch.full_like(cond, -1), cond))
 
     def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
         r"""Euler :math:`x_t - h v(x_t,t)` or Heun :math:`x_t - \tfrac h2[v(x_t,t) + v(\tilde x, t')]`, h = t - t'."""
