@@ -94,7 +94,9 @@ def cell_overrides(method: str, target: str, seed: int, budget: Budget) -> list[
             "teacher.conditional=false",
             "teacher.guidance=1.0",
             "data.name=teacher",
-            "data.kwargs={}",
+            # unlabelled exact samples: the digits preset keeps its 10 classes even with teacher.conditional=false,
+            # and a student trained on labelled rows but sampled unconditionally would run its untrained null label
+            'data.kwargs={"conditional": false}',
         ]
     return [
         f"method.name={method}",
