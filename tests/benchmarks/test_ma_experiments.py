@@ -108,6 +108,11 @@ def test_tv_bound_comparison_reads_the_bound_fields():
     text, summary = render(res, with_claim_i=False)
     tail = text.split("Does MA lower")[1]
     assert "| MA 0.01 start | 4 | -" in tail and len(summary["tv"]["compare"]) == 4
+    assert summary["tv"]["ring8"]["n"] == 15 and "| ring8 | 15 | " in text
+    runs["ring8/reflow/MA 0.01 start/0"]["tv_bound"]["tv_final"] = float("nan")  # a folding map: no TV
+    text, summary = render(res, with_claim_i=False)
+    assert summary["tv"]["ring8"]["n"] == 14 and "| ring8 | 14 (+1 folded: no TV) | " in text
+    assert math.isfinite(summary["tv"]["ring8"]["rho"]["rho"])
 
 
 class _Scale(torch.nn.Module):

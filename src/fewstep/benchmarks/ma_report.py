@@ -185,9 +185,15 @@ def claim_i_lines(ci: dict[str, Any]) -> list[str]:
     return [*lines, "", "Means ± SE over 6 fresh draws of 2000 noise and reference samples (seeds 100-105).", ""]
 
 
+def _finite(bound: dict[str, Any]) -> bool:
+    return all(bound.get(f) is not None and math.isfinite(float(bound[f])) for f in ("sum_eps", "tv_final"))
+
+
 def tv_section(res: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """Vacuous rows, Spearman ρ(Σε_k, final TV) with bootstrap intervals, per target and pooled."""
-    rows = [(k.split("/")[0], r["tv_bound"], r) for k, r in res["runs"].items() if "tv_bound" in r]
+    every = [(k.split("/")[0], r["tv_bound"], r) for k, r in res["runs"].items() if "tv_bound" in r]
+    # a folding 4-NFE map has no change-of-variables TV (NaN): those students are counted, not ranked
+    rows = [(t, b, r) for t, b, r in every if _finite(b)]
     if not rows:
         return [], {}
     lines = [
@@ -204,13 +210,15 @@ def tv_section(res: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         hist = [(b["sum_eps"], metric(r, "tv_knn", 4)) for b, r in sel if metric(r, "tv_knn", 4) is not None]
         s2 = spearman_ci(*zip(*hist, strict=True)) if len(hist) > 3 else None
         vac = sum(v >= 1 for v in se)
+        dropped = sum(tag in ("all", t) for t, _, _ in every) - len(sel)
+        folded = f" (+{dropped} folded: no TV)" if dropped else ""
         out[tag] = {"n": len(sel), "vacuous": vac, "rho": s1, "rho_hist": s2}
 
         def fmt(s: dict[str, float] | None) -> str:
             return "–" if s is None else f"{s['rho']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}]"
 
         lines.append(
-            f"| {tag} | {len(sel)} | {vac} | {sorted(se)[len(se) // 2]:.3f} | {sorted(tv)[len(tv) // 2]:.3f} "
+            f"| {tag} | {len(sel)}{folded} | {vac} | {sorted(se)[len(se) // 2]:.3f} | {sorted(tv)[len(tv) // 2]:.3f} "
             f"| {fmt(s1)} | {fmt(s2)} |"
         )
     return lines, out
