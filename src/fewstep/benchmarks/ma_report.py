@@ -104,6 +104,9 @@ def compare(
                         cells.append("–")
                         continue
                     p = paired(_by_seed(runs, name, k), _by_seed(base, name, k), LOWER_IS_BETTER[name])
+                    if not p["n"]:  # not measured for this target (the TV bound above 16-D)
+                        cells.append("–")
+                        continue
                     recs.append({"target": t, "arm": arm, "nfe": k, "metric": name, "match": match, **p})
                     cells.append(_diff_cell(p, relative=name != "loglik"))
             lines.append(f"| {arm} | {k} | " + " | ".join(cells) + " |")
