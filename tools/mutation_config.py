@@ -43,7 +43,9 @@ MODULES: dict[str, list[str]] = {
             "test_lmd_without_normalisation_matches_lagrangian_target", "test_warmup_and_normalisation_in_emd",
             "test_lmd_needs_a_teacher")),
         "methods/test_mutation_kills_ayf.py"],
-    "methods/consistency.py": ["methods/test_consistency.py", "methods/test_mutation_kills_consistency.py"],
+    "methods/consistency.py": ["methods/test_consistency.py", "methods/test_mutation_kills_consistency.py",
+                               "methods/test_ct_batch_velocity.py", "methods/test_cd_cond_drop.py"],
+    "methods/_shared/batch_velocity.py": ["methods/test_ct_batch_velocity.py", "methods/test_imm_batch_interpolant.py"],
     "methods/scm.py": [  # not the training tests (test_consistency_error_falls, the 300-step weighting fit)
         *(f"methods/test_scm.py::{t}" for t in (
             "test_exact_consistency_model_loss_vanishes", "test_warmup_start_is_flow_matching_towards_v",
@@ -56,7 +58,7 @@ MODULES: dict[str, list[str]] = {
             "test_r_schedule_and_weight", "test_unbiased_loss_vanishes_in_expectation_at_exact_flowmap",
             "test_v_loss_at_exact_flowmap_vanishes_as_r_to_t", "test_ema_target_and_bad_inputs",
             "test_corner_fractions_draw_t_one_and_s_zero_groups")),
-        "methods/test_mutation_kills_imm.py"],
+        "methods/test_mutation_kills_imm.py", "methods/test_imm_batch_interpolant.py"],
     "methods/facm.py": [  # not the training test (test_loss_falls_and_consistency_improves)
         *(f"methods/test_facm.py::{t}" for t in (
             "test_exact_student_loss_vanishes", "test_anchor_realisations",

@@ -13,7 +13,7 @@ from _fixtures import ExactNet
 from _fixtures import make_batch as batch64
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
-from fewstep.methods.consistency import batch_velocity
+from fewstep.methods._shared.batch_velocity import batch_velocity
 from fewstep.teachers import GaussianMixtureTeacher
 
 torch.set_num_threads(1)

@@ -1,5 +1,5 @@
 r"""IMM's ``interpolant="batch"``: x_r is the DDIM step of x_t with the batch's posterior mean of x0,
-:math:`x_r = x_t - (t-r)\hat v(x_t, t)` (:func:`fewstep.methods.consistency.batch_velocity`)."""
+:math:`x_r = x_t - (t-r)\hat v(x_t, t)` (:func:`fewstep.methods._shared.batch_velocity.batch_velocity`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from _fixtures import ExactNet
 from _fixtures import make_batch as batch64
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import get_method
-from fewstep.methods.consistency import batch_velocity
+from fewstep.methods._shared.batch_velocity import batch_velocity
 from fewstep.teachers import GaussianMixtureTeacher
 
 torch.set_num_threads(1)

@@ -14,7 +14,8 @@ decrement either in :math:`\eta = t/(1-t)` (``r_schedule="eta"``; IMM: :math:`\e
 Each particle uses its own pair (x0, x1): :math:`x_t = (1-t)x_0 + t x_1` and the DDIM interpolant
 :math:`x_r = (1-r)\,x_0 + \tfrac{r}{t}(x_t - (1-t)x_0) = (1-r)x_0 + r x_1`; with ``interpolant="batch"`` the
 DDIM step takes the batch's posterior mean :math:`\hat x_0(x_t)` instead of the particle's own x0, i.e.
-:math:`x_r = x_t - (t-r)\,\hat v(x_t,t)` with :func:`fewstep.methods.consistency.batch_velocity` (no teacher).
+:math:`x_r = x_t - (t-r)\,\hat v(x_t,t)` with
+:func:`fewstep.methods._shared.batch_velocity.batch_velocity` (no teacher).
 With :math:`y_t^i = f^\theta_{t\to s}(x_t^i)` and the stop-gradient :math:`y_r^i = f^{\theta^-}_{r\to s}(x_r^i)`
 (θ⁻ an EMA copy, or sg(θ) when ``target_ema = 0``), the loss is
 
@@ -43,8 +44,8 @@ from fewstep.core.ema import ema_update_
 from fewstep.core.flowmap import FlowMap
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast
+from fewstep.methods._shared.batch_velocity import batch_velocity
 from fewstep.methods.base import U_AUX, U_S, U_SELECT, U_T, Batch, Method, MethodConfig
-from fewstep.methods.consistency import batch_velocity
 from fewstep.methods.registry import register
 
 __all__ = ["IMMConfig", "IMM", "laplace_mmd2", "imm_r", "imm_weight"]
