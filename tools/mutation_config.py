@@ -261,3 +261,11 @@ EQUIVALENT: dict[str, str] = {
     _PA + "x_generate_pairs__mutmut_238": ".to(None) is a no-op and x0[sl] = ... casts to x0's dtype anyway",
     **{_PA + f"x_generate_pairs__mutmut_{i}": _PA_LOAD for i in (316, 317, 318, 319, 321, 322, 323, 324, 327)},
 }
+
+_BV = "fewstep.methods._shared.batch_velocity.x_batch_velocity__mutmut_"
+_BV_ROW = "changes only a term constant along each row of the logits, which the softmax over the batch removes"
+EQUIVALENT.update({
+    _BV + "15": _BV_ROW + " (|x_t|^2 summed over all rows: one constant)",
+    _BV + "20": _BV_ROW + " (sum of x_t^3 instead of |x_t|^2)",
+    _BV + "48": 'float("-INF") is float("-inf")',
+})
