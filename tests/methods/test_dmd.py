@@ -230,6 +230,21 @@ def test_dmd_pairs_follow_the_teacher() -> None:
     assert float(t.log_prob(y, 0.0, c).mean()) == pytest.approx(float(t.log_prob(ref, 0.0, c).mean()), abs=0.15)
 
 
+def test_dmd_pairs_of_an_unconditional_student_are_unconditional() -> None:
+    """A class-conditional teacher (e.g. the digits preset) and a student without classes: the pairs carry no
+    labels (the teacher's marginal field), so the regression loss can run the student."""
+    torch.manual_seed(6)
+    t = ring_teacher()
+    cls = get_method("dmd")
+    m = cls(student_net(num_classes=None), t, cls.make_config(num_pairs=200))
+    m.prepare({"seed": 0})
+    z, y, c = m.pairs
+    assert c is None and y.shape == (200, 2)
+    ref = t.sample(200, generator=torch.Generator().manual_seed(0))  # the marginal: all four components
+    assert float(t.log_prob(y, 0.0).mean()) == pytest.approx(float(t.log_prob(ref, 0.0).mean()), abs=0.15)
+    assert torch.isfinite(m.regression_loss(batch()))
+
+
 # ---------------------------------------------------------------- training falls
 @pytest.mark.parametrize("name", ["dmd", "dmd2"])
 def test_method_learns_small_problem(name: str) -> None:
