@@ -67,3 +67,10 @@ def test_cond_drop_is_validated_and_ct_keeps_labels() -> None:
     m, teacher = cd_method("ct")
     b = labelled_batch(teacher)
     assert torch.equal(m.labels(b).cond, b.cond)
+
+
+def test_ct_refuses_cond_drop() -> None:
+    """ct has no label drop: a config asking for one is an error, not silently ignored."""
+    cls = get_method("ct")
+    with pytest.raises(ValueError, match="cond_drop is cd-only"):
+        cls(cd_method(cond_drop=0.0)[0].student, None, cls.make_config(cond_drop=0.1))

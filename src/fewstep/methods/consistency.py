@@ -289,6 +289,12 @@ class ConsistencyTraining(_ConsistencyBase):
     description = "Consistency training (discrete CM from data): same (x0, x1) at t and t'."
     needs_teacher = False
 
+    def __init__(self, student: FlowMap, teacher: torch.nn.Module | None = None,
+                 config: ConsistencyConfig | None = None) -> None:
+        super().__init__(student, teacher, config)
+        if self.config.cond_drop:
+            raise ValueError(f"cond_drop is cd-only (ct would ignore it); got {self.config.cond_drop}")
+
     def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
         """The same noise/data pair at the earlier time t', or one Euler step of :func:`batch_velocity`."""
         assert batch.x0 is not None
