@@ -30,7 +30,7 @@ from fewstep.sampling.spec import DETERMINISTIC, SamplerSpec
 from fewstep.teachers.base import teacher_velocity
 
 __all__ = ["Batch", "Method", "MethodConfig", "U_COLUMNS", "U_T", "U_S", "U_SELECT", "U_AUX", "U_CORNER", "U_ZERO",
-           "U_FAKE", "U_LABEL_DROP", "U_FM_LABEL_DROP"]
+           "U_FAKE", "U_LABEL_DROP", "U_FM_LABEL_DROP", "drop_labels"]
 
 # ---- the columns of Batch.u (see the Batch docstring); each method keeps the columns it has always used
 U_COLUMNS = 8
@@ -44,6 +44,23 @@ U_FAKE = 6  #: the fake score's re-noise level (DMD family)
 U_LABEL_DROP = 7  #: label drop of the flow-map methods (MeanFlow, SplitMeanFlow, sCM, FACM, AYF)
 U_FM_LABEL_DROP = U_S  #: label drop of flow_matching (column 1, kept for reproducibility)
 
+
+
+def drop_labels(cond: Tensor | None, u: Tensor, p: float) -> Tensor | None:
+    """Class labels with the rows where ``u < p`` replaced by the null label -1 (label dropout for classifier-free
+    guidance); ``cond`` itself when it is None or ``p <= 0``.
+
+    Args:
+        cond: Class labels, shape (B,), or None.
+        u: Uniforms of the rows, shape (B,) (a column of ``Batch.u``).
+        p: Drop probability.
+
+    Returns:
+        The labels the networks see.
+    """
+    if cond is None or p <= 0:
+        return cond
+    return torch.where(u < p, torch.full_like(cond, -1), cond)
 
 @dataclass
 class Batch:

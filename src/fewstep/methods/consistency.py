@@ -39,7 +39,7 @@ from fewstep.core.flowmap import FlowMap
 from fewstep.core.paths import LinearPath
 from fewstep.core.utils import bcast
 from fewstep.methods._shared.batch_velocity import batch_velocity
-from fewstep.methods.base import U_LABEL_DROP, U_T, Batch, Method, MethodConfig
+from fewstep.methods.base import U_LABEL_DROP, U_T, Batch, Method, MethodConfig, drop_labels
 from fewstep.methods.registry import register
 from fewstep.sampling.samplers import time_grid
 from fewstep.sampling.spec import CONSISTENCY
@@ -265,10 +265,7 @@ class ConsistencyDistillation(_ConsistencyBase):
 
     def labels(self, batch: Batch) -> Batch:
         """Labels with a fraction ``cond_drop`` replaced by -1 (column ``U_LABEL_DROP``), as the flow-map methods."""
-        cond, p = batch.cond, self.config.cond_drop
-        if cond is None or p <= 0:
-            return batch
-        return replace(batch, cond=torch.where(batch.u[:, U_LABEL_DROP] < p, torch.full_like(cond, -1), cond))
+        return replace(batch, cond=drop_labels(batch.cond, batch.u[:, U_LABEL_DROP], self.config.cond_drop))
 
     def partner(self, x_t: Tensor, t: Tensor, t_prev: Tensor, batch: Batch) -> Tensor:
         r"""Euler :math:`x_t - h v(x_t,t)` or Heun :math:`x_t - \tfrac h2[v(x_t,t) + v(\tilde x, t')]`, h = t - t'."""

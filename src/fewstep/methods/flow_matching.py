@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from fewstep.core.paths import LinearPath
 from fewstep.core.timesteps import sample_time
-from fewstep.methods.base import U_FM_LABEL_DROP, U_T, Batch, Method, MethodConfig
+from fewstep.methods.base import U_FM_LABEL_DROP, U_T, Batch, Method, MethodConfig, drop_labels
 from fewstep.methods.registry import register
 
 
@@ -56,8 +55,6 @@ class FlowMatching(Method):
         cfg = self.config
         t = sample_time(batch.u[:, U_T], cfg.time_sampler, mean=cfg.logit_mean, std=cfg.logit_std)
         x_t, v = LinearPath().sample(batch.x0, batch.x1, t)
-        cond = batch.cond
-        if cond is not None and cfg.cond_drop > 0:
-            cond = torch.where(batch.u[:, U_FM_LABEL_DROP] < cfg.cond_drop, torch.full_like(cond, -1), cond)
+        cond = drop_labels(batch.cond, batch.u[:, U_FM_LABEL_DROP], cfg.cond_drop)
         loss = ((self.student.velocity(x_t, t, cond) - v) ** 2).mean()
         return loss, {"loss": float(loss.detach())}

@@ -18,7 +18,7 @@ from fewstep.core.paths import LinearPath
 from fewstep.core.timesteps import TIME_SAMPLERS
 from fewstep.core.utils import bcast
 from fewstep.methods._shared.flowmap_helpers import sample_t_s
-from fewstep.methods.base import U_LABEL_DROP, Batch, Method, MethodConfig
+from fewstep.methods.base import U_LABEL_DROP, Batch, Method, MethodConfig, drop_labels
 
 __all__ = ["FlowMapTrainConfig", "FlowMapTrainMethod", "AverageVelocityConfig", "AverageVelocityMethod"]
 
@@ -94,10 +94,7 @@ class FlowMapTrainMethod(Method):
 
     def drop_labels(self, batch: Batch) -> Tensor | None:
         """Class labels with a fraction ``cond_drop`` replaced by -1 (column ``U_LABEL_DROP``)."""
-        cond = batch.cond
-        if cond is not None and self.config.cond_drop > 0:
-            cond = torch.where(batch.u[:, U_LABEL_DROP] < self.config.cond_drop, torch.full_like(cond, -1), cond)
-        return cond
+        return drop_labels(batch.cond, batch.u[:, U_LABEL_DROP], self.config.cond_drop)
 
     def in_guidance_range(self, t: Tensor) -> Tensor:
         """Boolean mask of rows with t in [guidance_t_min, guidance_t_max]."""
