@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fewstep.config.init_from import init_state
 from fewstep.config.run_folder import LoadedRun, load_run_weights, read_run_config
@@ -220,11 +220,10 @@ def load_run_student(run_dir: str | Path, ema: bool = True, device: str | torch.
     return load_run(run_dir, device).student(ema)
 
 
-def _check_fixed_buffers(student: nn.Module, source: nn.Module, where: str) -> None:
-    """One-line error when a buffer that is not saved (e.g. the time embedding's ``freqs``, set by
-    ``student.max_freq`` / ``min_freq``) differs between ``source`` and ``student``: the loaded weights would run
-    on features they were never trained on, silently."""
-    saved = set(source.state_dict())
+def _check_fixed_buffers(student: nn.Module, source: nn.Module, saved: dict[str, Tensor], where: str) -> None:
+    """One-line error when a buffer that is not in ``saved`` (``source``'s state dict; e.g. the time embedding's
+    ``freqs``, set by ``student.max_freq`` / ``min_freq``) differs between ``source`` and ``student``: the loaded
+    weights would run on features they were never trained on, silently."""
     theirs = dict(source.named_buffers())
     for name, b in student.named_buffers():
         a = theirs.get(name)
@@ -255,8 +254,8 @@ def init_student_from(student: nn.Module, run_dir: str | Path) -> None:
         source = load_run_student(run_dir, ema=True)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise type(e)(f"student.init_from={str(run_dir)!r}: {e}") from None
-    _check_fixed_buffers(student, source, f"student.init_from={str(run_dir)!r}")
     src = source.state_dict()
+    _check_fixed_buffers(student, source, src, f"student.init_from={str(run_dir)!r}")
     state, fresh = init_state(student, src, f"student.init_from={str(run_dir)!r}")
     if fresh:  # a flow-map student from a velocity run: F(x, t, s) = v(x, t) at step 0
         print(f"fewstep: student.init_from={str(run_dir)!r}: loaded its {len(src)} tensors; new "
