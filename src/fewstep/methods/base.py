@@ -169,6 +169,20 @@ class Method(nn.Module):
         """
         return copy.deepcopy(self.student).requires_grad_(False)
 
+    def pair_classes(self) -> int | None:
+        """How many class labels to draw for teacher pairs: the teacher's, when the student is conditional too.
+
+        An unconditional student of a class-conditional teacher regresses onto the teacher's unconditional
+        (label -1) trajectories: its network has no label input, so pairs with random labels would make its
+        regression target for one noise the average of the endpoints of all classes (a blur between modes).
+
+        Returns:
+            The teacher's ``num_classes`` when both teacher and student have one, else None.
+        """
+        if not getattr(self.student.net, "num_classes", None):
+            return None
+        return getattr(self.teacher, "num_classes", None) or None
+
     @classmethod
     def uses_teacher(cls, config: Any) -> bool:
         """Whether a run of this method with ``config`` uses a teacher (built by the run builder)."""

@@ -73,8 +73,7 @@ class DMD(DistributionMatchingMethod):
         shape = tuple(getattr(self.teacher, "event_shape", context.get("event_shape", ())))
         gen = torch.Generator().manual_seed(int(context.get("seed", 0)) + PAIR_SEED_OFFSET)
         z = torch.randn((cfg.num_pairs, *shape), generator=gen).to(p.device, p.dtype)
-        # an unconditional student of a class-conditional teacher regresses onto unconditional pairs (cond None)
-        ncls = getattr(self.teacher, "num_classes", None) if getattr(self.student.net, "num_classes", None) else None
+        ncls = self.pair_classes()  # an unconditional student gets unconditional pairs (cond None)
         cond = torch.randint(0, ncls, (cfg.num_pairs,), generator=gen).to(p.device) if ncls else None
         kw: dict[str, Any] = {"cond": cond}
         if cfg.guidance != 1.0:

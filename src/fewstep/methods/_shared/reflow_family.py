@@ -173,9 +173,8 @@ class PairMethod(Method):
         folder = Path(cfg.pair_dir) if cfg.pair_dir else (
             Path(context["run_dir"]) / "pairs" if context.get("run_dir") else None)
         # an unconditional student of a class-conditional teacher gets unconditional pairs (labels -1)
-        uncond = cfg.uncond_fraction
-        if getattr(self.teacher, "num_classes", None) and not getattr(self.student.net, "num_classes", None):
-            uncond = 1.0
+        uncond = 1.0 if getattr(self.teacher, "num_classes", None) and self.pair_classes() is None \
+            else cfg.uncond_fraction
         kw = dict(seed=cfg.pair_seed, guidance=cfg.guidance, uncond_fraction=uncond,
                   shard_size=cfg.shard_size, fingerprint=teacher_fingerprint(self.teacher),
                   event_shape=tuple(getattr(self.teacher, "event_shape", None) or self.student.net.event_shape),
