@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.benchmarks.ma_eval import BASE_CONFIG, PAIR_METHODS, arm_config
+from fewstep.benchmarks.ma_teacher_run import is_run_target, run_folder, run_overrides
 from fewstep.config.build import build_run
 
 __all__ = [
@@ -76,7 +77,9 @@ def arms(budget: Budget, ratio: float, lambdas: tuple[float, ...] = LAMBDAS) -> 
 
 
 def teacher_overrides(preset: str) -> list[str]:
-    """``teacher.*`` overrides naming a preset (or a mixture JSON file)."""
+    """``teacher.*`` overrides naming a preset, a mixture JSON file or (``run:<folder>``) a learned teacher's run."""
+    if is_run_target(preset):
+        return run_overrides(run_folder(preset))
     if preset.endswith(".json"):
         return ["teacher.kind=json", f"teacher.path={preset}"]
     return ["teacher.kind=preset", f"teacher.name={preset}"]

@@ -20,7 +20,8 @@ docs/results/ma.md is the hand-written summary of those tables.
 
 Run: ``python -m fewstep.benchmarks.ma_experiments sweep --presets ring8 aniso3 --out docs/results/ma.json``,
 then ``python -m fewstep.benchmarks.ma_experiments report docs/results/ma.json --out docs/results/ma_tables.md``;
-``--quick`` is a smoke run.
+``--quick`` is a smoke run. ``--teacher-run <run folder>`` sweeps a learned teacher (a ``fewstep train-teacher`` run)
+instead of presets, scored by MMD² / FD against its held-out real data (:mod:`fewstep.benchmarks.ma_teacher_run`).
 """
 
 from __future__ import annotations
@@ -46,10 +47,21 @@ from fewstep.benchmarks.ma_arms import (
 )
 from fewstep.benchmarks.ma_eval import BASE_CONFIG, arm_config, evaluate_student, heldout_fm_loss, load_student
 from fewstep.benchmarks.ma_rectify import ROUND1, round_one, round_two_note, second_round
+from fewstep.benchmarks.ma_teacher_run import (
+    RUN_PREFIX,
+    evaluate_learned,
+    floors,
+    is_learned_sweep,
+    is_run_target,
+    learned_refs,
+    load_target,
+    run_folder,
+    target_tag,
+    write_learned_report,
+)
 from fewstep.core.io import git_commit
 from fewstep.evaluation.diagnose import diagnose_tv
 from fewstep.methods._shared.pairs import PairSolver, generate_pairs
-from fewstep.teachers.presets import load_preset
 
 # the arm layer lives in ma_arms; re-exported here for callers of the sweep module
 __all__ = [
@@ -76,17 +88,20 @@ def heldout_pairs(teacher: Any, folder: Path, n: int = 4096) -> tuple[torch.Tens
 
 
 def measure(
-    student: Any, teacher: Any, held: tuple[torch.Tensor, ...], seed: int, n_eval: int, knn_max_dim: int = 3
+    student: Any, teacher: Any, held: tuple[torch.Tensor, ...], seed: int, n_eval: int, knn_max_dim: int = 3,
+    refs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Metrics of one trained student (per-NFE sample metrics, held-out pair loss, the 4-window TV bound) and its
-    per-pair held-out losses; density-free k-NN KL/TV up to ``knn_max_dim`` dimensions."""
+    per-pair held-out losses; density-free k-NN KL/TV up to ``knn_max_dim`` dimensions. With ``refs`` (a learned
+    teacher: :func:`fewstep.benchmarks.ma_teacher_run.learned_refs`) the sample metrics are MMD² / FD only."""
     fm = heldout_fm_loss(student, *held)
+    ev = evaluate_learned(student, refs, n_eval, seed) if refs is not None else None
     res: dict[str, Any] = {
-        "eval": evaluate_student(student, teacher, n=n_eval, seed=seed, knn_max_dim=knn_max_dim),
+        "eval": ev or evaluate_student(student, teacher, n=n_eval, seed=seed, knn_max_dim=knn_max_dim),
         "fm_loss": float(fm.mean()),
         "fm_loss_se": float(fm.std() / len(fm) ** 0.5),
     }
-    if teacher.dim <= 16:
+    if refs is None and teacher.dim <= 16:
         d = diagnose_tv(student, teacher, 4, n=n_eval, seed=seed, mode="jump", verbose=False)
         res["tv_bound"] = {
             k: d.get(k)
@@ -143,25 +158,29 @@ def sweep(
         }
     )
     res["settings"].setdefault("git", git_commit(short=True))
+    if any(is_run_target(p) for p in presets):
+        res["settings"]["teacher_run"] = [str(run_folder(p)) for p in presets if is_run_target(p)]
     if method == "reflow2":
         res["settings"]["round1_steps"] = round1_steps
     res.setdefault("runs", {})
     res.setdefault("ratio", {})
     for preset in presets:
-        teacher = load_preset(preset)
-        tag = Path(preset).stem
+        teacher, tag = load_target(preset), target_tag(preset)
         pair_dir = cache / "pairs" / tag
         if tag not in res["ratio"]:  # round 2 costs what reflow costs per step: calibrate reflow
             cal = "reflow" if method == "reflow2" else method
             res["ratio"][tag] = ratio if ratio is not None else calibrate(cal, preset, budget, ma, pair_dir)
             print(f"{tag}: cost ratio r = {res['ratio'][tag]:.2f}", flush=True)
         held = heldout_pairs(teacher, cache / "heldout" / f"{tag}-{n_held}", n_held)
+        refs = learned_refs(preset, held, n_eval) if is_run_target(preset) else None
+        if refs is not None and tag not in res.setdefault("floor", {}):
+            res["floor"][tag] = floors(teacher, refs, preset, n_eval)
         setups: dict[int, Any] = {}
         for seed in seeds if method == "reflow2" else []:
             r1, rec = round_one(preset, seed, budget, round1_steps, pair_dir, cache / "students")
             key = f"{tag}/{method}/{ROUND1}/{seed}"
             if rec is not None or key not in res["runs"]:
-                m, fm = measure(copy.deepcopy(r1), teacher, held, seed, n_eval, knn_max_dim)
+                m, fm = measure(copy.deepcopy(r1), teacher, held, seed, n_eval, knn_max_dim, refs)
                 res["runs"][key] = {**res["runs"].get(key, {}), **(rec or {}), **m}
                 torch.save({"state": r1.state_dict(), "fm_rows": fm.float()}, res["runs"][key]["student_file"])
                 out.write_text(json.dumps(res, indent=1, default=float))
@@ -173,7 +192,7 @@ def sweep(
                     continue
                 if key in res["runs"]:
                     old = res["runs"][key]
-                    fresh = teacher.dim <= knn_max_dim and "kl_knn" not in old["eval"]["1"]
+                    fresh = refs is None and teacher.dim <= knn_max_dim and "kl_knn" not in old["eval"]["1"]
                     if fresh and Path(old["student_file"]).is_file():
                         m, _ = measure(load_student(old)[0], teacher, held, seed, n_eval, knn_max_dim)
                         old.update(m)
@@ -183,7 +202,7 @@ def sweep(
                 setup, r1_file = setups.get(seed, (None, ""))
                 pdir = pair_dir if setup is None else cache / "pairs" / f"{tag}-round2-{round1_steps}-{seed}"
                 student, _, timing = train_arm(method, ov, pdir, setup)
-                m, fm = measure(student, teacher, held, seed, n_eval, knn_max_dim)
+                m, fm = measure(student, teacher, held, seed, n_eval, knn_max_dim, refs)
                 path = cache / "students" / (key.replace("/", "__").replace(" ", "_") + ".pt")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"state": student.state_dict(), "fm_rows": fm.float()}, path)
@@ -200,7 +219,8 @@ def sweep(
                 e1 = m["eval"][1]
                 print(
                     f"{key}: {timing['cpu_s_per_step'] * 1e3:.1f} cpu-ms/step, 1-NFE mmd2 {e1['mmd2']:.4g} "
-                    f"kl_is {e1.get('kl_is', float('nan')):.3g} fold {e1.get('fold', float('nan')):.2f}",
+                    f"kl_is {e1.get('kl_is', float('nan')):.3g} fold {e1.get('fold', float('nan')):.2f} "
+                    f"fd {e1.get('fd', float('nan')):.3g}",
                     flush=True,
                 )
                 out.write_text(json.dumps(res, indent=1, default=float))
@@ -213,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sweep")
     s.add_argument("--presets", nargs="+", default=["ring8", "aniso3"])
+    s.add_argument("--teacher-run", default="", help="a `fewstep train-teacher` run folder (learned teacher) instead "
+                   "of --presets: MMD² / FD against its held-out real data (fewstep.benchmarks.ma_teacher_run)")
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     s.add_argument("--method", default="reflow", choices=sorted(BASE_CONFIG))
     s.add_argument("--steps", type=int, default=500)
@@ -250,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "report":
         from fewstep.benchmarks.ma_report import write_report
 
-        write_report([Path(f) for f in a.json], Path(a.out))
+        files = [Path(f) for f in a.json]
+        (write_learned_report if is_learned_sweep(files) else write_report)(files, Path(a.out))
         return
     try:
         ma = None if a.ma is None else json.loads(a.ma)
@@ -263,9 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         ratio = 2.0 if ratio is None else ratio
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    r1 = 24 if a.quick else a.round1_steps
+    r1, presets = 24 if a.quick else a.round1_steps, [RUN_PREFIX + a.teacher_run] if a.teacher_run else a.presets
     sweep(
-        a.presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held, r1,
+        presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held, r1,
         a.knn_max_dim,
     )
 

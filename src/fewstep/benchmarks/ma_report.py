@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -287,14 +288,14 @@ def render(res: dict[str, Any], with_claim_i: bool = True) -> tuple[str, dict[st
     return "\n".join(lines) + "\n", summary
 
 
-def write_report(files: list[Path], out: Path) -> None:
-    """Merge sweep JSON files and write ``out`` (markdown) and ``out`` with suffix ``.summary.json``."""
-    res: dict[str, Any] = {"runs": {}, "ratio": {}, "settings": {}}
+def write_report(files: list[Path], out: Path, renderer: Callable[..., tuple[str, dict[str, Any]]] = render) -> None:
+    """Merge sweep JSON files and write ``out`` (markdown by ``renderer``) and ``out`` with suffix ``.summary.json``."""
+    res: dict[str, Any] = {"runs": {}, "ratio": {}, "settings": {}, "floor": {}}
     for f in files:
         part = json.loads(f.read_text())
-        res["runs"].update(part["runs"])
-        res["ratio"].update(part.get("ratio", {}))
+        for k in ("runs", "ratio", "floor"):
+            res[k].update(part.get(k, {}))
         res["settings"] = part.get("settings", res["settings"])
-    text, summary = render(res)
+    text, summary = renderer(res)
     out.write_text(text)
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -21,6 +21,8 @@ __all__ = ["t_interval", "paired", "spearman_ci", "claim_i_pairs", "metric", "LO
 
 LOWER_IS_BETTER = {
     "mmd2": True,
+    "mmd2_teacher": True,
+    "fd": True,
     "kl_knn": True,
     "tv_knn": True,
     "kl_is": True,
