@@ -136,3 +136,20 @@ def test_teacher_guidance_goes_to_method_or_wrapper() -> None:
     assert torch.allclose(g.velocity(x, t, c), base.velocity(x, t, c, guidance=2.5), atol=1e-6)
     assert not torch.allclose(g.velocity(x, t, c), base.velocity(x, t, c), atol=1e-3)
     assert g.num_classes == 4 and g.event_shape == (2,)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_teacher_data_follow_the_teacher_section(conditional: bool) -> None:
+    """data.name=teacher has labels iff teacher.conditional, also for the digits preset (whose mixture always
+    carries its 10 classes): an unconditional run must not build a class-conditional student."""
+    flag = str(conditional).lower()
+    cfg = load_config(None, ["teacher.name=digits", f"teacher.conditional={flag}", "method.name=ct",
+                             "student.hidden=16", "student.depth=1"])
+    method, dataset, _ = build_method(cfg, "cpu")
+    want = 10 if conditional else None
+    assert dataset.num_classes == want
+    assert getattr(method.student.net, "num_classes", None) == want
+    # an explicit data.kwargs.conditional still wins
+    cfg = load_config(None, ["teacher.name=digits", f"teacher.conditional={flag}", "method.name=ct",
+                             f"data.kwargs={{conditional: {str(not conditional).lower()}}}"])
+    assert build_method(cfg, "cpu")[1].num_classes == (None if conditional else 10)

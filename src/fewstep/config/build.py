@@ -143,7 +143,11 @@ def build_method(cfg: RunConfig, device: str | torch.device | None = None) -> tu
     mcfg, used_w = _method_config(method_cls, dict(cfg.method.cfg), cfg.teacher.guidance)
     wants = method_cls.uses_teacher(mcfg) or cfg.data.name == "teacher"
     teacher = build_teacher(cfg.teacher, dev) if wants else None
-    dataset = build_dataset(cfg.data.name, dict(cfg.data.kwargs), teacher)
+    data_kwargs = dict(cfg.data.kwargs)
+    if cfg.data.name == "teacher" and cfg.teacher.kind == "preset":
+        # labels iff the teacher section asks for classes (the digits preset always carries its 10 classes)
+        data_kwargs.setdefault("conditional", cfg.teacher.conditional)
+    dataset = build_dataset(cfg.data.name, data_kwargs, teacher)
     if teacher is not None and cfg.teacher.guidance != 1.0 and not used_w:
         teacher = GuidedTeacher(teacher, cfg.teacher.guidance)
     num_classes = getattr(dataset, "num_classes", None)

@@ -94,8 +94,8 @@ def cell_overrides(method: str, target: str, seed: int, budget: Budget) -> list[
             "teacher.conditional=false",
             "teacher.guidance=1.0",
             "data.name=teacher",
-            # unlabelled exact samples: the digits preset keeps its 10 classes even with teacher.conditional=false,
-            # and a student trained on labelled rows but sampled unconditionally would run its untrained null label
+            # unlabelled exact samples (build_method now defaults data=teacher to teacher.conditional; kept explicit:
+            # the digits preset keeps its 10 classes, and a labelled student sampled without labels is broken)
             'data.kwargs={"conditional": false}',
         ]
     return [
