@@ -25,6 +25,9 @@ MODULES: dict[str, list[str]] = {
         "methods/test_mutation_kills_alignment_targets.py",
     ],
     "methods/flow_matching.py": ["methods/test_reflow.py", "methods/test_mutation_kills_flow_matching.py"],
+    "methods/base.py": [  # the Method contract and the one label dropout (flow_matching, the flow-map base, cd)
+        "methods/test_mutation_kills_base.py", "methods/test_pair_classes.py",
+        "methods/test_mutation_kills_flow_matching.py", "methods/test_cd_cond_drop.py"],
     "methods/reflow.py": ["methods/test_reflow.py", "methods/test_mutation_kills_reflow.py"],
     "methods/_shared/reflow_family.py": [  # the MA term lambda * L_MA of reflow, reflow_distill and perflow
         "methods/test_mutation_kills_reflow.py", "methods/test_mutation_kills_perflow.py",
@@ -44,7 +47,8 @@ MODULES: dict[str, list[str]] = {
             "test_lmd_needs_a_teacher")),
         "methods/test_mutation_kills_ayf.py"],
     "methods/consistency.py": ["methods/test_consistency.py", "methods/test_mutation_kills_consistency.py",
-                               "methods/test_ct_batch_velocity.py", "methods/test_cd_cond_drop.py"],
+                               "methods/test_ct_batch_velocity.py", "methods/test_cd_cond_drop.py",
+                               "methods/test_consistency_curriculum.py"],
     "methods/_shared/batch_velocity.py": ["methods/test_ct_batch_velocity.py", "methods/test_imm_batch_interpolant.py"],
     "methods/scm.py": [  # not the training tests (test_consistency_error_falls, the 300-step weighting fit)
         *(f"methods/test_scm.py::{t}" for t in (
@@ -216,10 +220,13 @@ EQUIVALENT: dict[str, str] = {
         ("dm_student_loss__mutmut_42", 'dm_loss(..., floor, ) : "dmd2" is the default'))},
     "fewstep.methods.consistency.x_consistency_grid__mutmut_12": "time_grid(n, 1.0, kind=.., rho=..): t_end 0.0 "
     "is the default",
-    "fewstep.methods.consistency.xǁ_ConsistencyBaseǁtimes__mutmut_7": _ONE_DEVICE + " (the grid is moved to u's "
-    "device)",
+    "fewstep.methods.consistency.xǁ_ConsistencyBaseǁtimes__mutmut_9": _ONE_DEVICE + " (the grid is moved to u's "
+    "device; numbered 7 before the run-length curriculum)",
+    "fewstep.methods.consistency.xǁ_ConsistencyBaseǁprepare__mutmut_1": "super().prepare(None): Method.prepare is "
+    "an empty hook that reads nothing",
     **{f"fewstep.methods.consistency.xǁ_ConsistencyBaseǁtimes__mutmut_{i}": "clamp(None, n - 1): u >= 0 and "
-       "max(c - 1, 0) >= 0, so the grid index is never below 0" for i in (17, 33)},
+       "max(c - 1, 0) >= 0, so the grid index is never below 0 (numbered 17, 33 before the run-length curriculum)"
+       for i in (19, 35)},
     "fewstep.methods.ayf.xǁAYFLagrangianǁtangent__mutmut_27": "velocity(x_s, s, None, cond): ayf_lmd always "
     "distils (its constructor refuses otherwise), so velocity() never reads dx",
     **{f"fewstep.methods._shared.dm.x_backward_simulate__mutmut_{i}": _ONE_DEVICE for i in (57, 61, 67, 71, 97)},

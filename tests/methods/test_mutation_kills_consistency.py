@@ -8,6 +8,7 @@ r"""Tests added to kill mutants of methods/consistency.py (tools/mutation.py): t
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from _probe_nets import random_batch, two_class_teacher
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.base import U_T
-from fewstep.methods.consistency import consistency_grid, discretization_steps, pseudo_huber
+from fewstep.methods.consistency import consistency_grid, curriculum_length, discretization_steps, pseudo_huber
 from fewstep.sampling.samplers import time_grid
 from fewstep.teachers import GaussianMixtureTeacher
 
@@ -193,3 +194,84 @@ def test_edm_grid_accepted_and_default_rho_is_seven() -> None:
     torch.testing.assert_close(consistency_grid(5, "edm", 3.0), time_grid(5, kind="edm", rho=3.0).flip(0))
     assert float((consistency_grid(5, "edm", 3.0) - consistency_grid(5, "edm")).abs().max()) > 1e-3
     assert consistency_grid(4).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def _batch_velocity_by_hand(x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor) -> Tensor:
+    r""":math:`\hat v_i = (x_t^i - \sum_j w_{ij} x_0^j)/t_i`, :math:`w_{ij} \propto
+    \exp(-\|x_t^i - (1-t_i)x_0^j\|^2/2t_i^2)` over the rows j with the label of row i, one row at a time."""
+    out = []
+    for i in range(len(x_t)):
+        same = [j for j in range(len(x0)) if int(cond[j]) == int(cond[i])]
+        logw = torch.stack([-((x_t[i] - (1 - t[i]) * x0[j]) ** 2).sum() / (2 * t[i] ** 2) for j in same])
+        w = torch.softmax(logw, 0)
+        out.append((x_t[i] - (w[:, None] * x0[same]).sum(0)) / t[i])
+    return torch.stack(out)
+
+
+def test_ct_batch_velocity_partner_with_labels_is_the_class_restricted_equation() -> None:
+    r"""ct with ``velocity="batch"`` on a labelled batch: :math:`x_{t'} = x_t - (t-t')\hat v(x_t)` with the
+    weights over the same-label rows only, and the loss is
+    :math:`E\,\|f_\theta(x_t,t) - f_{\theta^-}(x_{t'},t')\|^2`."""
+    cls = get_method("ct")
+    m = cls(FlowMap(_Probe(), "consistency"), None,
+            cls.make_config(distance="l2", n_steps=4, grid_jitter=False, velocity="batch"))
+    with torch.no_grad():
+        m.target.net.a.mul_(0.5)
+    b = _batch()
+    assert 0 < int(b.cond.sum()) < N  # both labels present, so the label restriction matters
+    t, tp = m.times(b.u[:, U_T], 0)
+    x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
+    xp = x_t - (t - tp)[:, None] * _batch_velocity_by_hand(x_t, t, b.x0, b.cond)
+    torch.testing.assert_close(m.partner(x_t, t, tp, b), xp, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        tgt = m.target(xp, tp, torch.zeros_like(tp), b.cond)
+    pred = m.student(x_t, t, torch.zeros_like(t), b.cond)
+    loss, _ = m.loss("student", b, 0)
+    torch.testing.assert_close(loss, ((pred - tgt) ** 2).sum(1).mean(), rtol=1e-9, atol=1e-12)
+
+
+def test_ct_keeps_the_teacher_it_is_given() -> None:
+    """ct needs no teacher, but one given is kept (frozen) like every method's: the benchmarks read it."""
+    teacher = _teacher()
+    m = get_method("ct")(FlowMap(_Probe(), "consistency"), teacher)
+    assert m.teacher is teacher
+
+
+def test_curriculum_follows_the_prepared_run_length_in_times_and_logs() -> None:
+    """With curriculum_fraction, N(k) follows the train.steps handed to prepare: K = 0.5 x 40 = 20 over
+    log2(8/2) + 1 = 3 levels, K' = 6; the grid times and the logged N of step k use that N. Before prepare the run
+    length is unknown and the loss refuses with the full message."""
+    cls = get_method("ct")
+    cfg = cls.make_config(n_schedule="ict", n_min=2, n_max=8, curriculum_fraction=0.5, grid_jitter=False,
+                          distance="l2")
+    m = cls(FlowMap(_Probe(), "consistency"), None, cfg)
+    b = _batch()
+    assert m.train_steps is None
+    msg = ("the iCT curriculum spans curriculum_fraction x train.steps, but the run length is unknown: train through "
+           "the Trainer (it calls method.prepare({'steps': ...})) or set curriculum_steps")
+    with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+        m.loss("student", b, 0)
+    m.prepare({"steps": 40})
+    assert m.train_steps == 40 and type(m.train_steps) is int
+    for step, n in ((0, 2), (5, 2), (6, 4), (12, 8), (39, 8)):
+        assert discretization_steps(step, cfg, 40) == n
+        _, logs = m.loss("student", b, step)
+        assert logs["N"] == float(n)
+        t, _ = m.times(b.u[:, U_T], step)
+        assert set(t.tolist()) <= {k / n for k in range(1, n + 1)}
+        assert len(set(t.tolist())) > 1 or n == 2
+    m.prepare({"steps": 4.0})  # a float step count is taken as an int
+    assert m.train_steps == 4 and type(m.train_steps) is int
+    m.prepare({})
+    assert m.train_steps is None
+
+
+def test_curriculum_length_floor_and_one_step_curriculum() -> None:
+    """K = max(1, round(fraction x steps)) (0.1 x 5 rounds to 0 -> 1, 0.1 x 10 = 1); curriculum_steps = 1 is
+    accepted and doubles N every step."""
+    cls = get_method("ct")
+    frac = cls.make_config(n_schedule="ict", curriculum_fraction=0.1)
+    assert curriculum_length(frac, 5) == 1 and curriculum_length(frac, 10) == 1 and curriculum_length(frac, 30) == 3
+    one = cls.make_config(n_schedule="ict", n_min=2, n_max=8, curriculum_steps=1)
+    assert curriculum_length(one, None) == 1
+    assert [discretization_steps(s, one) for s in range(4)] == [2, 4, 8, 8]
