@@ -11,6 +11,9 @@ Analytic teachers are scored against exact mixture samples; learned teachers (``
 without an analytic density) against held-out data from the run's dataset (a seed the training never draws),
 with the density-free metrics only (MMD², W2, sliced W2). MMD² is the unbiased RBF estimate summed over
 bandwidths {0.05, 0.2, 1}, so values at the floor may be negative.
+Image runs (data ``digits8`` / ``digits16``) follow the image benchmark's protocol instead
+(:mod:`fewstep.cli_eval_images`): classifier FD, precision/recall and class accuracy, the teacher's unguided Euler
+at K and 4K (the image bars) and its adaptive solve, the classifier's real-vs-real floor.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ BETTER: dict[str, str] = {"mmd2": "lower", "w2": "lower", "sliced_w2": "lower", 
                           "mean_loglik": "closest to exact", "modes_covered": "higher", "off_mode": "lower",
                           "coupling_l2": "lower (0 = the teacher's ODE map)", "fd_digits": "lower",
                           "fd": "lower", "precision": "higher", "recall": "higher",  # fd/precision/recall: images
+                          "class_acc": "higher",
                           "fold_fraction": "0 (share of samples where the jump map folds, det <= 0)",
                           "w_mean": "<= 1 (E_q[p/q]; above 1 the change-of-variables density is invalid)"}
 SHOWN = ("mmd2", "w2", "sliced_w2", "mean_loglik", "kl", "tv", "fold_fraction", "w_mean", "modes_covered", "off_mode",
-         "fd", "precision", "recall")
+         "fd", "precision", "recall", "class_acc")
+DEFAULT_N = 2000  # samples per metric of vector runs (image runs: the image set's floor size)
 HELD_OUT_SEED = 987_654_321  # held-out data for learned teachers: a generator seed the trainer never derives
 
 
@@ -125,9 +130,10 @@ def run_eval(args: argparse.Namespace) -> int:
     """``fewstep eval``: print and write (eval.json) the student's metrics with the teacher's and the floor."""
     from fewstep.config.build import load_run
     from fewstep.config.schema import MIN_EVAL_SAMPLES
+    from fewstep.data.images import IMAGE_DATASETS
 
     check_nfe(args.nfe)
-    if args.n < MIN_EVAL_SAMPLES:
+    if args.n is not None and args.n < MIN_EVAL_SAMPLES:
         raise ValueError(f"--n must be >= {MIN_EVAL_SAMPLES}: fewer samples make MMD² and W2 estimator noise; "
                          f"got {args.n}")
     run = load_run(args.run_dir)
@@ -136,12 +142,31 @@ def run_eval(args: argparse.Namespace) -> int:
     if times is not None:
         raise ValueError("fewstep eval takes a grid rule (--grid uniform|edm|power:P) and --nfe; explicit times are "
                          "for fewstep sample")
+    if run.config.data.name in IMAGE_DATASETS:  # the image benchmark's protocol (fewstep.cli_eval_images)
+        from fewstep.cli_eval_images import eval_images
+
+        if getattr(args, "target", None):
+            raise ValueError("--target is for class-conditional analytic teachers; an image run is scored against "
+                             "real images with the classifier FD")
+        r = eval_images(run, student, spec, args)
+        args.n = r["n"]
+        res = _record(run, spec, args, r["reference"], r["student"], r["teacher_euler"], r["teacher_adaptive"],
+                      r["floor"], None)
+        res["bars"] = r["bars"]
+        _print(res, args)
+        return _write(res, args)
+    if args.n is None:
+        args.n = DEFAULT_N
     mix = _analytic(run)
     if getattr(args, "target", None):
         res = _eval_target(run, student, mix, spec, args)
     else:
         res = _eval_analytic(run, student, mix, spec, args) if mix is not None else _eval_data(run, student, spec, args)
     _print(res, args)
+    return _write(res, args)
+
+
+def _write(res: dict[str, Any], args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.run_dir) / "eval.json")
     out.write_text(json.dumps(res, indent=1, default=float))
     print(f"wrote {out}")
@@ -257,9 +282,10 @@ def _print(rec: dict[str, Any], args: argparse.Namespace) -> None:
         rows.append((f"student {k} NFE", d))
         if k in rec["teacher_euler"]:
             rows.append((f"teacher Euler {k}", rec["teacher_euler"][k]))
+    rows += [(f"teacher Euler {k}", d) for k, d in rec["teacher_euler"].items() if k not in rec["student"]]
     if rec["teacher_adaptive"]:
         rows.append((f"teacher adaptive ({int(rec['teacher_adaptive'].get('nfe', 0))} NFE)", rec["teacher_adaptive"]))
-    rows.append(("exact vs exact (floor)", rec["floor_exact_vs_exact"]))
+    rows.append(("real vs real (floor)" if "bars" in rec else "exact vs exact (floor)", rec["floor_exact_vs_exact"]))
     cols = [m for m in SHOWN if any(m in d for _, d in rows)]
     print(f"{'':30s}" + "".join(f"{m:>14s}" for m in cols))
     for name, d in rows:
@@ -268,5 +294,8 @@ def _print(rec: dict[str, Any], args: argparse.Namespace) -> None:
     for k, fl in rec["flags"].items():
         for f in fl:
             print(f"  note ({k} NFE): {f}")
+    for k, b in rec.get("bars", {}).items():
+        print(f"  bar ({k} NFE): student FD {b['fd']:.4g} vs teacher Euler {b['euler_nfe']} FD {b['euler_fd']:.4g}: "
+              f"{'met' if b['met'] else 'missed'} (this run and seed only)")
     if rec["figure"]:
         print(f"wrote {rec['figure']}")

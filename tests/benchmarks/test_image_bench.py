@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,21 @@ def test_tiny_teacher_distill_sample_eval(teacher_run: Path, tmp_path: Path) -> 
     assert row["sampler"] == "reflow gamma=0.5 grid=1,0.4,0 2" and row["nfe"] == 2 and np.isfinite(row["fd"])
     t_rows = teacher_rows(teacher_run, n=20, steps=(1,))
     assert [r["sampler"] for r in t_rows][0] == "Euler 1" and t_rows[-1]["nfe"] > 1  # + adaptive dopri5
+    # `fewstep eval` on an image run prints the benchmark's numbers (same noise, labels, reference) and the bars
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(student), "--nfe", "1", "2", "--n", "100", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    bench = student_rows(student, nfe=(1, 2), n=100)
+    assert [rec["student"][k]["fd"] for k in ("1", "2")] == pytest.approx([r["fd"] for r in bench], rel=1e-9)
+    assert rec["student"]["1"]["class_acc"] == pytest.approx(bench[0]["class_acc"])
+    assert sorted(rec["teacher_euler"], key=int) == ["1", "2", "4", "8"]
+    euler = teacher_rows(teacher_run, n=100, steps=(4, 8))
+    assert rec["teacher_euler"]["4"]["fd"] == pytest.approx(euler[0]["fd"], rel=1e-9)
+    assert rec["teacher_adaptive"]["fd"] == pytest.approx(euler[-1]["fd"], rel=1e-6)
+    for k, want in (("1", "4"), ("2", "8")):
+        bar = rec["bars"][k]
+        assert bar["euler_fd"] == rec["teacher_euler"][want]["fd"] and bar["fd"] == rec["student"][k]["fd"]
+        assert bar["met"] == (bar["fd"] < bar["euler_fd"])
 
 
 def test_tiny_meanflow_on_dit(teacher_run: Path, tmp_path: Path) -> None:

@@ -28,19 +28,13 @@ from torch import Tensor
 
 from fewstep.config.build import build_teacher, load_run
 from fewstep.config.schema import TeacherConfig
-from fewstep.evaluation.image_features import FLOOR_N, fd_floor, image_metrics
+from fewstep.evaluation.image_features import FLOOR_N, eval_noise, fd_floor, image_metrics
 from fewstep.sampling.image_grid import image_mosaic, save_grid
 from fewstep.sampling.samplers import solve, solve_adaptive
 from fewstep.sampling.spec import sample_with
 
 __all__ = ["eval_noise", "run_data_name", "teacher_rows", "student_rows", "image_mosaic", "save_grid", "step_times",
            "main"]
-
-
-def eval_noise(n: int, shape: Sequence[int], num_classes: int | None, seed: int = 0) -> tuple[Tensor, Tensor | None]:
-    """The evaluation noise (n, *shape) from generator seed ``seed`` and balanced labels i mod num_classes."""
-    x1 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-    return x1, (torch.arange(n) % num_classes if num_classes else None)
 
 
 def run_data_name(run_dir: str | Path) -> str:

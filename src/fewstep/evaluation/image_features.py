@@ -32,7 +32,7 @@ from fewstep.evaluation.digit_features import fit_classifier
 from fewstep.evaluation.metrics import frechet_distance
 
 __all__ = ["ImageClassifier", "train_classifier", "load_classifier", "features", "frechet_image_distance",
-           "precision_recall", "image_metrics", "fd_floor", "WEIGHTS_DIR", "FLOOR_N"]
+           "precision_recall", "image_metrics", "eval_noise", "fd_floor", "WEIGHTS_DIR", "FLOOR_N"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: Sample size at which the shipped floors are measured (and the default of :func:`image_metrics`).
@@ -172,6 +172,12 @@ def fd_floor(name: str, n: int | None = None, seed: int = 0, split: str = "all")
     a, b = features(name, a_img), features(name, b_img)
     p, r = precision_recall(b, a)
     return {"fd": frechet_distance(a.double(), b.double()), "precision": p, "recall": r}
+
+
+def eval_noise(n: int, shape: Sequence[int], num_classes: int | None, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+    """The image evaluation noise (n, *shape) from generator seed ``seed`` and balanced labels i mod num_classes."""
+    x1 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    return x1, (torch.arange(n) % num_classes if num_classes else None)
 
 
 def image_metrics(name: str, x: Tensor, labels: Tensor | None = None, n_ref: int | None = None,

@@ -1,0 +1,87 @@
+r"""``fewstep eval`` on an image run: the image benchmark's protocol, so the CLI prints the numbers of the docs.
+
+The protocol is the one of :mod:`fewstep.benchmarks.image_bench` (``docs/results/images.md``): evaluation noise
+:math:`x_1 \sim N(0, I)` from generator seed ``--seed``, balanced labels :math:`c_i = i \bmod K` for a
+class-conditional student, ``n`` samples (default the set's floor size, 898 for ``digits8``) scored by
+:func:`fewstep.evaluation.image_features.image_metrics` (classifier FD, improved precision/recall, class
+accuracy) against ``n`` real images drawn with the same seed. Beside the student at each NFE K: the teacher's
+**unguided** Euler at K and at 4K (the image bars: a K-step student should beat 4K Euler steps) and its adaptive
+dopri5 solve (rtol 1e-4), on the same noise and labels; the floor is the classifier's real-vs-real floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from fewstep.evaluation.image_features import FLOOR_N, eval_noise, image_metrics, load_classifier
+from fewstep.sampling.samplers import solve, solve_adaptive
+from fewstep.sampling.spec import sample_with
+
+__all__ = ["BAR_FACTOR", "eval_images", "image_bars"]
+
+#: The image bars compare a K-step student with the teacher's Euler at BAR_FACTOR * K steps.
+BAR_FACTOR = 4
+
+
+def image_bars(student: dict[str, dict[str, float]], euler: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Per student NFE K: its FD, the teacher's Euler-4K FD and whether the student's is lower (this run only;
+    the docs' verdicts take mean ± 2 standard errors over training seeds)."""
+    out = {}
+    for k, row in student.items():
+        ref = euler.get(str(BAR_FACTOR * int(float(k))))
+        if ref is not None and "fd" in row:
+            out[k] = {"euler_nfe": BAR_FACTOR * int(float(k)), "euler_fd": ref["fd"], "fd": row["fd"],
+                      "met": bool(row["fd"] < ref["fd"])}
+    return out
+
+
+def eval_images(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Metrics of an image run's student, the teacher's Euler (K and 4K) and adaptive solves, and the floor.
+
+    Args:
+        run: The loaded run (:func:`fewstep.config.build.load_run`).
+        student: The student flow map to sample (EMA or raw, as ``fewstep eval`` chose).
+        spec: The run's sampler (with ``--gamma`` / ``--grid`` applied).
+        args: ``fewstep eval`` arguments (``nfe``, ``n``, ``seed``).
+
+    Returns:
+        The ``fewstep eval`` record fields: student, teacher_euler, teacher_adaptive, floor, bars, n, reference.
+    """
+    name = run.config.data.name
+    n = int(args.n or FLOOR_N[name])
+    x1, cond = eval_noise(n, student.net.event_shape, student.net.num_classes, args.seed)
+    p = next(student.parameters())
+
+    def metrics(x: torch.Tensor) -> dict[str, float]:
+        x = x.detach().float().cpu()
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError("samples contain NaN or inf (a diverged run)")
+        return image_metrics(name, x, cond, seed=args.seed)
+
+    res = {}
+    for k in args.nfe:
+        with torch.no_grad():
+            x = sample_with(student, x1.to(p.device, p.dtype), spec, int(k), seed=args.seed,
+                            cond=None if cond is None else cond.to(p.device)).x
+        res[str(k)] = {**metrics(x), "nfe": float(k)}
+    euler, adaptive = {}, {}
+    teacher = getattr(run.teacher, "inner", run.teacher)  # unguided: the bars are the teacher's w = 1 solves
+    if teacher is not None:
+        vel = teacher.velocity if hasattr(teacher, "velocity") else teacher
+        tp = next(teacher.parameters(), p)
+        z, c = x1.to(tp.device, tp.dtype), None if cond is None else cond.to(tp.device)
+        steps = sorted({int(k) for k in args.nfe} | {BAR_FACTOR * int(k) for k in args.nfe})
+        with torch.no_grad():
+            for k in steps:
+                euler[str(k)] = {**metrics(solve(vel, z, k, method="euler", cond=c).x), "nfe": float(k)}
+            a = solve_adaptive(vel, z, rtol=1e-4, atol=1e-4, cond=c)
+        adaptive = {**metrics(a.x), "nfe": float(a.nfe)}
+    meta = load_classifier(name)[1]
+    floor = {m: float(meta[f"floor_{m}"]) for m in ("fd", "precision", "recall") if f"floor_{m}" in meta}
+    reference = (f"{n} real {name} images (seed {args.seed}), classifier features; noise seed {args.seed}"
+                 + (", balanced labels i mod K" if cond is not None else "") + "; teacher unguided (w = 1)")
+    return {"student": res, "teacher_euler": euler, "teacher_adaptive": adaptive, "floor": floor,
+            "bars": image_bars(res, euler), "n": n, "reference": reference}
