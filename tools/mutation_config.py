@@ -134,8 +134,6 @@ EQUIVALENT: dict[str, str] = {
     _F + "FlowMapǁforward__mutmut_9": _DEFAULT_T,
     _F + "VelocityFlowMapǁforward__mutmut_7": _DEFAULT_T,
     _F + "VelocityFlowMapǁvelocity__mutmut_12": _DEFAULT_T,
-    "fewstep.methods.flow_matching.xǁFlowMatchingǁloss__mutmut_25": "cond_drop >= 0: at 0 no u < 0 is dropped",
-    "fewstep.methods.flow_matching.xǁFlowMatchingǁloss__mutmut_34": "u <= p instead of u < p: differs on u == p only",
     _F + "FlowMapǁ_check_input__mutmut_35": _ONE_DEVICE + " (the always-taken branch casts to the same dtype)",
     _F + "FlowMapǁ_check_input__mutmut_39": _ONE_DEVICE,
     _F + "FlowMapǁ_check_input__mutmut_41": _ONE_DEVICE,
@@ -258,8 +256,6 @@ EQUIVALENT: dict[str, str] = {
     _PW + "window_starts__mutmut_17": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_20": _ONE_DEVICE + " (the grid is moved to x1's device)",
     _PW + "window_starts__mutmut_22": _ONE_DEVICE + " (the grid is moved to x1's device)",
-    "fewstep.methods._shared.flowmap_base.xǁFlowMapTrainMethodǁdrop_labels__mutmut_4":
-        "cond_drop >= 0: at cond_drop = 0 no uniform u < 0 is dropped",
     _PA + "xǁPairsǁtake__mutmut_2": "clamp(None, N-1): u >= 0, the pair index is never negative",
     _PA + "x__solve_teacher__mutmut_14": "solve_adaptive(v, x1, 1.0, ...) : t_end = 0.0 is the default",
     _PA + "x_generate_pairs__mutmut_31": "getattr(teacher, 'event_shape', None) or (): None or () is (), as () or ()",
