@@ -30,25 +30,24 @@ TINY = [
 SMALL = {"reflow": ["method.cfg.n_pairs=16", "method.cfg.pair_steps=2"], "dmd": ["method.cfg.num_pairs=16"]}
 
 
+#: Teacher run folder named in a config -> the teacher config whose tiny version replaces it (the *_lowfreq configs
+#: load a teacher with the students' low-frequency time embedding through student.init_from).
+TEACHER_CONFIGS = {
+    "runs/images/teacher-digits8": "configs/images/teacher_digits8.yaml",
+    "runs/images/teacher-digits8-lowfreq": "configs/images/teacher_digits8_lowfreq.yaml",
+}
+
+
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("image_configs") / "teacher"
-    assert (
-        main(
-            [
-                "train-teacher",
-                "--config",
-                "configs/images/teacher_digits8.yaml",
-                "--run-dir",
-                str(run),
-                *TINY[:-2],
-                "train.steps=3",
-                "train.ckpt_every=0",
-            ]
-        )
-        == 0
-    )
-    return run
+def tiny_teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("image_configs")
+    runs = {}
+    for name, config in TEACHER_CONFIGS.items():
+        run = root / Path(name).name
+        over = [*TINY[:-2], "train.steps=3", "train.ckpt_every=0"]
+        assert main(["train-teacher", "--config", config, "--run-dir", str(run), *over]) == 0
+        runs[name] = run
+    return runs
 
 
 def test_every_method_has_an_image_config() -> None:
@@ -76,14 +75,14 @@ def test_every_method_has_an_image_config() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_image_config_trains_two_steps(path: Path, tiny_teacher: Path, tmp_path: Path) -> None:
+def test_image_config_trains_two_steps(path: Path, tiny_teachers: dict[str, Path], tmp_path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     method = raw["method"]["name"]
     over = [*TINY, *SMALL.get(method, [])]
     if raw.get("teacher"):
-        over.append(f"teacher.path={tiny_teacher}")
+        over.append(f"teacher.path={tiny_teachers[raw['teacher']['path']]}")
     if raw["student"].get("init_from"):
-        over.append(f"student.init_from={tiny_teacher}")
+        over.append(f"student.init_from={tiny_teachers[raw['student']['init_from']]}")
     cmd = "train-teacher" if method == "flow_matching" else "distill"
     run = tmp_path / path.stem
     assert main([cmd, "--config", str(path), "--run-dir", str(run), *over]) == 0
