@@ -145,9 +145,14 @@ class DistributionMatchingMethod(Method):
             idx = anchor_index(batch.u[:, U_T], sched.numel() - 1)
         return backward_simulate(self.student, batch.x1, sched, idx, batch.cond, grad=grad)
 
-    def fake_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Flow matching of the fake score on the student's x0-predictions (``fake_samples``), τ ~ U[t_min, t_max]."""
-        a = self.anchor(batch, grad=False, final=self.fake_samples == "final")
+    def fake_anchor(self, batch: Batch) -> Anchor:
+        """The student's x0-predictions the fake score is fitted to (``fake_samples``), without gradient."""
+        return self.anchor(batch, grad=False, final=self.fake_samples == "final")
+
+    def fake_loss(self, batch: Batch, anchor: Anchor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Flow matching of the fake score on the student's x0-predictions (``fake_samples``), τ ~ U[t_min, t_max];
+        ``anchor`` (default :meth:`fake_anchor`) lets a subclass reuse the predictions."""
+        a = self.fake_anchor(batch) if anchor is None else anchor
         tau = renoise_time(batch.u[:, U_FAKE], "uniform", t_min=self.config.t_min, t_max=self.config.t_max)
         loss = fake_score_loss(self.fake_for(a.sigma), a.x0, tau, torch.randn_like(a.x0), batch.cond)
         return loss, {"fake_loss": float(loss.detach())}
@@ -163,10 +168,11 @@ class DistributionMatchingMethod(Method):
         """The generator loss (implemented by each method)."""
         raise NotImplementedError(f"{type(self).__name__} must implement student_loss()")
 
-    def dm_student_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """L_DM at a backward-simulated anchor with the real teacher guided by ``config.guidance``."""
+    def dm_student_loss(self, batch: Batch, anchor: Anchor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """L_DM at a backward-simulated anchor (default a fresh one, with gradient) with the real teacher guided by
+        ``config.guidance``."""
         cfg = self.config
-        a = self.anchor(batch, grad=True)
+        a = self.anchor(batch, grad=True) if anchor is None else anchor
         tau = renoise_time(batch.u[:, U_S], "uniform", t_min=cfg.t_min, t_max=cfg.t_max)
         x0_real, x0_fake = dm_terms(self.teacher, self.fake_for(a.sigma), a.x0, tau, batch.cond, cfg.guidance)
         loss, g = dm_loss(a.x0, x0_real, x0_fake, cfg.norm_floor, "dmd2")
