@@ -39,6 +39,26 @@ def test_target_sees_the_interpolant(smooth, interpolant: str) -> None:
     torch.testing.assert_close(seen["x"], want)
 
 
+def test_batch_t_min_keeps_the_conditional_interpolant_below_it(smooth) -> None:
+    """``batch_t_min``: groups with t < batch_t_min take x_r = (1-r)x0 + r x1, the others the batch DDIM step."""
+    cls = get_method("imm")
+    m = cls(FlowMap(ExactNet(smooth, tol=1e-6), "average_velocity"), None,
+            cls.make_config(k=2, target_ema=0.0, interpolant="batch", batch_t_min=0.5))
+    b = batch64(smooth, 64, 1)
+    seen = {}
+    m.target.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    m.loss("student", b, 0)
+    s, r, t = m.group_times(b.u, 64 // m.config.group_size)
+    low = t < 0.5
+    assert 0 < int(low.sum()) < 64
+    x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
+    cond = (1 - r)[:, None] * b.x0 + r[:, None] * b.x1
+    torch.testing.assert_close(seen["x"][low], cond[low])
+    torch.testing.assert_close(seen["x"][~low], (x_t - (t - r)[:, None] * batch_velocity(x_t, t, b.x0))[~low])
+    with pytest.raises(ValueError, match="batch_t_min"):
+        cls.make_config(batch_t_min=1.5)
+
+
 def test_batch_interpolant_lowers_the_loss_at_the_exact_map(smooth) -> None:
     """At the exact flow map the V-statistic's same-pair terms see x_r off x_t's trajectory; the batch step is
     close to the trajectory, so the loss is far smaller (averaged over batches)."""

@@ -15,7 +15,8 @@ Each particle uses its own pair (x0, x1): :math:`x_t = (1-t)x_0 + t x_1` and the
 :math:`x_r = (1-r)\,x_0 + \tfrac{r}{t}(x_t - (1-t)x_0) = (1-r)x_0 + r x_1`; with ``interpolant="batch"`` the
 DDIM step takes the batch's posterior mean :math:`\hat x_0(x_t)` instead of the particle's own x0, i.e.
 :math:`x_r = x_t - (t-r)\,\hat v(x_t,t)` with
-:func:`fewstep.methods._shared.batch_velocity.batch_velocity` (no teacher).
+:func:`fewstep.methods._shared.batch_velocity.batch_velocity` (no teacher); groups with t < ``batch_t_min``
+keep the conditional interpolant (docs/methods.md, section 9).
 With :math:`y_t^i = f^\theta_{t\to s}(x_t^i)` and the stop-gradient :math:`y_r^i = f^{\theta^-}_{r\to s}(x_r^i)`
 (θ⁻ an EMA copy, or sg(θ) when ``target_ema = 0``), the loss is
 
@@ -72,6 +73,8 @@ class IMMConfig(MethodConfig):
         s_zero_fraction: Fraction of groups with s = 0 exactly (jumps that end at the data).
         interpolant: ``conditional`` (x_r from the particle's own (x0, x1)) or ``batch`` (DDIM step with the
             batch's posterior mean of x0).
+        batch_t_min: With ``interpolant="batch"``, groups with t < batch_t_min keep the conditional interpolant
+            (0: the batch interpolant everywhere).
     """
 
     group_size: int = 4
@@ -88,10 +91,13 @@ class IMMConfig(MethodConfig):
     t_one_fraction: float = 0.0
     s_zero_fraction: float = 0.0
     interpolant: str = "conditional"
+    batch_t_min: float = 0.0
 
     def __post_init__(self) -> None:
         if self.interpolant not in ("conditional", "batch"):
             raise ValueError(f"unknown interpolant {self.interpolant!r}; expected 'conditional' or 'batch'")
+        if not 0.0 <= self.batch_t_min <= 1.0:
+            raise ValueError(f"batch_t_min must lie in [0, 1]; got {self.batch_t_min}")
         if not (0.0 <= self.t_one_fraction <= 1.0 and 0.0 <= self.s_zero_fraction <= 1.0):
             raise ValueError(f"t_one_fraction and s_zero_fraction must lie in [0, 1]; got {self.t_one_fraction}, "
                              f"{self.s_zero_fraction}")
@@ -211,10 +217,10 @@ class IMM(Method):
         s, r, t = self.group_times(batch.u, groups)
         x0, x1, cond = batch.x0, batch.x1, batch.cond
         x_t = LinearPath().interpolate(x0, x1, t)
+        x_r = LinearPath().interpolate(x0, x1, r)
         if cfg.interpolant == "batch":
-            x_r = x_t - bcast(t - r, x_t) * batch_velocity(x_t, t, x0, cond)
-        else:
-            x_r = LinearPath().interpolate(x0, x1, r)
+            x_b = x_t - bcast(t - r, x_t) * batch_velocity(x_t, t, x0, cond)
+            x_r = torch.where(bcast(t >= cfg.batch_t_min, x_t), x_b, x_r)
         with torch.no_grad():
             y_r = self.target(x_r, r, s, cond)
         y_t = self.student(x_t, t, s, cond)
