@@ -229,3 +229,56 @@ def test_config_defaults_and_refusals() -> None:
         with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
             IMMConfig(**kw)
     assert math.isclose(IMMConfig(target_ema=0.999).target_ema, 0.999)
+
+
+def _batch_velocity_by_hand(x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor) -> Tensor:
+    r""":math:`\hat v_i = (x_t^i - \sum_j w_{ij} x_0^j)/t_i`, :math:`w_{ij} \propto
+    \exp(-\|x_t^i - (1-t_i)x_0^j\|^2/2t_i^2)` over the rows j with the label of row i, one row at a time."""
+    out = []
+    for i in range(len(x_t)):
+        same = [j for j in range(len(x0)) if int(cond[j]) == int(cond[i])]
+        logw = torch.stack([-((x_t[i] - (1 - t[i]) * x0[j]) ** 2).sum() / (2 * t[i] ** 2) for j in same])
+        w = torch.softmax(logw, 0)
+        out.append((x_t[i] - (w[:, None] * x0[same]).sum(0)) / t[i])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("batch_t_min", [0.0, 0.5, 1.0])
+def test_batch_interpolant_with_labels_and_batch_t_min_is_the_equation(batch_t_min: float) -> None:
+    r"""``interpolant="batch"`` on a labelled batch: :math:`x_r = x_t - (t-r)\hat v(x_t)` with the weights over the
+    same-label rows only, on the groups with :math:`t \ge` ``batch_t_min`` (t = 1 groups included at
+    batch_t_min = 1, the boundary the config accepts); the others keep :math:`(1-r)x_0 + r x_1`. The loss is the
+    group MMD² of the probe flow map against the frozen target at that x_r."""
+    m, net = _method(group_size=3, r_schedule="t", k=1, t_one_fraction=0.5, interpolant="batch",
+                     batch_t_min=batch_t_min)
+    old = LinearProbe()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2)
+    b = _batch(12, seed=5)
+    b.u[::3, 2] = torch.tensor([0.1, 0.9, 0.2, 0.8], dtype=D64)  # t = 1 on groups 0 and 2
+    b.u[::3, 0] = torch.tensor([0.3, 0.7, 0.3, 0.2], dtype=D64)  # t = 0.7 and 0.2 on groups 1 and 3
+    assert 0 < int(b.cond.sum()) < 12
+    s, r, t = m.group_times(b.u, 4)
+    assert t[::3].tolist() == [1.0, 0.7, 1.0, 0.2]
+    x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
+    x_cond = (1 - r)[:, None] * b.x0 + r[:, None] * b.x1
+    x_batch = x_t - (t - r)[:, None] * _batch_velocity_by_hand(x_t, t, b.x0, b.cond)
+    x_r = torch.where((t >= batch_t_min)[:, None], x_batch, x_cond)
+    assert bool((t >= batch_t_min).any())
+    y_t = x_t - (t - s)[:, None] * net(x_t, t, s, b.cond)
+    with torch.no_grad():
+        y_r = x_r - (r - s)[:, None] * old(x_r, r, s, b.cond)
+    tg, sg = t[::3], s[::3]
+    mmd = _mmd_loop(y_t.reshape(4, 3, 2), y_r.reshape(4, 3, 2), (2 * (tg - sg)).clamp(min=1e-6), "v", 1e-8)
+    loss, _ = m.loss("student", b, 0)
+    torch.testing.assert_close(loss, mmd.mean(), rtol=1e-9, atol=1e-12)
+
+
+def test_batch_t_min_range() -> None:
+    assert IMMConfig().batch_t_min == 0.0
+    for v in (0.0, 1.0):
+        assert IMMConfig(batch_t_min=v).batch_t_min == v
+    for v in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="^" + re.escape(f"batch_t_min must lie in [0, 1]; got {v}") + "$"):
+            IMMConfig(batch_t_min=v)
