@@ -16,7 +16,7 @@ from _probe_nets import LinearProbe as _Probe
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods._shared.alignment import ma_loss
-from fewstep.methods.base import U_SELECT, U_T
+from fewstep.methods.base import U_AUX, U_S, U_SELECT, U_T
 from fewstep.methods.perflow import window_grid, window_targets
 from fewstep.teachers import GaussianMixtureTeacher
 
@@ -211,3 +211,47 @@ def test_window_choice_at_u_one_and_batch_dtype() -> None:
     b32 = Batch(x1=b.x1.float(), u=b.u.float(), x0=b.x0.float(), cond=b.cond)
     x_s, t_s, t_e, _ = m.window_starts(b32)
     assert t_s.dtype == t_e.dtype == x_s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("end_fraction", [0.0, 0.4, 1.0])
+def test_in_window_second_time_is_the_equation(end_fraction: float) -> None:
+    r"""``second_time="in_window"``: :math:`L = E\|F(x_t, t, s, c) - (x_s - x_e)/(t_s - t_e)\|^2` with
+    :math:`s = t_e` on the rows with :math:`u_{aux} <` ``end_fraction`` (a tie u = f draws) and
+    :math:`s = t_e + u_s (t - t_e)` on the others (every jump along the straight chord)."""
+    teacher = _teacher()
+    cls = get_method("perflow")
+    net = _Probe()
+    m = cls(FlowMap(net, "average_velocity"), teacher,
+            cls.make_config(num_windows=2, solver="euler", solve_steps=1, second_time="in_window",
+                            end_fraction=end_fraction))
+    b = _batch()
+    b.u[0, U_AUX] = 0.4  # a tie with end_fraction 0.4: the row draws s
+    grid = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    k = (b.u[:, U_SELECT] * 2).long()
+    t_s, t_e = grid[k], grid[k + 1]
+    x_s = (1 - t_s)[:, None] * b.x0 + t_s[:, None] * b.x1
+    x_e = _euler(teacher, x_s, t_s, t_e, b.cond, 1.0)
+    x_t, t, target = window_targets(x_s, x_e, t_s, t_e, b.u[:, U_T])
+    s = torch.where(b.u[:, U_AUX] < end_fraction, t_e, t_e + b.u[:, U_S] * (t - t_e))
+    assert 0 < int((s == t_e).sum()) < N or end_fraction in (0.0, 1.0)
+    expected = ((net(x_t, t, s, b.cond) - target) ** 2).mean()
+    loss, logs = m.loss("student", b, 0)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    assert logs["loss_window"] == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_second_time_and_end_fraction_refusals() -> None:
+    cls = get_method("perflow")
+    t = _teacher()
+
+    def build(**kw: object) -> object:
+        return cls(FlowMap(_Probe(), "average_velocity"), t, cls.make_config(**kw))
+
+    with pytest.raises(ValueError, match=r"^unknown second_time 'end'; expected one of \('window_end', "
+                                         r"'in_window'\)$"):
+        build(second_time="end")
+    for f in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^end_fraction must lie in \[0, 1\]; got {f}$"):
+            build(end_fraction=f)
+    for f in (0.0, 1.0):
+        build(second_time="in_window", end_fraction=f)
