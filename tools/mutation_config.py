@@ -88,18 +88,22 @@ MODULES: dict[str, list[str]] = {
         "methods/test_cdm_dm_at.py",
     ],
     "methods/dmd.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
-    "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
+    "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_dmd2_gan.py"],
+    "methods/_shared/gan.py": ["methods/test_dmd2_gan.py"],  # DMD2's GAN head on the fake score's features
     "methods/ddmd.py": ["methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_ddmd_dm_at.py"],
     "methods/_shared/dm_base.py": [  # the DM method base of dmd, dmd2 (and, via ca_dm, ddmd and cdm)
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
-        "methods/test_mutation_kills_ddmd.py"],
+        "methods/test_mutation_kills_ddmd.py", "methods/test_split_fake.py", "methods/test_dmd2_gan.py"],
     "methods/_shared/dm.py": [  # the DM / CA / fake-score formulas, schedules and backward simulation
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
         "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py", "methods/test_mutation_kills_cdm.py",
         "methods/test_mutation_kills_dm.py", "methods/test_mutation_kills_dm_simulation.py"],
     "methods/_shared/ca_dm.py": [  # the CA + DM terms of ddmd and cdm
         "methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py",
-        "methods/test_mutation_kills_cdm.py", "methods/test_cdm_dm_at.py", "methods/test_ddmd_dm_at.py"],
+        "methods/test_mutation_kills_cdm.py", "methods/test_cdm_dm_at.py", "methods/test_ddmd_dm_at.py",
+        "methods/test_split_fake.py",  # not test_shipped_configs_resolve: configs/ is not in the scratch copy
+        *(f"methods/test_ca_dm_fake_samples.py::{t}" for t in (
+            "test_auto_rule", "test_explicit_values_are_kept_and_unknown_rejected"))],
     "methods/_shared/flowmap_helpers.py": [  # time samplers and weights of meanflow, splitmeanflow, scm, facm, ayf
         "methods/test_mutation_kills_flowmap_helpers.py", "methods/test_mutation_kills_meanflow.py",
         "methods/test_mutation_kills_scm.py", "methods/test_mutation_kills_facm.py"],
@@ -207,7 +211,8 @@ EQUIVALENT: dict[str, str] = {
     "None, and ca_dm_loss takes a None DM anchor as the CA anchor a; with dm_at=final the argument is not read",
     "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_25": "dm_terms(..., cond, ) : guidance 1.0 is "
     "the default",
-    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_37": 'dm_loss(..., floor, ) : "dmd2" is the default',
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_38": 'dm_loss(..., floor, ) : "dmd2" is the default '
+    "(numbered 37 before fake_split)",
     "fewstep.methods._shared.ca_dm.xǁCADMMethodǁca_dm_loss__mutmut_10": 'n_dm = "" instead of None: ca_term reads '
     "n_dm only when ca_norm='dm', where dm_term always sets it",
     **{f"fewstep.methods._shared.dm_base.xǁDistributionMatchingMethodǁ{k}": r for k, r in (
