@@ -93,7 +93,8 @@ MODULES: dict[str, list[str]] = {
     "methods/ddmd.py": ["methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_ddmd_dm_at.py"],
     "methods/_shared/dm_base.py": [  # the DM method base of dmd, dmd2 (and, via ca_dm, ddmd and cdm)
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
-        "methods/test_mutation_kills_ddmd.py", "methods/test_split_fake.py", "methods/test_dmd2_gan.py"],
+        "methods/test_mutation_kills_ddmd.py", "methods/test_split_fake.py", "methods/test_dmd2_gan.py",
+        "methods/test_mutation_kills_dm_base.py"],
     "methods/_shared/dm.py": [  # the DM / CA / fake-score formulas, schedules and backward simulation
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
         "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py", "methods/test_mutation_kills_cdm.py",
@@ -219,10 +220,14 @@ EQUIVALENT: dict[str, str] = {
         ("anchor__mutmut_8", "torch.full with an integer fill and dtype=None is int64, torch.long"),
         ("anchor__mutmut_12", "torch.full with an integer fill and no dtype is int64, torch.long"),
         ("anchor__mutmut_9", _ONE_DEVICE), ("anchor__mutmut_13", _ONE_DEVICE),
-        ("dm_student_loss__mutmut_6", "anchor(batch, ) : grad=True is the default of anchor"),
-        ("dm_student_loss__mutmut_14", 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default'),
-        ("fake_loss__mutmut_18", 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default'),
-        ("dm_student_loss__mutmut_42", 'dm_loss(..., floor, ) : "dmd2" is the default'))},
+        ("dm_student_loss__mutmut_8", "anchor(batch, ) : grad=True is the default of anchor (6 before the anchor "
+         "argument)"),
+        ("dm_student_loss__mutmut_17", 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default (14 '
+         "before the anchor argument)"),
+        ("fake_loss__mutmut_12", 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default (18 before '
+         "fake_split)"),
+        ("dm_student_loss__mutmut_46", 'dm_loss(..., floor, ) : "dmd2" is the default (42 before the anchor '
+         "argument)"))},
     "fewstep.methods.consistency.x_consistency_grid__mutmut_12": "time_grid(n, 1.0, kind=.., rho=..): t_end 0.0 "
     "is the default",
     "fewstep.methods.consistency.xǁ_ConsistencyBaseǁtimes__mutmut_9": _ONE_DEVICE + " (the grid is moved to u's "
