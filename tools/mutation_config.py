@@ -198,8 +198,9 @@ EQUIVALENT: dict[str, str] = {
     _LD + "sample_with_logdensity__mutmut_21": _LD_DEC,
     "fewstep.methods._shared.alignment.x__end_times__mutmut_2": "t_end <= t_min: at t_end = t_min, c = 1 and the "
     "score time is t_end either way",
-    **{f"fewstep.methods.dmd.xǁDMDǁprepare__mutmut_{i}": _ONE_DEVICE for i in (35, 37, 54)},
-    "fewstep.methods.dmd.xǁDMDǁprepare__mutmut_59": "randint(K, shape) is randint(0, K, shape)",
+    **{f"fewstep.methods.dmd.xǁDMDǁprepare__mutmut_{i}": _ONE_DEVICE for i in (35, 37, 47)},  # 47: 54 before
+    "fewstep.methods.dmd.xǁDMDǁprepare__mutmut_52": "randint(K, shape) is randint(0, K, shape) (59 before "
+    "pair_classes)",
     "fewstep.methods.dmd.xǁDMDǁregression_loss__mutmut_7": _ONE_DEVICE,
     "fewstep.methods.dmd.xǁDMDǁregression_loss__mutmut_8": "clamp(None, N - 1): u >= 0, so the pair index is never "
     "below 0",
