@@ -151,3 +151,16 @@ def test_dmd2_with_gan_trains_head_with_fake_and_refuses_bad_input() -> None:
         cls(student_net(), small_teacher(), cls.make_config(gan_weight=0.1, fake_split=2))
     with pytest.raises(ValueError, match="must be >= 0"):
         cls(student_net(), small_teacher(), cls.make_config(gan_weight=-1.0))
+
+
+def test_pooled_features_keep_the_spatial_layout() -> None:
+    """Two maps with equal channel means but mirrored layouts give different features (a global mean would not);
+    large maps are pooled to at most GRID x GRID cells, tokens to at most GRID² groups."""
+    from fewstep.methods._shared.gan import GRID, _pool
+
+    h = torch.zeros(1, 2, 4, 4)
+    h[:, :, :, :2] = 1.0
+    assert not torch.equal(_pool(h), _pool(h.flip(-1)))
+    assert _pool(torch.randn(3, 5, 16, 16)).shape == (3, 5 * GRID * GRID)
+    assert _pool(torch.randn(3, 64, 7)).shape == (3, GRID * GRID * 7)
+    assert _pool(torch.randn(3, 9)).shape == (3, 9)

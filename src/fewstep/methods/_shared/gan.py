@@ -11,7 +11,9 @@ and :math:`\mathrm{softplus}(z) = \log(1 + e^z)`:
   the student sample :math:`x^S_0` through the frozen fake network and head.
 
 Features: the output of the last hidden activation (MLP), of the last middle block (U-Net, the lowest resolution)
-or of the last transformer block (DiT), averaged over space / tokens. The head is Linear-SiLU-Linear to one logit.
+or of the last transformer block (DiT), average-pooled to at most 4 x 4 cells (16 token groups) and flattened, so
+the head keeps the spatial layout (a global mean lost it: on digits8 the discriminator stayed at chance). The
+head is Linear-SiLU-Linear to one logit, of width the channel count.
 """
 
 from __future__ import annotations
@@ -54,24 +56,38 @@ def bottleneck(net: nn.Module) -> nn.Module:
                      "(set method.cfg.gan_weight=0)")
 
 
+#: Spatial positions the head keeps: feature maps are average-pooled to at most GRID x GRID cells (tokens to at
+#: most GRID**2 groups) and flattened, so the head sees where features are, with a size bounded in the resolution.
+GRID = 4
+
+
 def _pool(h: Tensor) -> Tensor:
-    """(B, C) as is; (B, N, D) tokens averaged over N; (B, C, H, W) averaged over H, W."""
-    return h if h.dim() == 2 else h.mean(dim=1) if h.dim() == 3 else h.flatten(2).mean(dim=2)
+    """(B, C) as is; (B, C, H, W) pooled to (B, C, <=GRID, <=GRID); (B, N, D) tokens to (B, <=GRID², D); flattened."""
+    if h.dim() == 4:
+        h = F.adaptive_avg_pool2d(h, (min(h.shape[2], GRID), min(h.shape[3], GRID)))
+    elif h.dim() == 3:
+        h = F.adaptive_avg_pool1d(h.transpose(1, 2), min(h.shape[1], GRID * GRID)).transpose(1, 2)
+    return h.flatten(1)
 
 
-def fake_features(fake: nn.Module, x: Tensor, tau: Tensor, cond: Tensor | None) -> Tensor:
-    """Pooled bottleneck features of the fake score's velocity network at (x, τ, c), shape (B, C)."""
+def _bottleneck_output(fake: nn.Module, x: Tensor, tau: Tensor, cond: Tensor | None) -> Tensor:
+    """The raw output of :func:`bottleneck` during one velocity evaluation of the fake score."""
     site, got = bottleneck(fake.net), []
     handle = site.register_forward_hook(lambda _m, _i, out: got.append(out))
     try:
         fake.velocity(x, tau, cond)
     finally:
         handle.remove()
-    return _pool(got[-1])
+    return got[-1]
+
+
+def fake_features(fake: nn.Module, x: Tensor, tau: Tensor, cond: Tensor | None) -> Tensor:
+    """Pooled, flattened bottleneck features of the fake score's velocity network at (x, τ, c), shape (B, F)."""
+    return _pool(_bottleneck_output(fake, x, tau, cond))
 
 
 class GANHead(nn.Module):
-    """Linear-SiLU-Linear from the fake score's pooled bottleneck features to one logit.
+    """Linear-SiLU-Linear (hidden width = the bottleneck's channels) from the pooled features to one logit.
 
     Args:
         fake: The fake score (a velocity FlowMap); one dry forward at construction sizes the head.
@@ -82,8 +98,10 @@ class GANHead(nn.Module):
         p = next(fake.parameters())
         x = torch.zeros((1, *fake.net.event_shape), device=p.device, dtype=p.dtype)
         with torch.no_grad():
-            c = fake_features(fake, x, torch.full((1,), 0.5, device=p.device, dtype=p.dtype), None).shape[-1]
-        self.mlp = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1)).to(p.device, p.dtype)
+            raw = _bottleneck_output(fake, x, torch.full((1,), 0.5, device=p.device, dtype=p.dtype), None)
+        width = raw.shape[1] if raw.dim() == 4 else raw.shape[-1]  # channels (maps) / features (tokens, MLP)
+        f = _pool(raw).shape[-1]
+        self.mlp = nn.Sequential(nn.Linear(f, width), nn.SiLU(), nn.Linear(width, 1)).to(p.device, p.dtype)
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits of shape (B,)."""
