@@ -78,7 +78,7 @@ def test_ma_term_scores_with_the_converted_learned_velocity(teacher_run: Path, t
     torch.testing.assert_close(end_score(teacher, x, t, eps), direct, rtol=1e-5, atol=1e-6)
 
 
-def test_learned_quick_sweep_and_report(teacher_run: Path, tmp_path: Path) -> None:
+def test_learned_quick_sweep_and_report(teacher_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, md = tmp_path / "ma.json", tmp_path / "ma.md"
     ME.main(["sweep", "--quick", "--teacher-run", str(teacher_run), "--ma", HUTCH, "--only", "base@N",
              "MA 0.001 start", "base@cpu", "--cache", str(tmp_path / "cache"), "--out", str(out)])
@@ -95,3 +95,8 @@ def test_learned_quick_sweep_and_report(teacher_run: Path, tmp_path: Path) -> No
     text = md.read_text()
     assert "MA with a learned teacher" in text and f"## {tag}" in text and "| MA 0.001 start | 4 |" in text
     assert "fd =steps" in text and "mmd2_teacher =CPU" in text
+    capsys.readouterr()
+    ME.main(["modes", str(out), "--nfe", "2"])  # a learned sweep has no components: the sample spread instead
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 2 + 3 and table[2].startswith("| real test digits | – | ")
+    assert table[4].startswith(f"| {tag}/reflow/base@N | 2 | ")

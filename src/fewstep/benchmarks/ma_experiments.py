@@ -56,6 +56,7 @@ from fewstep.benchmarks.ma_teacher_run import (
     learned_refs,
     load_target,
     run_folder,
+    spread_table,
     target_tag,
     write_learned_report,
 )
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         "--knn-max-dim", type=int, default=3, help="density-free k-NN KL/TV up to this target dimension (bias grows)"
     )
     s.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 12 steps, 1 lambda, tiny student, r=2")
-    mo = sub.add_parser("modes", help="mode coverage of the cached students (markdown table on stdout)")
+    mo = sub.add_parser("modes", help="mode coverage (learned teacher: sample spread) of the cached students")
     mo.add_argument("json", nargs="+")
     mo.add_argument("--nfe", type=int, default=4)
     r = sub.add_parser("report")
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         from fewstep.benchmarks.ma_eval import mode_table
 
         runs = {k: v for f in a.json for k, v in json.loads(Path(f).read_text())["runs"].items()}
-        print("\n".join(mode_table(runs, a.nfe)))
+        learned = is_learned_sweep([Path(f) for f in a.json])  # no components: the spread of the samples instead
+        print("\n".join(spread_table(runs, a.nfe) if learned else mode_table(runs, a.nfe)))
         return
     if a.cmd == "report":
         from fewstep.benchmarks.ma_report import write_report

@@ -46,6 +46,7 @@ __all__ = [
     "sample_metrics",
     "evaluate_learned",
     "floors",
+    "spread_table",
     "render_learned",
     "is_learned_sweep",
     "write_learned_report",
@@ -175,6 +176,65 @@ def floors(teacher: Any, refs: dict[str, torch.Tensor], spec: str, n: int = 2000
     out["real_train"] = sample_metrics(train[idx], refs)
     out["n_real_test"] = len(refs["real"])
     return out
+
+
+def _spread(x: torch.Tensor) -> tuple[float, float]:
+    """(total variance of the pixels, total variance of the digit-classifier features) of samples ``x``."""
+    from fewstep.evaluation.digit_features import digit_feature_net
+
+    net, _ = digit_feature_net()  # outside no_grad: may fit the classifier
+    with torch.no_grad():
+        return float(x.var(0).sum()), float(net.features(x.float()).var(0).sum())
+
+
+def spread_table(runs: dict[str, dict[str, Any]], nfe: int = 4, n: int = 2000) -> list[str]:
+    """Sample spread of the cached students of a learned-teacher sweep against the real test digits and the
+    teacher's RK4-64 samples: total variance in pixels and in the classifier's features (a reverse KL is
+    mode-seeking: a student that contracts toward high-density regions has a smaller spread). Markdown rows, mean
+    and [min, max] over seeds; ``n`` samples at ``nfe`` uniform jumps from the noise of :func:`evaluate_learned`.
+
+    Args:
+        runs: ``runs`` of a learned sweep JSON; runs without a cached student file are skipped.
+        nfe: Jump count.
+        n: Samples per student.
+
+    Returns:
+        Markdown table lines.
+    """
+    from fewstep.benchmarks.ma_eval import arm_config
+    from fewstep.config.build import build_student
+    from fewstep.methods import get_method
+    from fewstep.sampling.samplers import sample_flowmap, solve
+
+    rows: dict[str, list[tuple[float, float]]] = {}
+    teacher = None
+    for key, run in runs.items():
+        if not Path(run.get("student_file", "")).is_file():
+            continue
+        cfg = arm_config("reflow", run["cli"].split(" --run-dir")[0].split()[4:], Path("/nonexistent"))
+        if teacher is None:
+            teacher, folder = load_target(RUN_PREFIX + cfg.teacher.path), cfg.teacher.path
+        st = build_student(cfg.student, get_method("reflow"), (64,), None)
+        st.load_state_dict(torch.load(run["student_file"], weights_only=True)["state"])
+        x1 = torch.randn(n, 64, generator=torch.Generator().manual_seed(int(key.rsplit("/", 1)[1])),
+                         dtype=torch.float64)
+        with torch.no_grad():
+            x = sample_flowmap(st.double().eval(), x1, nfe).x
+        rows.setdefault(key.rsplit("/", 1)[0], []).append(_spread(x))
+    if teacher is None:
+        return ["no cached students"]
+    with torch.no_grad():
+        xt = solve(teacher, torch.randn(n, 64, generator=torch.Generator().manual_seed(0)), 64, method="rk4").x
+    lines = [f"| samples | students | pixel variance ({nfe} NFE): mean [min, max] | feature variance: mean "
+             "[min, max] |", "|---|---|---|---|"]
+    for name, x in (("real test digits", real_reference(folder)), ("teacher RK4-64", xt.double())):
+        p, f = _spread(x)
+        lines.append(f"| {name} | – | {p:.2f} | {f:.2f} |")
+    for arm, v in rows.items():
+        p, f = zip(*v, strict=True)
+        lines.append(f"| {arm} | {len(v)} | {sum(p) / len(p):.2f} [{min(p):.2f}, {max(p):.2f}] | "
+                     f"{sum(f) / len(f):.2f} [{min(f):.2f}, {max(f):.2f}] |")
+    return lines
 
 
 def render_learned(res: dict[str, Any], with_claim_i: bool = False) -> tuple[str, dict[str, Any]]:
