@@ -88,8 +88,10 @@ MODULES: dict[str, list[str]] = {
         "methods/test_cdm_dm_at.py",
     ],
     "methods/dmd.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
-    "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_dmd2_gan.py"],
-    "methods/_shared/gan.py": ["methods/test_dmd2_gan.py"],  # DMD2's GAN head on the fake score's features
+    "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_dmd2_gan.py",
+                        "methods/test_mutation_kills_dmd2.py"],
+    "methods/_shared/gan.py": [  # DMD2's GAN head on the fake score's features
+        "methods/test_dmd2_gan.py", "methods/test_mutation_kills_gan.py"],
     "methods/ddmd.py": ["methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_ddmd_dm_at.py"],
     "methods/_shared/dm_base.py": [  # the DM method base of dmd, dmd2 (and, via ca_dm, ddmd and cdm)
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
@@ -284,4 +286,17 @@ EQUIVALENT.update({
     _BV + "15": _BV_ROW + " (|x_t|^2 summed over all rows: one constant)",
     _BV + "20": _BV_ROW + " (sum of x_t^3 instead of |x_t|^2)",
     _BV + "48": 'float("-INF") is float("-inf")',
+})
+
+_GAN = "fewstep.methods._shared.gan.x"
+EQUIVALENT.update({
+    **{_GAN + f"ǁGANHeadǁ__init____mutmut_{i}": _ONE_DEVICE + " (the head's dry forward and its layers)"
+       for i in (5, 8, 21, 25, 42, 44)},
+    **{_GAN + f"ǁGANHeadǁ__init____mutmut_{i}": "tau of the dry forward in the default float32: the dry forward "
+       "only sizes the head, and the bottleneck's shape does not depend on tau's dtype" for i in (22, 26)},
+    _GAN + "ǁGANHeadǁ__init____mutmut_39": "_pool(raw).shape[+1]: the pooled features are (1, F), shape[1] is "
+    "shape[-1]",
+    _GAN + "ǁGANHeadǁforward__mutmut_3": "squeeze(+1) of the (B, 1) logits is squeeze(-1)",
+    **{_GAN + f"_discriminator_loss__mutmut_{i}": "the logged accuracy with >= 0 / <= 0: differs only on a logit "
+       "exactly 0" for i in (47, 50)},
 })
