@@ -300,3 +300,10 @@ EQUIVALENT.update({
     **{_GAN + f"_discriminator_loss__mutmut_{i}": "the logged accuracy with >= 0 / <= 0: differs only on a logit "
        "exactly 0" for i in (47, 50)},
 })
+
+_D2 = "fewstep.methods.dmd2.xǁDMD2ǁ"
+EQUIVALENT.update({
+    **{_D2 + k: 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default'
+       for k in ("fake_loss__mutmut_23", "fake_loss__mutmut_34", "student_loss__mutmut_20")},
+    _D2 + "student_loss__mutmut_5": "anchor(batch, ) : grad=True is the default of anchor",
+})
