@@ -11,6 +11,8 @@ import torch
 
 from fewstep.benchmarks.image_bench import image_mosaic, save_grid, student_rows, teacher_rows
 from fewstep.cli import main
+from fewstep.cli_eval_images import real_floor
+from fewstep.evaluation.image_features import FLOOR_N, fd_floor
 
 torch.set_num_threads(1)
 
@@ -59,6 +61,18 @@ def test_tiny_teacher_distill_sample_eval(teacher_run: Path, tmp_path: Path) -> 
         bar = rec["bars"][k]
         assert bar["euler_fd"] == rec["teacher_euler"][want]["fd"] and bar["fd"] == rec["student"][k]["fd"]
         assert bar["met"] == (bar["fd"] < bar["euler_fd"])
+    # the floor is measured at the same n as the student (FD's small-n bias), not the shipped n = 898 one
+    assert rec["floor_exact_vs_exact"]["fd"] == pytest.approx(fd_floor("digits8", 100)["fd"], rel=1e-9)
+
+
+def test_eval_floor_at_the_evaluated_n() -> None:
+    """`fewstep eval`'s real-vs-real floor: the shipped one at n = 898, measured at any other n up to half the set
+    (FD at n = 100 is several times the n = 898 floor), none beyond it."""
+    shipped = real_floor("digits8", FLOOR_N["digits8"])
+    assert shipped["fd"] == pytest.approx(fd_floor("digits8")["fd"], rel=1e-4)
+    small = real_floor("digits8", 100)
+    assert small == fd_floor("digits8", 100) and small["fd"] > 2 * shipped["fd"]
+    assert real_floor("digits8", 899) == {}
 
 
 def test_tiny_meanflow_on_dit(teacher_run: Path, tmp_path: Path) -> None:
