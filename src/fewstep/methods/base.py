@@ -36,9 +36,9 @@ __all__ = ["Batch", "Method", "MethodConfig", "U_COLUMNS", "U_T", "U_S", "U_SELE
 U_COLUMNS = 8
 U_T = 0  #: first time draw t, or a grid / anchor index
 U_S = 1  #: second time draw s (flow maps, IMM), or the DM re-noise level (DMD family)
-U_SELECT = 2  #: the s = t choice, the pair / window / shortcut-level index, or the CA re-noise level
-U_AUX = 3  #: the t = t_max point mass, SplitMeanFlow's split point, IMM's s = 0 choice or CDM's off-trajectory time
-U_CORNER = 4  #: the (t_max, t_min) corner choice, or CDM's off-trajectory re-noise level
+U_SELECT = 2  #: the s = t choice, the pair / window / shortcut-level index, the CA or DMD2-GAN generator re-noise level
+U_AUX = 3  #: t = t_max mass, SplitMeanFlow's split, IMM's s = 0, CDM's off-trajectory time, DMD2-GAN real re-noise
+U_CORNER = 4  #: the (t_max, t_min) corner choice, CDM's off-trajectory or DMD2-GAN student re-noise level
 U_ZERO = 5  #: the s = t_min choice, or DMD's regression-pair index
 U_FAKE = 6  #: the fake score's re-noise level (DMD family)
 U_LABEL_DROP = 7  #: label drop of the flow-map methods (MeanFlow, SplitMeanFlow, sCM, FACM, AYF)
