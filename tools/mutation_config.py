@@ -185,10 +185,10 @@ EQUIVALENT: dict[str, str] = {
     **{_LD + f"ode_logdensity__mutmut_{i}": _ONE_DEVICE for i in (194, 197)},
     **{_RF + f"take_pairs__mutmut_{i}": _ONE_DEVICE for i in (7, 9, 11, 13, 17)},
     **{_RF + f"prepare__mutmut_{i}": "fingerprint dropped or None: ensure_pairs / generate_pairs fall back to "
-       "teacher_fingerprint(teacher), the same value" for i in (48, 55)},
+       "teacher_fingerprint(teacher), the same value (48, 55 before pair_classes)" for i in (42, 49)},
     **{_RF + f"prepare__mutmut_{i}": "rank-0-writes / other-ranks-load branch: in one process the fallback "
-       "ensure_pairs call writes or loads the same pairs (observable only under torchrun with several ranks)"
-       for i in (99, 103, 104, 105, 106, 107, 108)},
+       "ensure_pairs call writes or loads the same pairs (observable only under torchrun with several ranks; "
+       "99, 103-108 before pair_classes)" for i in (93, 97, 98, 99, 100, 101, 102)},
     "fewstep.methods.shortcut.x_shortcut_target__mutmut_6": "t - 2d <= -1e-6 vs < -1e-6: differs on an exact tie only",
     **{f"fewstep.methods.shortcut.xǁShortcutǁloss__mutmut_{i}": "the level k kept as an integer: 2^(+-k) is a power "
        "of two, exact in the float32 the integer power returns" for i in (26, 35)},
