@@ -164,3 +164,29 @@ def test_pooled_features_keep_the_spatial_layout() -> None:
     assert _pool(torch.randn(3, 5, 16, 16)).shape == (3, 5 * GRID * GRID)
     assert _pool(torch.randn(3, 64, 7)).shape == (3, GRID * GRID * 7)
     assert _pool(torch.randn(3, 9)).shape == (3, 9)
+
+
+def test_generator_term_trains_the_student() -> None:
+    """The student step's gradient is the DM term's plus gan_weight times the generator term's, which reaches the
+    student's parameters through its samples (a detached sample would leave the DM gradient alone)."""
+    from fewstep.methods._shared.dm import renoise_time
+    from fewstep.methods.base import U_SELECT
+
+    m = _dmd2(gan_weight=0.3)
+    b, params = _data_batch(), list(m.student.parameters())
+
+    def grads(loss: torch.Tensor, retain: bool = False) -> list[torch.Tensor]:
+        gs = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs, strict=True)]
+
+    torch.manual_seed(8)
+    got = grads(m.student_loss(b, 0)[0])
+    torch.manual_seed(8)  # the same draws in the same order: anchor, DM re-noise, GAN re-noise
+    a = m.anchor(b, grad=True)
+    dm, _ = m.dm_student_loss(b, a)
+    tau = renoise_time(b.u[:, U_SELECT], "uniform", t_min=m.config.t_min, t_max=m.config.t_max)
+    g = generator_loss(m.fake, m.gan_head, a.x0, tau, b.cond)
+    g_dm, g_gan = grads(dm, retain=True), grads(g)
+    assert sum(float(x.abs().sum()) for x in g_gan) > 0
+    for x, y, z in zip(got, g_dm, g_gan, strict=True):
+        torch.testing.assert_close(x, y + 0.3 * z, rtol=1e-5, atol=1e-7)
