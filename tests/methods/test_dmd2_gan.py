@@ -94,6 +94,11 @@ def test_losses_equal_their_equations() -> None:
     assert float(generator_loss(fake, head, xs, ts, c)) == pytest.approx(math.log(2), rel=1e-6)
 
 
+def bottleneck_params(fake: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the MLP fake score's layers up to its bottleneck (the last hidden activation)."""
+    return [p for layer in fake.net.net[:-1] for p in layer.parameters()]
+
+
 def test_gradient_paths() -> None:
     m = _dmd2(gan_weight=0.1)
     fake, head = m.fake, m.gan_head
@@ -107,6 +112,8 @@ def test_gradient_paths() -> None:
     discriminator_loss(fake, head, torch.randn(16, 2), xs, tau, tau, None)[0].backward()
     assert xs.grad is None  # the student is not trained by L_D
     assert all(p.grad is not None for p in head.parameters())
+    # the fake score's network is the discriminator's encoder: L_D trains it too (up to the bottleneck)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in bottleneck_params(fake))
     assert isinstance(bottleneck(fake.net), nn.SiLU)
 
 
