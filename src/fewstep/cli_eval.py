@@ -150,11 +150,8 @@ def run_eval(args: argparse.Namespace) -> int:
                              "real images with the classifier FD")
         r = eval_images(run, student, spec, args)
         args.n = r["n"]
-        res = _record(run, spec, args, r["reference"], r["student"], r["teacher_euler"], r["teacher_adaptive"],
-                      r["floor"], None)
-        res["bars"] = r["bars"]
-        _print(res, args)
-        return _write(res, args)
+        return _finish({**_record(run, spec, args, r["reference"], r["student"], r["teacher_euler"],
+                                  r["teacher_adaptive"], r["floor"], None), "bars": r["bars"]}, args)
     if args.n is None:
         args.n = DEFAULT_N
     mix = _analytic(run)
@@ -162,11 +159,12 @@ def run_eval(args: argparse.Namespace) -> int:
         res = _eval_target(run, student, mix, spec, args)
     else:
         res = _eval_analytic(run, student, mix, spec, args) if mix is not None else _eval_data(run, student, spec, args)
+    return _finish(res, args)
+
+
+def _finish(res: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print the record and write it to ``--out`` (default RUN/eval.json)."""
     _print(res, args)
-    return _write(res, args)
-
-
-def _write(res: dict[str, Any], args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.run_dir) / "eval.json")
     out.write_text(json.dumps(res, indent=1, default=float))
     print(f"wrote {out}")

@@ -100,3 +100,10 @@ def test_learned_quick_sweep_and_report(teacher_run: Path, tmp_path: Path, capsy
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 2 + 3 and table[2].startswith("| real test digits | – | ")
     assert table[4].startswith(f"| {tag}/reflow/base@N | 2 | ")
+
+
+def test_bad_teacher_run_exits_with_one_line(tmp_path: Path) -> None:
+    from fewstep.benchmarks.ma_experiments import main as ma_main
+
+    with pytest.raises(SystemExit, match=r"^--teacher-run: .*is not a fewstep run folder"):
+        ma_main(["sweep", "--teacher-run", str(tmp_path / "missing"), "--quick", "--out", str(tmp_path / "x.json")])

@@ -197,3 +197,17 @@ def test_generator_term_trains_the_student() -> None:
     assert sum(float(x.abs().sum()) for x in g_gan) > 0
     for x, y, z in zip(got, g_dm, g_gan, strict=True):
         torch.testing.assert_close(x, y + 0.3 * z, rtol=1e-5, atol=1e-7)
+
+
+def test_bottleneck_refusals_are_one_line() -> None:
+    from fewstep.networks.mlp import MLP
+
+    with pytest.raises(ValueError, match="hidden layer"):
+        bottleneck(MLP(2, hidden=8, depth=0))
+
+    class Skips(MLP):
+        def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            return torch.zeros_like(x)
+
+    with pytest.raises(ValueError, match="did not run"):
+        fake_features(FlowMap(Skips(2, hidden=8, depth=1), "velocity"), torch.zeros(2, 2), torch.ones(2), None)

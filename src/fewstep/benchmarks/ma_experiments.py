@@ -48,7 +48,6 @@ from fewstep.benchmarks.ma_arms import (
 from fewstep.benchmarks.ma_eval import BASE_CONFIG, arm_config, evaluate_student, heldout_fm_loss, load_student
 from fewstep.benchmarks.ma_rectify import ROUND1, round_one, round_two_note, second_round
 from fewstep.benchmarks.ma_teacher_run import (
-    RUN_PREFIX,
     evaluate_learned,
     floors,
     is_learned_sweep,
@@ -56,6 +55,7 @@ from fewstep.benchmarks.ma_teacher_run import (
     learned_refs,
     load_target,
     run_folder,
+    run_target,
     spread_table,
     target_tag,
     write_learned_report,
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = 2.0 if ratio is None else ratio
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    r1, presets = 24 if a.quick else a.round1_steps, [RUN_PREFIX + a.teacher_run] if a.teacher_run else a.presets
+    r1, presets = 24 if a.quick else a.round1_steps, [run_target(a.teacher_run)] if a.teacher_run else a.presets
     sweep(
         presets, seeds, budget, out, Path(a.cache), a.method, ma, lambdas, ratio, n_eval, a.only, n_held, r1,
         a.knn_max_dim,

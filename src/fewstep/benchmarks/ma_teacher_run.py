@@ -38,6 +38,7 @@ __all__ = [
     "METRICS",
     "is_run_target",
     "run_folder",
+    "run_target",
     "target_tag",
     "run_overrides",
     "load_target",
@@ -90,6 +91,15 @@ def run_overrides(folder: str | Path) -> list[str]:
     data = [f"data.kwargs.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(kw.items())]
     return ["teacher.kind=run", f"teacher.path={folder}", "teacher.conditional=false", "teacher.guidance=1.0",
             f"data.name={name}", *data]
+
+
+def run_target(folder: str) -> str:
+    """The sweep's target name of a learned teacher run folder, checked (a bad folder exits with one line)."""
+    try:
+        run_overrides(folder)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--teacher-run: {e}") from None
+    return RUN_PREFIX + folder
 
 
 def load_target(spec: str) -> Any:

@@ -7,7 +7,9 @@ multi-step students use backward simulation on their inference schedule.
 Optional GAN head (``gan_weight > 0``; off by default, as in the paper's ablation "without GAN"): a classifier on the
 fake score's bottleneck features (:mod:`fewstep.methods._shared.gan`), trained with the fake score on real data
 against the student's samples (weight ``gan_disc_weight``), and a non-saturating generator term
-:math:`\lambda_G\,\mathrm{softplus}(-D(x^S_\tau))` added to the student loss. It needs real data batches.
+:math:`\lambda_G\,\mathrm{softplus}(-D(x^S_\tau))` added to the student loss. It needs real data batches, which
+follow the unguided data distribution: with a guided teacher (w > 1) the DM term pulls toward the guided target and
+the GAN term toward the data (measured only at w = 1, docs/results/images_dmd2_gan.md).
 """
 
 from __future__ import annotations

@@ -47,6 +47,8 @@ def bottleneck(net: nn.Module) -> nn.Module:
     from fewstep.networks.unet import UNet
 
     if isinstance(net, MLP):
+        if len(net.net) < 2:
+            raise ValueError("the GAN head needs an mlp with a hidden layer (student.depth >= 1)")
         return net.net[-2]
     if isinstance(net, UNet):
         return net.mid[-1]
@@ -78,6 +80,9 @@ def _bottleneck_output(fake: nn.Module, x: Tensor, tau: Tensor, cond: Tensor | N
         fake.velocity(x, tau, cond)
     finally:
         handle.remove()
+    if not got:
+        raise ValueError(f"the GAN head's bottleneck {type(site).__name__} of {type(fake.net).__name__} did not run "
+                         "in the fake score's forward pass")
     return got[-1]
 
 
