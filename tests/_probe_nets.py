@@ -51,3 +51,16 @@ def random_batch(n: int, seed: int, dtype: torch.dtype = torch.float64) -> Batch
     g = torch.Generator().manual_seed(seed)
     return Batch(x1=torch.randn(n, 2, generator=g, dtype=dtype), u=torch.rand(n, 8, generator=g, dtype=dtype),
                  x0=torch.randn(n, 2, generator=g, dtype=dtype) + 1.0, cond=torch.randint(0, 2, (n,), generator=g))
+
+
+def batch_velocity_by_hand(x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor) -> Tensor:
+    r""":math:`\hat v_i = (x_t^i - \sum_j w_{ij} x_0^j)/t_i`, :math:`w_{ij} \propto
+    \exp(-\|x_t^i - (1-t_i)x_0^j\|^2/2t_i^2)` over the rows j with the label of row i, one row at a time (the
+    labelled batch velocity of ct and imm, written out)."""
+    out = []
+    for i in range(len(x_t)):
+        same = [j for j in range(len(x0)) if int(cond[j]) == int(cond[i])]
+        logw = torch.stack([-((x_t[i] - (1 - t[i]) * x0[j]) ** 2).sum() / (2 * t[i] ** 2) for j in same])
+        w = torch.softmax(logw, 0)
+        out.append((x_t[i] - (w[:, None] * x0[same]).sum(0)) / t[i])
+    return torch.stack(out)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from _probe_nets import random_batch, two_class_teacher
+from _probe_nets import batch_velocity_by_hand, random_batch, two_class_teacher
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.base import U_T
@@ -196,17 +196,6 @@ def test_edm_grid_accepted_and_default_rho_is_seven() -> None:
     assert consistency_grid(4).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
-def _batch_velocity_by_hand(x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor) -> Tensor:
-    r""":math:`\hat v_i = (x_t^i - \sum_j w_{ij} x_0^j)/t_i`, :math:`w_{ij} \propto
-    \exp(-\|x_t^i - (1-t_i)x_0^j\|^2/2t_i^2)` over the rows j with the label of row i, one row at a time."""
-    out = []
-    for i in range(len(x_t)):
-        same = [j for j in range(len(x0)) if int(cond[j]) == int(cond[i])]
-        logw = torch.stack([-((x_t[i] - (1 - t[i]) * x0[j]) ** 2).sum() / (2 * t[i] ** 2) for j in same])
-        w = torch.softmax(logw, 0)
-        out.append((x_t[i] - (w[:, None] * x0[same]).sum(0)) / t[i])
-    return torch.stack(out)
-
 
 def test_ct_batch_velocity_partner_with_labels_is_the_class_restricted_equation() -> None:
     r"""ct with ``velocity="batch"`` on a labelled batch: :math:`x_{t'} = x_t - (t-t')\hat v(x_t)` with the
@@ -221,7 +210,7 @@ def test_ct_batch_velocity_partner_with_labels_is_the_class_restricted_equation(
     assert 0 < int(b.cond.sum()) < N  # both labels present, so the label restriction matters
     t, tp = m.times(b.u[:, U_T], 0)
     x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
-    xp = x_t - (t - tp)[:, None] * _batch_velocity_by_hand(x_t, t, b.x0, b.cond)
+    xp = x_t - (t - tp)[:, None] * batch_velocity_by_hand(x_t, t, b.x0, b.cond)
     torch.testing.assert_close(m.partner(x_t, t, tp, b), xp, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         tgt = m.target(xp, tp, torch.zeros_like(tp), b.cond)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from _probe_nets import LinearProbe, two_class_teacher
+from _probe_nets import LinearProbe, batch_velocity_by_hand, two_class_teacher
 from fewstep.core.flowmap import FlowMap
 from fewstep.methods import Batch, get_method
 from fewstep.methods.imm import IMM, IMMConfig, imm_r, imm_weight, laplace_mmd2
@@ -231,17 +231,6 @@ def test_config_defaults_and_refusals() -> None:
     assert math.isclose(IMMConfig(target_ema=0.999).target_ema, 0.999)
 
 
-def _batch_velocity_by_hand(x_t: Tensor, t: Tensor, x0: Tensor, cond: Tensor) -> Tensor:
-    r""":math:`\hat v_i = (x_t^i - \sum_j w_{ij} x_0^j)/t_i`, :math:`w_{ij} \propto
-    \exp(-\|x_t^i - (1-t_i)x_0^j\|^2/2t_i^2)` over the rows j with the label of row i, one row at a time."""
-    out = []
-    for i in range(len(x_t)):
-        same = [j for j in range(len(x0)) if int(cond[j]) == int(cond[i])]
-        logw = torch.stack([-((x_t[i] - (1 - t[i]) * x0[j]) ** 2).sum() / (2 * t[i] ** 2) for j in same])
-        w = torch.softmax(logw, 0)
-        out.append((x_t[i] - (w[:, None] * x0[same]).sum(0)) / t[i])
-    return torch.stack(out)
-
 
 @pytest.mark.parametrize("batch_t_min", [0.0, 0.5, 1.0])
 def test_batch_interpolant_with_labels_and_batch_t_min_is_the_equation(batch_t_min: float) -> None:
@@ -263,7 +252,7 @@ def test_batch_interpolant_with_labels_and_batch_t_min_is_the_equation(batch_t_m
     assert t[::3].tolist() == [1.0, 0.7, 1.0, 0.2]
     x_t = (1 - t)[:, None] * b.x0 + t[:, None] * b.x1
     x_cond = (1 - r)[:, None] * b.x0 + r[:, None] * b.x1
-    x_batch = x_t - (t - r)[:, None] * _batch_velocity_by_hand(x_t, t, b.x0, b.cond)
+    x_batch = x_t - (t - r)[:, None] * batch_velocity_by_hand(x_t, t, b.x0, b.cond)
     x_r = torch.where((t >= batch_t_min)[:, None], x_batch, x_cond)
     assert bool((t >= batch_t_min).any())
     y_t = x_t - (t - s)[:, None] * net(x_t, t, s, b.cond)
