@@ -8,6 +8,8 @@ With one Euler teacher step per window the window end is hand-computable,
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -65,6 +67,17 @@ def _batch() -> Batch:
 def _euler(teacher: GaussianMixtureTeacher, x: Tensor, t0: Tensor, t1: Tensor, cond: Tensor, w: float) -> Tensor:
     return x - (t0 - t1)[:, None] * teacher.velocity(x, t0, cond, guidance=w)
 
+def _two_window_targets(teacher: Any, b: Any) -> tuple[Tensor, ...]:
+    """Two windows on [1, 0.5, 0]: each row's window from u[:, U_SELECT], its start x_s on the straight path, its end
+    by one Euler step of the teacher, and the window's chord targets at u[:, U_T] (by hand)."""
+    grid = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    k = (b.u[:, U_SELECT] * 2).long()
+    t_s, t_e = grid[k], grid[k + 1]
+    x_s = (1 - t_s)[:, None] * b.x0 + t_s[:, None] * b.x1
+    x_e = _euler(teacher, x_s, t_s, t_e, b.cond, 1.0)
+    return (t_s, t_e, x_s, x_e, *window_targets(x_s, x_e, t_s, t_e, b.u[:, U_T]))
+
+
 
 @pytest.mark.parametrize(("window_input", "param", "guidance"), [("data", "velocity", 1.0),
                                                                  ("teacher", "velocity", 2.0),
@@ -109,12 +122,7 @@ def test_loss_adds_the_window_ma_term(param: str, mode: str) -> None:
             cls.make_config(num_windows=2, solver="euler", solve_steps=1, ma_weight=0.3, ma_batch=0, ma_mode=mode,
                             ma_substeps=2, ma_t_min=0.05))
     b = _batch()
-    grid = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
-    k = (b.u[:, U_SELECT] * 2).long()
-    t_s, t_e = grid[k], grid[k + 1]
-    x_s = (1 - t_s)[:, None] * b.x0 + t_s[:, None] * b.x1
-    x_e = _euler(teacher, x_s, t_s, t_e, b.cond, 1.0)
-    x_t, t, target = window_targets(x_s, x_e, t_s, t_e, b.u[:, U_T])
+    t_s, t_e, x_s, x_e, x_t, t, target = _two_window_targets(teacher, b)
     second = t if param == "velocity" else t_e
     fm = ((net(x_t, t, second, b.cond) - target) ** 2).mean()
     ma = ma_loss(m.student, teacher, x_s, t_s, t_e, b.cond, mode=mode, substeps=2, t_min=0.05).loss
@@ -226,12 +234,7 @@ def test_in_window_second_time_is_the_equation(end_fraction: float) -> None:
                             end_fraction=end_fraction))
     b = _batch()
     b.u[0, U_AUX] = 0.4  # a tie with end_fraction 0.4: the row draws s
-    grid = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
-    k = (b.u[:, U_SELECT] * 2).long()
-    t_s, t_e = grid[k], grid[k + 1]
-    x_s = (1 - t_s)[:, None] * b.x0 + t_s[:, None] * b.x1
-    x_e = _euler(teacher, x_s, t_s, t_e, b.cond, 1.0)
-    x_t, t, target = window_targets(x_s, x_e, t_s, t_e, b.u[:, U_T])
+    t_s, t_e, x_s, x_e, x_t, t, target = _two_window_targets(teacher, b)
     s = torch.where(b.u[:, U_AUX] < end_fraction, t_e, t_e + b.u[:, U_S] * (t - t_e))
     assert 0 < int((s == t_e).sum()) < N or end_fraction in (0.0, 1.0)
     expected = ((net(x_t, t, s, b.cond) - target) ** 2).mean()
