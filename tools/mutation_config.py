@@ -297,6 +297,8 @@ EQUIVALENT.update({
     _GAN + "ǁGANHeadǁ__init____mutmut_39": "_pool(raw).shape[+1]: the pooled features are (1, F), shape[1] is "
     "shape[-1]",
     _GAN + "ǁGANHeadǁforward__mutmut_3": "squeeze(+1) of the (B, 1) logits is squeeze(-1)",
+    **{_GAN + f"_bottleneck__mutmut_{i}": "len(net.net) <= 2 / < 3 for < 2: an MLP's net has 1 + 2 depth layers (odd), "
+       "so the three tests agree" for i in (1, 2)},
     **{_GAN + f"_discriminator_loss__mutmut_{i}": "the logged accuracy with >= 0 / <= 0: differs only on a logit "
        "exactly 0" for i in (47, 50)},
 })

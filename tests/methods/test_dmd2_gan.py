@@ -202,12 +202,13 @@ def test_generator_term_trains_the_student() -> None:
 def test_bottleneck_refusals_are_one_line() -> None:
     from fewstep.networks.mlp import MLP
 
-    with pytest.raises(ValueError, match="hidden layer"):
+    with pytest.raises(ValueError, match=r"^the GAN head needs an mlp with a hidden layer \(student.depth >= 1\)$"):
         bottleneck(MLP(2, hidden=8, depth=0))
 
     class Skips(MLP):
         def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
             return torch.zeros_like(x)
 
-    with pytest.raises(ValueError, match="did not run"):
+    with pytest.raises(ValueError, match=r"^the GAN head's bottleneck SiLU of Skips did not run in the fake score's "
+                       r"forward pass$"):
         fake_features(FlowMap(Skips(2, hidden=8, depth=1), "velocity"), torch.zeros(2, 2), torch.ones(2), None)
