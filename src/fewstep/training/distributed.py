@@ -92,8 +92,11 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
 
 
 def cleanup() -> None:
-    """Destroy the process group if one exists."""
+    """Destroy the process group if one exists, after a barrier: every rank tears down together (a rank that
+    destroyed its gloo group while another was still writing files aborted with "terminate called without an
+    active exception" in one of our CI runs)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
