@@ -82,6 +82,15 @@ def eval_images(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> 
         res[str(k)] = {**metrics(x), "nfe": float(k)}
     euler, adaptive = {}, {}
     teacher = getattr(run.teacher, "inner", run.teacher)  # unguided: the bars are the teacher's w = 1 solves
+    missing = ""
+    if teacher is None and run.config.teacher.kind == "run" and run.config.teacher.path:
+        # a method trained from data (imm, ct) still names the teacher whose bars it is judged by
+        from fewstep.config.build import build_teacher
+
+        try:
+            teacher = build_teacher(run.config.teacher, p.device)
+        except (OSError, ValueError) as e:  # the student is still scored; only the teacher rows are left out
+            missing = f"; no teacher rows ({e})"
     if teacher is not None:
         vel = teacher.velocity if hasattr(teacher, "velocity") else teacher
         tp = next(teacher.parameters(), p)
@@ -94,6 +103,6 @@ def eval_images(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> 
         adaptive = {**metrics(a.x), "nfe": float(a.nfe)}
     floor = real_floor(name, n)
     reference = (f"{n} real {name} images (seed {args.seed}), classifier features; noise seed {args.seed}"
-                 + (", balanced labels i mod K" if cond is not None else "") + "; teacher unguided (w = 1)")
+                 + (", balanced labels i mod K" if cond is not None else "") + "; teacher unguided (w = 1)" + missing)
     return {"student": res, "teacher_euler": euler, "teacher_adaptive": adaptive, "floor": floor,
             "bars": image_bars(res, euler), "n": n, "reference": reference}

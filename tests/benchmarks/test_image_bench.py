@@ -65,6 +65,25 @@ def test_tiny_teacher_distill_sample_eval(teacher_run: Path, tmp_path: Path) -> 
     assert rec["floor_exact_vs_exact"]["fd"] == pytest.approx(fd_floor("digits8", 100)["fd"], rel=1e-9)
 
 
+def test_eval_of_a_data_trained_method_builds_its_teacher_for_the_bars(teacher_run: Path, tmp_path: Path) -> None:
+    """IMM trains from data (no teacher in the method), but its config names the teacher whose bars judge it:
+    `fewstep eval` builds it for the Euler rows; with that folder gone the student is still scored, and the
+    reference line says why the teacher rows are missing."""
+    run = tmp_path / "imm"
+    assert main(["distill", "--config", "configs/images/imm.yaml", "--run-dir", str(run), *TINY,
+                 f"teacher.path={teacher_run}", "train.steps=2"]) == 0
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run), "--nfe", "1", "--n", "100", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert sorted(rec["teacher_euler"], key=int) == ["1", "4"] and rec["bars"]["1"]["euler_nfe"] == 4
+    cfg = (run / "config.yaml").read_text().replace(str(teacher_run), str(tmp_path / "gone"))
+    (run / "config.yaml").write_text(cfg)
+    assert main(["eval", str(run), "--nfe", "1", "--n", "100", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["teacher_euler"] == {} and rec["bars"] == {} and "no teacher rows" in rec["reference"]
+    assert rec["student"]["1"]["fd"] > 0
+
+
 def test_eval_floor_at_the_evaluated_n() -> None:
     """`fewstep eval`'s real-vs-real floor: the shipped one at n = 898, measured at any other n up to half the set
     (FD at n = 100 is several times the n = 898 floor), none beyond it."""
