@@ -13,6 +13,7 @@ dopri5 solve (rtol 1e-4), on the same noise and labels; the floor is the classif
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from fewstep.evaluation.image_features import FLOOR_N, eval_noise, fd_floor, ima
 from fewstep.sampling.samplers import solve, solve_adaptive
 from fewstep.sampling.spec import sample_with
 
-__all__ = ["BAR_FACTOR", "eval_images", "image_bars", "real_floor"]
+__all__ = ["BAR_FACTOR", "eval_images", "image_bars", "real_floor", "teacher_solves"]
 
 #: The image bars compare a K-step student with the teacher's Euler at BAR_FACTOR * K steps.
 BAR_FACTOR = 4
@@ -38,6 +39,33 @@ def image_bars(student: dict[str, dict[str, float]], euler: dict[str, dict[str, 
             out[k] = {"euler_nfe": BAR_FACTOR * int(float(k)), "euler_fd": ref["fd"], "fd": row["fd"],
                       "met": bool(row["fd"] < ref["fd"])}
     return out
+
+
+def teacher_solves(teacher: Any, x1: torch.Tensor, cond: torch.Tensor | None, steps: Sequence[int],
+                   metrics: Callable[[torch.Tensor], dict[str, float]], guidance: float = 1.0,
+                   rtol: float = 1e-4) -> tuple[dict[int, dict[str, float]], dict[str, float], int]:
+    """The protocol's teacher rows: ``metrics`` of the teacher's Euler solve at each step count and of its adaptive
+    dopri5 solve (atol = rtol), from the noise ``x1`` with labels ``cond`` and guidance w (1: unguided).
+
+    Args:
+        teacher: A teacher with ``velocity(x, t, cond, guidance)`` (or the velocity callable itself).
+        x1: Evaluation noise, shape (n, *event_shape).
+        cond: Labels of the rows, or None.
+        steps: Euler step counts.
+        metrics: Sample metrics, e.g. :func:`~fewstep.evaluation.image_features.image_metrics` bound to the set.
+        guidance: CFG weight of the teacher's velocity.
+        rtol: Relative (and absolute) tolerance of the adaptive solve.
+
+    Returns:
+        Euler metrics by step count, the adaptive solve's metrics, and its number of network evaluations.
+    """
+    vel = teacher.velocity if hasattr(teacher, "velocity") else teacher
+    euler = {}
+    with torch.no_grad():
+        for k in steps:
+            euler[int(k)] = metrics(solve(vel, x1, int(k), method="euler", cond=cond, guidance=guidance).x)
+        a = solve_adaptive(vel, x1, rtol=rtol, atol=rtol, cond=cond, guidance=guidance)
+    return euler, metrics(a.x), int(a.nfe)
 
 
 def real_floor(name: str, n: int) -> dict[str, float]:
@@ -92,15 +120,12 @@ def eval_images(run: Any, student: Any, spec: Any, args: argparse.Namespace) -> 
         except (OSError, ValueError) as e:  # the student is still scored; only the teacher rows are left out
             missing = f"; no teacher rows ({e})"
     if teacher is not None:
-        vel = teacher.velocity if hasattr(teacher, "velocity") else teacher
         tp = next(teacher.parameters(), p)
         z, c = x1.to(tp.device, tp.dtype), None if cond is None else cond.to(tp.device)
         steps = sorted({int(k) for k in args.nfe} | {BAR_FACTOR * int(k) for k in args.nfe})
-        with torch.no_grad():
-            for k in steps:
-                euler[str(k)] = {**metrics(solve(vel, z, k, method="euler", cond=c).x), "nfe": float(k)}
-            a = solve_adaptive(vel, z, rtol=1e-4, atol=1e-4, cond=c)
-        adaptive = {**metrics(a.x), "nfe": float(a.nfe)}
+        rows, adaptive, nfe = teacher_solves(teacher, z, c, steps, metrics)
+        euler = {str(k): {**m, "nfe": float(k)} for k, m in rows.items()}
+        adaptive["nfe"] = float(nfe)
     floor = real_floor(name, n)
     reference = (f"{n} real {name} images (seed {args.seed}), classifier features; noise seed {args.seed}"
                  + (", balanced labels i mod K" if cond is not None else "") + "; teacher unguided (w = 1)" + missing)

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewstep.cli_eval_images import teacher_solves
 from fewstep.config.build import build_teacher, load_run
 from fewstep.config.schema import TeacherConfig
 from fewstep.evaluation.image_features import FLOOR_N, eval_noise, fd_floor, image_metrics
 from fewstep.sampling.image_grid import image_mosaic, save_grid
-from fewstep.sampling.samplers import solve, solve_adaptive
+from fewstep.sampling.samplers import solve
 from fewstep.sampling.spec import sample_with
 
 __all__ = ["eval_noise", "run_data_name", "teacher_rows", "student_rows", "image_mosaic", "save_grid", "step_times",
@@ -51,17 +52,11 @@ def teacher_rows(run_dir: str | Path, n: int | None = None, seed: int = 0, steps
     teacher = build_teacher(TeacherConfig(kind="run", path=str(run_dir)))
     n = int(n or FLOOR_N[name])
     x1, cond = eval_noise(n, teacher.event_shape, teacher.num_classes, seed)
-    rows = []
-    for k in steps:
-        with torch.no_grad():
-            res = solve(teacher.velocity, x1, int(k), method="euler", cond=cond, guidance=guidance)
-        rows.append({"sampler": f"Euler {k}", "nfe": res.nfe,
-                     **image_metrics(name, res.x, cond, seed=seed, split=split)})
-    with torch.no_grad():
-        res = solve_adaptive(teacher.velocity, x1, rtol=rtol, atol=rtol, cond=cond, guidance=guidance)
-    rows.append({"sampler": f"dopri5 (rtol {rtol:g})", "nfe": res.nfe,
-                 **image_metrics(name, res.x, cond, seed=seed, split=split)})
-    return rows
+    euler, adaptive, nfe = teacher_solves(teacher, x1, cond, steps,
+                                          lambda x: image_metrics(name, x, cond, seed=seed, split=split),
+                                          guidance, rtol)
+    rows = [{"sampler": f"Euler {k}", "nfe": k, **m} for k, m in euler.items()]
+    return [*rows, {"sampler": f"dopri5 (rtol {rtol:g})", "nfe": nfe, **adaptive}]
 
 
 def student_rows(run_dir: str | Path, nfe: Sequence[int] = (1, 2, 4), n: int | None = None,

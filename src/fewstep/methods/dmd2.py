@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from fewstep.core.flowmap import FlowMap
-from fewstep.methods._shared.dm import renoise_time
+from fewstep.methods._shared.dm import Anchor, renoise_time
 from fewstep.methods._shared.dm_base import DistributionMatchingMethod, DMConfig
 from fewstep.methods._shared.gan import GANHead, discriminator_loss, generator_loss
 from fewstep.methods.base import U_AUX, U_CORNER, U_SELECT, Batch
@@ -78,7 +78,7 @@ class DMD2(DistributionMatchingMethod):
             return super().trainable()
         return {"student": self.student, "fake": nn.ModuleList([self.fake, self.gan_head])}
 
-    def fake_loss(self, batch: Batch, anchor: Any = None) -> tuple[Tensor, dict[str, float]]:
+    def fake_loss(self, batch: Batch, anchor: Anchor | None = None) -> tuple[Tensor, dict[str, float]]:
         """The fake score's flow matching, plus ``gan_disc_weight`` times the discriminator loss (GAN on); the
         discriminator's student samples are the fake score's own (``anchor``, default :meth:`fake_anchor`)."""
         a = self.fake_anchor(batch) if anchor is None else anchor
