@@ -39,3 +39,21 @@ def test_table_groups_seeds(tmp_path: Path) -> None:
     assert "Euler 1 " not in text and "teacher Euler 8 | - | - | 13.00 (NFE 8)" in text
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["method"] for r in data["students"]] == ["cd", "reflow"]
+
+
+def test_reads_fewstep_eval_dicts(tmp_path: Path) -> None:
+    """A ``fewstep eval`` JSON (dict keyed by NFE) joins the image_bench rows of the same method."""
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps(TEACHER))
+    a = _eval(tmp_path / "a.json", "scm", [15.0, 12.0, 12.0])
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({"run_dir": "runs/images/scm-lf-x2-s1", "checkpoint_step": 400, "student": {
+        k: {"fd": fd, "precision": 0.8, "recall": 0.7, "class_acc": 0.9, "nfe": float(k)}
+        for k, fd in (("2", 14.0), ("1", 17.0))}}))
+    out = tmp_path / "s.md"
+    assert main(["--teacher", str(t), "--evals", str(a), str(b), "--out", str(out)]) == 0
+    assert "| scm | 300/400 | 2 | 16.00 ± 1.41 | 13.00 ± 1.41 | 12.00 |" in out.read_text()
+    b.write_text(json.dumps({"run_dir": "runs/images/perflow-lf", "checkpoint_step": 300, "student": {
+        "2": {"fd": 14.0, "precision": 0.8, "recall": 0.7, "class_acc": 0.9, "nfe": 2.0}}}))
+    assert main(["--teacher", str(t), "--evals", str(b), "--out", str(out)]) == 0
+    assert "| perflow | 300 | 1 | - | 14.00 | - | - | - | miss |" in out.read_text()

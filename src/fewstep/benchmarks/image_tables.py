@@ -1,9 +1,11 @@
 r"""Summary table of image students over training seeds, with the issue's bars against the teacher's Euler.
 
 Input: the JSON files that ``python -m fewstep.benchmarks.image_bench students RUN --out F.md`` writes (one per
-run; rows named ``"<method> <nfe>"``), every one made with the same evaluation seed as the teacher table, and that
-teacher table's JSON. Rows of one method from several files are its training seeds: the table gives
-mean ± sample std over them (std only with >= 2 seeds).
+run; rows named ``"<method> <nfe>"``) or that ``fewstep eval RUN --out F.json`` writes for an image run (a dict; its
+method is the run folder's name up to the first ``-``, e.g. ``runs/images/scm-lf-x2`` -> ``scm``, its steps the
+checkpoint's), every one made with the same evaluation seed as the teacher table, and that teacher table's JSON.
+Rows of one method from several files are its training seeds: the table gives mean ± sample std over them (std only
+with >= 2 seeds).
 
 Bars (issue 12): 1-NFE FD below the teacher's Euler 4, 2-NFE FD below its Euler 8. With one seed the verdict is
 the comparison of that run; with several it is ``met`` / ``miss`` only when the mean is more than two standard
@@ -30,10 +32,19 @@ def collect(files: Sequence[str | Path]) -> dict[str, dict[int, list[dict[str, A
     """Rows of the eval JSON files grouped as method -> NFE -> one row per file (training seed)."""
     out: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for f in files:
-        for r in json.loads(Path(f).read_text()):
+        for r in _rows(json.loads(Path(f).read_text())):
             method = r["sampler"].rsplit(" ", 1)[0]
             out.setdefault(method, {}).setdefault(int(r["nfe"]), []).append(r)
     return out
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    """image_bench's row list as is; a ``fewstep eval`` dict as rows ``"<method> <nfe>"`` (method: its run folder)."""
+    if isinstance(data, list):
+        return data
+    method = Path(data["run_dir"]).name.split("-")[0]
+    return [dict(r, sampler=f"{method} {k}", nfe=int(k), steps=int(data["checkpoint_step"]))
+            for k, r in sorted(data["student"].items(), key=lambda kv: int(kv[0]))]
 
 
 def bar(values: Sequence[float], teacher: float) -> str:
@@ -82,9 +93,11 @@ def markdown(rows: list[dict[str, Any]], teacher: list[dict[str, Any]]) -> str:
                      f"{r['precision']:.3f} / {r['recall']:.3f} / {r['class_acc']:.3f} | | |")
     for r in rows:
         fd = r["fd"]
+        prc = ("-" if math.isnan(r["precision_1"]) else  # no 1-NFE rows (e.g. a 2-window PeRFlow evaluated at 2 / 4)
+               f"{r['precision_1']:.3f} / {r['recall_1']:.3f} / {r['class_acc_1']:.3f}")
         lines.append(f"| {r['method']} | {'/'.join(map(str, r['steps']))} | {r['seeds']} | {_fmt(fd.get(1, []))} | "
-                     f"{_fmt(fd.get(2, []))} | {_fmt(fd.get(4, []))} | {r['precision_1']:.3f} / {r['recall_1']:.3f}"
-                     f" / {r['class_acc_1']:.3f} | {r['bar_1_vs_euler4']} | {r['bar_2_vs_euler8']} |")
+                     f"{_fmt(fd.get(2, []))} | {_fmt(fd.get(4, []))} | {prc} | {r['bar_1_vs_euler4']} | "
+                     f"{r['bar_2_vs_euler8']} |")
     return "\n".join(lines) + "\n"
 
 
