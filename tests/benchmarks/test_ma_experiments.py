@@ -90,7 +90,7 @@ def _fake_run(sum_eps: float, tv_final: float, mmd: float) -> dict:
 
 
 def test_tv_bound_comparison_reads_the_bound_fields():
-    from fewstep.benchmarks.ma_report import _groups, compare, render
+    from fewstep.benchmarks.ma_report import arm_groups, compare, render
 
     runs = {}
     for s in range(5):
@@ -98,7 +98,7 @@ def test_tv_bound_comparison_reads_the_bound_fields():
         runs[f"ring8/reflow/base@cpu/{s}"] = _fake_run(0.9 + 0.01 * s, 0.6 + 0.01 * s, 0.1)
         runs[f"ring8/reflow/MA 0.01 start/{s}"] = _fake_run(0.6 + 0.01 * s, 0.5 + 0.01 * s, 0.1)
     res = {"runs": runs, "settings": {}, "ratio": {}}
-    lines, recs = compare(_groups(res), "ring8", metrics=("sum_eps", "tv_final"), nfes=(4,))
+    lines, recs = compare(arm_groups(res), "ring8", metrics=("sum_eps", "tv_final"), nfes=(4,))
     got = {(r["metric"], r["match"]): r for r in recs}
     assert set(got) == {(m, k) for m in ("sum_eps", "tv_final") for k in ("steps", "CPU")}
     assert abs(got["sum_eps", "steps"]["diff"] + 0.2) < 1e-9 and got["sum_eps", "steps"]["verdict"] == "better"

@@ -66,9 +66,9 @@ def test_quick_reflow2_sweep_records_round1(tmp_path):
     )
     assert res["runs"]["ring8/reflow2/round1/0"]["steps"] == 24
     assert "as a CLI run add teacher.kind=run" in res["runs"]["ring8/reflow2/MA 0.001 start/1"]["cli"]
-    from fewstep.benchmarks.ma_report import _groups, compare
+    from fewstep.benchmarks.ma_report import arm_groups, compare
 
-    lines, recs = compare(_groups(res), "ring8", metrics=("mmd2",), nfes=(4,))
+    lines, recs = compare(arm_groups(res), "ring8", metrics=("mmd2",), nfes=(4,))
     assert "mmd2 =round1" in lines[0] and {r["match"] for r in recs} == {"steps", "round1"}  # no base@cpu arm ran
     r1 = {s: res["runs"][f"ring8/reflow2/round1/{s}"]["eval"]["4"]["mmd2"] for s in (0, 1)}
     ma = {s: res["runs"][f"ring8/reflow2/MA 0.001 start/{s}"]["eval"]["4"]["mmd2"] for s in (0, 1)}

@@ -173,15 +173,20 @@ def arm_config(method: str, overrides: list[str], pair_dir: Path) -> Any:
 
 
 def load_student(run: dict[str, Any]) -> Any:
-    """Rebuild a cached student from its run record (``cli`` overrides) and ``student_file``."""
-    from fewstep.config.build import build_student
+    """Rebuild a cached student from its run record (``cli`` overrides) and ``student_file``; returns (student in
+    eval mode, the teacher it was trained against)."""
+    from fewstep.config.build import build_student, build_teacher
     from fewstep.methods import get_method
     from fewstep.teachers.presets import load_preset
 
     words = run["cli"].split(" --run-dir")[0].split()[4:]
     cfg = arm_config("reflow" if "reflow" in run["cli"].split()[3] else "perflow", words, Path("/nonexistent"))
-    teacher = load_preset(cfg.teacher.path or cfg.teacher.name)
-    st = build_student(cfg.student, get_method(cfg.method.name), (teacher.dim,), None)
+    # a learned teacher's run folder (``ma_experiments sweep --teacher-run``) or a preset / mixture JSON
+    if cfg.teacher.kind == "run":
+        teacher = build_teacher(cfg.teacher)
+    else:
+        teacher = load_preset(cfg.teacher.path or cfg.teacher.name)
+    st = build_student(cfg.student, get_method(cfg.method.name), tuple(teacher.event_shape), None)
     st.load_state_dict(torch.load(run["student_file"], weights_only=True)["state"])
     return st.eval(), teacher
 

@@ -16,12 +16,12 @@ import torch
 from fewstep.benchmarks.ma_eval import evaluate_student, load_student
 from fewstep.benchmarks.ma_stats import LOWER_IS_BETTER, claim_i_pairs, metric, paired, spearman_ci, t_interval
 
-__all__ = ["write_report", "render"]
+__all__ = ["write_report", "render", "arm_groups", "ci_cell", "compare", "tally"]
 
 NFES = (1, 2, 4)
 
 
-def _groups(res: dict[str, Any]) -> dict[tuple[str, str, str], dict[int, dict[str, Any]]]:
+def arm_groups(res: dict[str, Any]) -> dict[tuple[str, str, str], dict[int, dict[str, Any]]]:
     """(target, method, arm) -> {seed: run}."""
     out: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     for key, run in res["runs"].items():
@@ -37,7 +37,7 @@ def _kl_tv_names(runs: dict[int, dict[str, Any]]) -> tuple[str, str]:
     return ("kl_knn", "tv_knn") if "kl_knn" in first else ("kl_is", "tv_is")
 
 
-def _cell(vals: list[float | None], fmt: str = ".3g") -> str:
+def ci_cell(vals: list[float | None], fmt: str = ".3g") -> str:
     m, hw, n = t_interval([v for v in vals if v is not None])
     return "–" if n == 0 else f"{m:{fmt}} ± {hw:.2g}"
 
@@ -57,10 +57,10 @@ def arm_table(groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]], tag
             continue
         kl, tv = _kl_tv_names(runs)
         steps = next(iter(runs.values()))["steps"]
-        ms = _cell([1e3 * r["cpu_s_per_step"] for r in runs.values()], ".3g")
+        ms = ci_cell([1e3 * r["cpu_s_per_step"] for r in runs.values()], ".3g")
         for k in NFES:
-            col = [_cell(list(_by_seed(runs, m, k).values())) for m in ("mmd2", kl, tv, "loglik", "fold", "eq_ratio")]
-            fm = _cell([r["fm_loss"] for r in runs.values()], ".4g") if k == 1 else ""
+            col = [ci_cell(list(_by_seed(runs, m, k).values())) for m in ("mmd2", kl, tv, "loglik", "fold", "eq_ratio")]
+            fm = ci_cell([r["fm_loss"] for r in runs.values()], ".4g") if k == 1 else ""
             lines.append(f"| {arm} | {steps} | {ms if k == 1 else ''} | {k} | " + " | ".join(col) + f" | {fm} |")
     return lines
 
@@ -248,7 +248,7 @@ def tally(recs: list[dict[str, Any]]) -> list[str]:
 
 def render(res: dict[str, Any], with_claim_i: bool = True) -> tuple[str, dict[str, Any]]:
     """The markdown tables and the computed summary records."""
-    groups = _groups(res)
+    groups = arm_groups(res)
     st = res["settings"]
     lines = [
         "# MA experiments: tables (generated)",
