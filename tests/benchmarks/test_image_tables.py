@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fewstep.benchmarks.image_tables import bar, main
 
 TEACHER = [{"sampler": s, "nfe": k, "fd": fd, "precision": 0.9, "recall": 0.9, "class_acc": 0.98}
@@ -57,3 +59,24 @@ def test_reads_fewstep_eval_dicts(tmp_path: Path) -> None:
         "2": {"fd": 14.0, "precision": 0.8, "recall": 0.7, "class_acc": 0.9, "nfe": 2.0}}}))
     assert main(["--teacher", str(t), "--evals", str(b), "--out", str(out)]) == 0
     assert "| perflow | 300 | 1 | - | 14.00 | - | - | - | miss |" in out.read_text()
+
+
+def test_configs_mark_bars_not_claimed(tmp_path: Path) -> None:
+    """--configs: the one-step DMD2 image config does not claim 2 NFE, the 2-window PeRFlow not 1 NFE (by design,
+    one line each under the table); a method without a config keeps its verdicts; a missing config is one line."""
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps(TEACHER))
+    evals = [_eval(tmp_path / "d.json", "dmd2", [12.0, 50.0, 90.0]), _eval(tmp_path / "p.json", "perflow",
+                                                                            [150.0, 12.0, 11.0]),
+             _eval(tmp_path / "c.json", "cd", [15.0, 14.0, 12.0])]
+    out = tmp_path / "s.md"
+    assert main(["--teacher", str(t), "--evals", *map(str, evals), "--configs", "configs/images/dmd2.yaml",
+                 "configs/images/perflow.yaml", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| dmd2 | 300 | 1 | 12.00 | 50.00 | 90.00 | 0.800 / 0.700 / 0.900 | met | by design |" in text
+    assert "| perflow | 300 | 1 | 150.00 | 12.00 | 11.00 | 0.800 / 0.700 / 0.900 | by design | met |" in text
+    assert "| cd | 300 | 1 | 15.00 | 14.00 | 12.00 | 0.800 / 0.700 / 0.900 | met | miss |" in text
+    assert "- dmd2, 2 NFE: one-step generator" in text and "- perflow, 1 NFE: one jump per window" in text
+    with pytest.raises(SystemExit, match="^--configs: "):
+        main(["--teacher", str(t), "--evals", str(evals[0]), "--configs", str(tmp_path / "none.yaml"),
+              "--out", str(out)])

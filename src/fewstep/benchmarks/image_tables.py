@@ -12,7 +12,12 @@ the comparison of that run; with several it is ``met`` / ``miss`` only when the 
 errors (sample std / sqrt(n)) on one side, else ``tie`` (the teacher's value is one evaluation at this seed: its own
 evaluation-noise spread, ~2 FD over evaluation seeds 0-2 at Euler 4, is not included).
 
-``python -m fewstep.benchmarks.image_tables --teacher T.json --evals A.json B.json ... --out FILE.md``
+A bar a method's config cannot meet by design (``--configs``: the shipped image configs; the rule of
+:func:`fewstep.benchmarks.leaderboard.cell_setup.design_limits`, as on the leaderboard: a one-step DMD generator
+does not claim 2 NFE, a 2-window PeRFlow cannot jump at 1 NFE) reads ``by design`` instead of a verdict.
+
+``python -m fewstep.benchmarks.image_tables --teacher T.json --evals A.json B.json ... [--configs C.yaml ...]
+--out FILE.md``
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["collect", "bar", "summary_rows", "markdown", "main"]
+__all__ = ["collect", "bar", "config_limits", "summary_rows", "markdown", "main"]
 
 
 def collect(files: Sequence[str | Path]) -> dict[str, dict[int, list[dict[str, Any]]]]:
@@ -65,10 +70,32 @@ def _fmt(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def summary_rows(groups: dict[str, dict[int, list[dict[str, Any]]]], teacher: list[dict[str, Any]]
-                 ) -> list[dict[str, Any]]:
-    """One summary row per method: FD per NFE (per-seed lists), 1-NFE precision/recall/class acc, bars."""
+def config_limits(paths: Sequence[str | Path]) -> dict[str, dict[int, str]]:
+    """Method name -> {NFE: reason} of the bars each config cannot meet by design (``design_limits``)."""
+    from fewstep.benchmarks.leaderboard.cell_setup import design_limits
+    from fewstep.config.schema import load_config
+
+    out: dict[str, dict[int, str]] = {}
+    for path in paths:
+        cfg = load_config(Path(path))
+        out[cfg.method.name] = design_limits(cfg)
+    return out
+
+
+def summary_rows(groups: dict[str, dict[int, list[dict[str, Any]]]], teacher: list[dict[str, Any]],
+                 limits: dict[str, dict[int, str]] | None = None) -> list[dict[str, Any]]:
+    """One summary row per method: FD per NFE (per-seed lists), 1-NFE precision/recall/class acc, bars.
+
+    Args:
+        groups: :func:`collect`'s method -> NFE -> rows.
+        teacher: The teacher table's rows (``Euler 4`` and ``Euler 8`` are the bars).
+        limits: :func:`config_limits`; a bar at a design-limited NFE reads ``by design``.
+
+    Returns:
+        One dict per method.
+    """
     t = {r["sampler"]: r["fd"] for r in teacher}
+    limits = limits or {}
     rows = []
     for method, by_nfe in groups.items():
         fd = {k: [r["fd"] for r in v] for k, v in sorted(by_nfe.items())}
@@ -78,8 +105,10 @@ def summary_rows(groups: dict[str, dict[int, list[dict[str, Any]]]], teacher: li
                                "fd": fd}
         for key in ("precision", "recall", "class_acc"):
             row[f"{key}_1"] = statistics.mean(r[key] for r in one) if one else float("nan")
-        row["bar_1_vs_euler4"] = bar(fd[1], t["Euler 4"]) if 1 in fd else "-"
-        row["bar_2_vs_euler8"] = bar(fd[2], t["Euler 8"]) if 2 in fd else "-"
+        lim = limits.get(method, {})
+        row["bar_1_vs_euler4"] = "by design" if 1 in lim else bar(fd[1], t["Euler 4"]) if 1 in fd else "-"
+        row["bar_2_vs_euler8"] = "by design" if 2 in lim else bar(fd[2], t["Euler 8"]) if 2 in fd else "-"
+        row["design"] = {str(k): v for k, v in lim.items() if k in (1, 2)}
         rows.append(row)
     return rows
 
@@ -98,6 +127,9 @@ def markdown(rows: list[dict[str, Any]], teacher: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {'/'.join(map(str, r['steps']))} | {r['seeds']} | {_fmt(fd.get(1, []))} | "
                      f"{_fmt(fd.get(2, []))} | {_fmt(fd.get(4, []))} | {prc} | {r['bar_1_vs_euler4']} | "
                      f"{r['bar_2_vs_euler8']} |")
+    notes = [f"- {r['method']}, {k} NFE: {why}" for r in rows for k, why in r.get("design", {}).items()]
+    if notes:
+        lines += ["", "Bars not claimed (from the configs, as on the leaderboard):", "", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -106,16 +138,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fewstep.benchmarks.image_tables")
     p.add_argument("--teacher", required=True)
     p.add_argument("--evals", nargs="+", required=True)
+    p.add_argument("--configs", nargs="*", default=[], help="the students' configs: bars they skip by design")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     teacher = [r for r in json.loads(Path(a.teacher).read_text()) if r["sampler"] != "Euler 1"]
-    rows = summary_rows(collect(a.evals), teacher)
+    try:
+        limits = config_limits(a.configs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--configs: {e}") from None
+    rows = summary_rows(collect(a.evals), teacher, limits)
     text = markdown(rows, [r for r in teacher if r["sampler"] != "Euler 2"])
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"teacher": teacher, "students": rows, "evals": a.evals},
-                                                   indent=1))
+    record = {"teacher": teacher, "students": rows, "evals": a.evals, "configs": a.configs}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(text)
     return 0
 
