@@ -96,11 +96,12 @@ MODULES: dict[str, list[str]] = {
     "methods/_shared/dm_base.py": [  # the DM method base of dmd, dmd2 (and, via ca_dm, ddmd and cdm)
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
         "methods/test_mutation_kills_ddmd.py", "methods/test_split_fake.py", "methods/test_dmd2_gan.py",
-        "methods/test_mutation_kills_dm_base.py"],
+        "methods/test_mutation_kills_dm_base.py", "methods/test_dm_fresh_noise.py"],
     "methods/_shared/dm.py": [  # the DM / CA / fake-score formulas, schedules and backward simulation
         "methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_ddmd.py",
         "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py", "methods/test_mutation_kills_cdm.py",
-        "methods/test_mutation_kills_dm.py", "methods/test_mutation_kills_dm_simulation.py"],
+        "methods/test_mutation_kills_dm.py", "methods/test_mutation_kills_dm_simulation.py",
+        "methods/test_dm_fresh_noise.py"],
     "methods/_shared/ca_dm.py": [  # the CA + DM terms of ddmd and cdm
         "methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py",
         "methods/test_mutation_kills_cdm.py", "methods/test_cdm_dm_at.py", "methods/test_ddmd_dm_at.py",

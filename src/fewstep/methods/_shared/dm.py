@@ -241,10 +241,12 @@ class Anchor:
 
 
 def backward_simulate(student: Callable[..., Tensor], noise: Tensor, schedule: Tensor, index: Tensor,
-                      cond: Tensor | None = None, grad: bool = True) -> Anchor:
+                      cond: Tensor | None = None, grad: bool = True, fresh: bool = False) -> Anchor:
     r"""Backward simulation: run :math:`x_{\sigma_{j+1}} = f_{\sigma_j\to\sigma_{j+1}}(x_{\sigma_j})` from noise.
 
-    The steps run without gradient up to a per-sample anchor.
+    The steps run without gradient up to a per-sample anchor. With ``fresh`` each step jumps to data and re-noises
+    with fresh noise, :math:`x_{\sigma_{j+1}} = (1-\sigma_{j+1}) f_{\sigma_j\to0}(x_{\sigma_j}) + \sigma_{j+1}z`
+    (DMD2's backward simulation; the sampler that matches it is gamma = 1).
 
     Args:
         student: Flow map ``f(x, t, s, cond)``.
@@ -253,6 +255,7 @@ def backward_simulate(student: Callable[..., Tensor], noise: Tensor, schedule: T
         index: Anchor step per sample in {0..N−1}, LongTensor of shape (B,).
         cond: Class labels or None.
         grad: Whether the anchor's x0-prediction carries gradient.
+        fresh: Re-noise every step with fresh noise (gamma = 1) instead of the deterministic jump (gamma = 0).
 
     Returns:
         The :class:`Anchor` at σ = schedule[index].
@@ -270,7 +273,12 @@ def backward_simulate(student: Callable[..., Tensor], noise: Tensor, schedule: T
         for j in range(int(index.max()) if b else 0):
             t = torch.full((b,), float(sched[j]), dtype=noise.dtype, device=noise.device)
             s = torch.full((b,), float(sched[j + 1]), dtype=noise.dtype, device=noise.device)
-            x = torch.where(bcast(index > j, x), student(x, t, s, cond=cond), x)
+            if fresh:
+                x0 = student(x, t, torch.zeros_like(t), cond=cond)
+                nxt = renoise(x0, s, torch.randn_like(x0))
+            else:
+                nxt = student(x, t, s, cond=cond)
+            x = torch.where(bcast(index > j, x), nxt, x)
     sigma = sched.to(noise.device)[index].to(noise.dtype)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         x0 = student(x, sigma, torch.zeros_like(sigma), cond=cond)

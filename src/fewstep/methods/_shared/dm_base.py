@@ -51,6 +51,8 @@ class DMConfig(MethodConfig):
             1 (default) = one fake score for every anchor; K > 1 fits copy k to the predictions from bin k only
             when ``fake_samples`` resolves to ``anchor`` (under ``final`` the fake models one distribution, the
             n_steps samples, so one copy is kept); needs ``fake_ema = 0``.
+        fresh_noise: Backward simulation re-noises every step with fresh noise (DMD2's code; gamma = 1) instead of
+            the student's deterministic jumps (gamma = 0); the run must sample with the same gamma (``sampler``).
     """
 
     guidance: float = 1.0
@@ -62,6 +64,7 @@ class DMConfig(MethodConfig):
     fake_ema: float = 0.0
     fake_samples: str = "anchor"
     fake_split: int = 1
+    fresh_noise: bool = False
 
 
 FAKE_SAMPLES: tuple[str, ...] = ("anchor", "final", "auto")
@@ -143,7 +146,8 @@ class DistributionMatchingMethod(Method):
         else:
             sched = self.student_schedule()
             idx = anchor_index(batch.u[:, U_T], sched.numel() - 1)
-        return backward_simulate(self.student, batch.x1, sched, idx, batch.cond, grad=grad)
+        return backward_simulate(self.student, batch.x1, sched, idx, batch.cond, grad=grad,
+                                 fresh=self.config.fresh_noise)
 
     def fake_anchor(self, batch: Batch) -> Anchor:
         """The student's x0-predictions the fake score is fitted to (``fake_samples``), without gradient."""
