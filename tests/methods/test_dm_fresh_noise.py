@@ -74,3 +74,19 @@ def test_cdm_anchor_follows_fresh_noise_config() -> None:
             else:
                 want = m.student(b.x1, t1, torch.full((64,), 0.5), cond=b.cond)
         torch.testing.assert_close(a.x, want)
+
+
+def test_run_sampler_follows_fresh_noise() -> None:
+    """A run trained on the fresh-noise chain samples with gamma = 1 by default (each method samples the way it was
+    trained); an explicit sampler section or --gamma still wins; without the flag the DM family keeps its jumps."""
+    from fewstep.config.build import resolve_sampler
+    from fewstep.config.schema import load_config
+
+    for name in ("cdm", "dmd2", "ddmd"):
+        plain = load_config(f"configs/{name}.yaml")
+        fresh = load_config(f"configs/{name}.yaml", ["method.cfg.fresh_noise=true"])
+        assert resolve_sampler(plain).gamma == 0.0 and resolve_sampler(fresh).gamma == 1.0
+        assert resolve_sampler(fresh).grid == resolve_sampler(plain).grid
+        assert resolve_sampler(fresh, gamma=0.0).gamma == 0.0
+        assert resolve_sampler(load_config(f"configs/{name}.yaml", ["method.cfg.fresh_noise=true",
+                                                                     "sampler.gamma=0.5"])).gamma == 0.5

@@ -189,8 +189,9 @@ def build_run(cfg: RunConfig, device: str | torch.device | None = None, run_dir:
 
 
 def resolve_sampler(cfg: RunConfig, gamma: float | None = None, grid: str | None = None) -> SamplerSpec:
-    """The sampler of a run: explicit ``gamma``/``grid`` > config ``sampler`` section > ``Method.sampler``."""
-    own = get_method(cfg.method.name).sampler
+    """The sampler of a run: explicit ``gamma``/``grid`` > config ``sampler`` section > the method's own for its
+    config (``Method.sampler_for``)."""
+    own = get_method(cfg.method.name).sampler_for(dict(cfg.method.cfg))
     g = gamma if gamma is not None else (cfg.sampler.gamma if cfg.sampler.gamma is not None else own.gamma)
     kind = grid or cfg.sampler.grid or own.grid
     return SamplerSpec(gamma=float(g), grid=kind)

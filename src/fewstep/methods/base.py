@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -192,6 +193,12 @@ class Method(nn.Module):
     def uses_data(cls, config: Any) -> bool:
         """Whether a run of this method with ``config`` needs data batches x0 (checked by the trainer)."""
         return cls.needs_data
+
+    @classmethod
+    def sampler_for(cls, config: Mapping[str, Any]) -> SamplerSpec:
+        """The multi-step sampler a run with method config ``config`` (the run's ``method.cfg`` mapping, not yet
+        validated: the run builder checks its keys) was trained for; default the class's ``sampler``."""
+        return cls.sampler
 
     # ------------------------------------------------------------------ what the trainer calls
     def trainable(self) -> dict[str, nn.Module]:

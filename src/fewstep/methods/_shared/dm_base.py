@@ -6,6 +6,7 @@ per-sample anchor (column ``U_T`` of ``batch.u``) and the guided DM generator lo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from fewstep.methods._shared.dm import (
 )
 from fewstep.methods._shared.split_fake import SplitFake
 from fewstep.methods.base import U_FAKE, U_S, U_T, Batch, Method, MethodConfig
+from fewstep.sampling.spec import SamplerSpec
 
 __all__ = ["DMConfig", "DistributionMatchingMethod", "FAKE_SAMPLES"]
 
@@ -52,7 +54,8 @@ class DMConfig(MethodConfig):
             when ``fake_samples`` resolves to ``anchor`` (under ``final`` the fake models one distribution, the
             n_steps samples, so one copy is kept); needs ``fake_ema = 0``.
         fresh_noise: Backward simulation re-noises every step with fresh noise (DMD2's code; gamma = 1) instead of
-            the student's deterministic jumps (gamma = 0); the run must sample with the same gamma (``sampler``).
+            the student's deterministic jumps (gamma = 0); the run's default sampler follows (gamma = 1,
+            :meth:`DistributionMatchingMethod.sampler_for`).
     """
 
     guidance: float = 1.0
@@ -82,6 +85,11 @@ class DistributionMatchingMethod(Method):
 
     config_class = DMConfig
     needs_init = "flow_matching"  # DM from random weights collapses (docs/results/dm_targets.md)
+
+    @classmethod
+    def sampler_for(cls, config: Mapping[str, Any]) -> SamplerSpec:
+        """Fresh-noise backward simulation (``fresh_noise``) trains the gamma = 1 chain: sample with gamma = 1."""
+        return SamplerSpec(gamma=1.0, grid=cls.sampler.grid) if config.get("fresh_noise") is True else cls.sampler
 
     def __init__(self, student: FlowMap, teacher: nn.Module | None = None, config: Any = None,
                  fake: nn.Module | None = None) -> None:
