@@ -82,11 +82,12 @@ def test_run_sampler_follows_fresh_noise() -> None:
     from fewstep.config.build import resolve_sampler
     from fewstep.config.schema import load_config
 
-    for name in ("cdm", "dmd2", "ddmd"):
-        plain = load_config(f"configs/{name}.yaml")
-        fresh = load_config(f"configs/{name}.yaml", ["method.cfg.fresh_noise=true"])
+    for name in ("cdm", "dmd2", "ddmd"):  # defaults, not configs/ (mutation runs copy src/ and tests/ only)
+        base = {"method": {"name": name}}
+        plain = load_config(None, [], base=base)
+        fresh = load_config(None, ["method.cfg.fresh_noise=true"], base=base)
         assert resolve_sampler(plain).gamma == 0.0 and resolve_sampler(fresh).gamma == 1.0
         assert resolve_sampler(fresh).grid == resolve_sampler(plain).grid
         assert resolve_sampler(fresh, gamma=0.0).gamma == 0.0
-        assert resolve_sampler(load_config(f"configs/{name}.yaml", ["method.cfg.fresh_noise=true",
-                                                                     "sampler.gamma=0.5"])).gamma == 0.5
+        assert resolve_sampler(load_config(None, ["method.cfg.fresh_noise=true", "sampler.gamma=0.5"],
+                                           base=base)).gamma == 0.5
