@@ -231,7 +231,9 @@ EQUIVALENT: dict[str, str] = {
         ("fake_loss__mutmut_12", 'renoise_time(u, t_min=.., t_max=..): kind "uniform" is the default (18 before '
          "fake_split)"),
         ("dm_student_loss__mutmut_46", 'dm_loss(..., floor, ) : "dmd2" is the default (42 before the anchor '
-         "argument)"))},
+         "argument)"),
+        ("sampler_for__mutmut_6", "SamplerSpec(gamma=1.0, ) drops grid=cls.sampler.grid: every DM method's own "
+         'sampler grid is "uniform", the SamplerSpec default'))},
     "fewstep.methods.consistency.x_consistency_grid__mutmut_12": "time_grid(n, 1.0, kind=.., rho=..): t_end 0.0 "
     "is the default",
     "fewstep.methods.consistency.xǁ_ConsistencyBaseǁtimes__mutmut_9": _ONE_DEVICE + " (the grid is moved to u's "
@@ -243,9 +245,10 @@ EQUIVALENT: dict[str, str] = {
        for i in (19, 35)},
     "fewstep.methods.ayf.xǁAYFLagrangianǁtangent__mutmut_27": "velocity(x_s, s, None, cond): ayf_lmd always "
     "distils (its constructor refuses otherwise), so velocity() never reads dx",
-    **{f"fewstep.methods._shared.dm.x_backward_simulate__mutmut_{i}": _ONE_DEVICE for i in (57, 61, 67, 71, 97)},
-    "fewstep.methods._shared.dm.x_backward_simulate__mutmut_52": "range(1) instead of range(0) for an empty batch: "
-    "one student step on zero rows, which changes nothing",
+    **{f"fewstep.methods._shared.dm.x_backward_simulate__mutmut_{i}": _ONE_DEVICE + " (57, 61, 67, 71, 97 before "
+       "fresh_noise)" for i in (58, 62, 68, 72, 117)},
+    "fewstep.methods._shared.dm.x_backward_simulate__mutmut_53": "range(1) instead of range(0) for an empty batch: "
+    "one student step on zero rows, which changes nothing (52 before fresh_noise)",
     "fewstep.methods._shared.dm.x_anchor_index__mutmut_1": "clamp(None, n - 1): u >= 0, so the anchor index is "
     "never below 0",
     **{f"fewstep.methods._shared.dm.x_dynamic_schedule__mutmut_{i}": "the end points 1 and 0 built in the default "
