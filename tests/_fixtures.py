@@ -68,6 +68,19 @@ def student_net(num_classes: int | None = 2, param: str = "consistency") -> Flow
     return FlowMap(MLP(2, hidden=32, depth=2, num_classes=num_classes, use_s=False), param)
 
 
+def spread_split_fake(method: nn.Module) -> nn.Module:
+    """Make the copies of a DM method's split fake score differ (copy k moved by 0.05 k N(0, 1) per weight), so a
+    wrong routing of anchors to copies changes the numbers; a method without a split fake is left as it is."""
+    from fewstep.methods._shared.split_fake import SplitFake
+
+    if isinstance(method.fake, SplitFake):
+        with torch.no_grad():
+            for k, c in enumerate(method.fake.copies):
+                for p in c.parameters():
+                    p.add_(0.05 * k * torch.randn_like(p))
+    return method
+
+
 def class_batch(n: int = 64, seed: int = 0, classes: int = 2) -> Batch:
     """Noise, uniforms and random class labels (data-free batch)."""
     g = torch.Generator().manual_seed(seed)

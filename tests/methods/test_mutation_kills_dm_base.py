@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from _fixtures import class_batch, ring_teacher
+from _fixtures import class_batch, ring_teacher, spread_split_fake
 from _fixtures import student_net as _student_net
 from fewstep.methods import get_method
 from fewstep.methods._shared.dm import dm_loss, fake_x0, renoise, renoise_time, teacher_x0
@@ -25,13 +25,7 @@ torch.set_num_threads(1)
 def _dmd(**kw: object) -> torch.nn.Module:
     cls = get_method("dmd")
     torch.manual_seed(11)
-    m = cls(_student_net(param="velocity"), ring_teacher(), cls.make_config(**kw))
-    if isinstance(m.fake, SplitFake):  # copies that differ, so a wrong route changes the numbers
-        with torch.no_grad():
-            for k, c in enumerate(m.fake.copies):
-                for p in c.parameters():
-                    p.add_(0.05 * k * torch.randn_like(p))
-    return m
+    return spread_split_fake(cls(_student_net(param="velocity"), ring_teacher(), cls.make_config(**kw)))
 
 
 def test_auto_fake_samples_of_the_plain_dm_base_is_anchor() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import class_batch, ring_teacher
+from _fixtures import class_batch, ring_teacher, spread_split_fake
 from _fixtures import student_net as _student_net
 from fewstep.methods import get_method
 from fewstep.methods._shared.dm import fake_score_loss, fixed_schedule, renoise_time
@@ -19,13 +19,8 @@ torch.set_num_threads(1)
 def make(name: str = "ddmd", **kw: object) -> nn.Module:
     cls = get_method(name)
     torch.manual_seed(123)
-    m = cls(_student_net(param="velocity"), ring_teacher(), cls.make_config(guidance=1.0, fake_samples="auto", **kw))
-    if isinstance(m.fake, SplitFake):  # make the copies differ, so a wrong route changes every number
-        with torch.no_grad():
-            for k, c in enumerate(m.fake.copies):
-                for p in c.parameters():
-                    p.add_(0.05 * k * torch.randn_like(p))
-    return m
+    cfg = cls.make_config(guidance=1.0, fake_samples="auto", **kw)
+    return spread_split_fake(cls(_student_net(param="velocity"), ring_teacher(), cfg))
 
 
 def test_bins_of_the_uniform_grid_and_of_sigma_one() -> None:
