@@ -33,8 +33,9 @@ way), and CA is normalised by the guided distance :math:`\mathrm{mean}|\hat x_0^
 predictions; ``own`` adds a dedicated copy of the fake (split as the fake is) fitted to the off-trajectory predictions
 only, ``shared`` one unsplit dedicated copy for every :math:`\sigma_s` (docs/results/cdm_offtraj.md).
 ``dm_at="final"`` moves the DM and off-trajectory terms to the final anchor of the fixed n_steps schedule (CA stays
-at the random anchor); measured in docs/results/dm_targets_mechanisms.md (section 5): it stops the w = 1 drift of the n_steps
-output but leaves the other step counts untrained and does not help at w > 1, so ``dm_at="every"`` is the default.
+at the random anchor); measured in docs/results/dm_targets_mechanisms.md (section 5): it stops the w = 1 drift of
+the n_steps output but leaves the other step counts untrained and does not help at w > 1, so ``dm_at="every"`` is
+the default.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from fewstep.methods._shared.dm import (
     renoise_time,
 )
 from fewstep.methods._shared.split_fake import SplitFake
-from fewstep.methods.base import U_AUX, U_CORNER, U_FAKE, Batch
+from fewstep.methods.base import U_AUX, U_CORNER, Batch
 from fewstep.methods.registry import register
 
 __all__ = ["CDM", "CDMConfig"]
