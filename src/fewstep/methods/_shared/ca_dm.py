@@ -89,7 +89,8 @@ class CADMMethod(DistributionMatchingMethod):
         With CA off the loss is DM alone, at every anchor of the schedule (``dm_at="every"``): its gradient
         (x̂0^fake − x̂0^real)/n is the score difference of the distribution the fake score models, so that must be
         the anchors' x0-predictions; fitted to the final samples only, it stops pulling the early anchors once the
-        final samples are right, and they drift (docs/results/dm_targets_mechanisms.md, "Why cdm and ddmd drift at w = 1").
+        final samples are right, and they drift (docs/results/dm_targets_mechanisms.md, "Why cdm and ddmd drift
+        at w = 1").
         With CA on (α > 1), ``final`` is the measured choice (docs/results/dmd.md). Unconditional teachers
         come with α = 1 (``teacher.guidance=1``), so CA is off there too.
         """
