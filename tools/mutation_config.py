@@ -86,6 +86,7 @@ MODULES: dict[str, list[str]] = {
         "methods/test_cdm_terms.py",
         "methods/test_mutation_kills_cdm.py",
         "methods/test_cdm_dm_at.py",
+        "methods/test_cdm_offtraj_fake.py",
     ],
     "methods/dmd.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py"],
     "methods/dmd2.py": ["methods/test_dmd.py", "methods/test_mutation_kills_dmd.py", "methods/test_dmd2_gan.py",
