@@ -149,7 +149,14 @@ EQUIVALENT: dict[str, str] = {
     _F + "FlowMapǁ_check_input__mutmut_39": _ONE_DEVICE,
     _F + "FlowMapǁ_check_input__mutmut_41": _ONE_DEVICE,
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_6": "anchor(batch, ) : grad=True is the default of anchor",
-    "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_29": 'renoise_time(u, ) : kind="uniform" is the default',
+    "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_71": 'dm_loss(..., ) : convention="dmd2" is the default',
+    "fewstep.methods.cdm.xǁCDMǁofftraj_prediction__mutmut_8": 'renoise_time(u, t_min=, t_max=) : kind="uniform" is '
+                                                               "the default",
+    "fewstep.methods.cdm.xǁCDMǁfake_loss__mutmut_52": 'renoise_time(u, t_min=, t_max=) : kind="uniform" is the default',
+    "fewstep.methods.cdm.xǁCDMǁfake_loss__mutmut_4": "(anchor is None) or True: no caller passes an anchor to "
+                                                     "CDM.fake_loss (DMMethod.loss calls fake_loss(batch))",
+    "fewstep.methods.cdm.xǁCDMǁ__init____mutmut_44": "fake.copies[1] for copies[0]: SplitFake's copies are deep "
+                                                     "copies of one network at construction, identical weights",
     "fewstep.methods._shared.alignment.x_ma_loss__mutmut_89": "create_graph=True dropped: it is the default",
     _AL + "window_logdensity__mutmut_28": _ONE_DEVICE,
     _AL + "window_logdensity__mutmut_31": _ONE_DEVICE,

@@ -186,3 +186,17 @@ def test_fit_is_off_without_the_offtraj_term(off: dict) -> None:
     loss_split, _ = make(offtraj_fake="split", **off).loss("fake", b, 0)
     assert "fake_off_loss" not in logs
     torch.testing.assert_close(loss.detach(), loss_split.detach())
+
+
+def test_fit_with_final_fake_samples_draws_the_random_dm_anchor() -> None:
+    """CA on (``fake_samples: final``) with ``dm_at=every``: the fake step's anchor is the final one, while the
+    off-trajectory term acts at the random anchor, so the fit draws that one (no reuse of the final anchor)."""
+    cls = get_method("cdm")
+    torch.manual_seed(123)
+    m = cls(_student_net(param="velocity"), ring_teacher(),
+            cls.make_config(guidance=1.0, schedule="fixed", n_steps=2, fake_samples="final", offtraj_fake="fit"))
+    spy = AnchorSpy(m)
+    b = class_batch(32, seed=4)
+    _, logs = m.loss("fake", b, 0)
+    assert "fake_off_loss" in logs and spy.fake_calls == 1
+    assert [(c[0] is b, c[1], c[2]) for c in spy.calls] == [(True, False, True), (True, False, False)]
