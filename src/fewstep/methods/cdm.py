@@ -51,8 +51,6 @@ from fewstep.core.utils import bcast
 from fewstep.methods._shared.ca_dm import CADMConfig, CADMMethod
 from fewstep.methods._shared.dm import (
     Anchor,
-    dm_loss,
-    dm_terms,
     dynamic_schedule,
     fake_score_loss,
     fixed_schedule,
@@ -158,7 +156,9 @@ class CDM(CADMMethod):
         loss, logs = super().fake_loss(batch, a)
         if cfg.offtraj_fake == "split" or not cfg.off_trajectory or cfg.cdm_weight == 0:
             return loss, logs
-        reuse = cfg.dm_at == "every" and self.fake_samples == "anchor"
+        # the fake step's anchor is the one the off-trajectory term acts at: the random anchor (every/anchor) or the
+        # final anchor of the fixed schedule (final/final); otherwise draw that one
+        reuse = (cfg.dm_at, self.fake_samples) in (("every", "anchor"), ("final", "final"))
         a_off = a if reuse else self.anchor(batch, grad=False, final=cfg.dm_at == "final")
         with torch.no_grad():
             sigma_s, x0_s = self.offtraj_prediction(a_off, batch)
@@ -191,12 +191,8 @@ class CDM(CADMMethod):
         loss, logs = self.ca_dm_loss(a, batch, a_dm)
         if cfg.off_trajectory and cfg.cdm_weight != 0:
             sigma_s, x0_s = self.offtraj_prediction(a_dm, batch)
-            if self.fake_off is None:
-                cdm, _, _ = self.dm_term(x0_s, sigma_s, batch.u[:, U_CORNER], batch.cond)
-            else:
-                tau = renoise_time(batch.u[:, U_CORNER], cfg.dm_renoise, sigma_s, cfg.t_min, cfg.t_max)
-                x0_real, x0_fake = dm_terms(self.teacher, self.offtraj_fake_for(sigma_s), x0_s, tau, batch.cond)
-                cdm, _ = dm_loss(x0_s, x0_real, x0_fake, cfg.norm_floor, "dmd2")
+            cdm, _, _ = self.dm_term(x0_s, sigma_s, batch.u[:, U_CORNER], batch.cond,
+                                     fake=self.offtraj_fake_for(sigma_s))
             loss = loss + cfg.cdm_weight * cdm
             logs["cdm_loss"] = float(cdm.detach())
         logs["loss"] = float(loss.detach())

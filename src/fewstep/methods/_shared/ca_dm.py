@@ -12,6 +12,7 @@ x0-prediction is the student's n_steps sample, the distribution the fake score m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,12 +103,16 @@ class CADMMethod(DistributionMatchingMethod):
         """The anchor the DM terms act on: ``a`` (``dm_at="every"``) or the final anchor of the fixed schedule."""
         return a if self.config.dm_at == "every" else self.anchor(batch, grad=True, final=True)
 
-    def dm_term(self, x0_student: Tensor, sigma: Tensor, u: Tensor, cond: Tensor | None
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """L_DM of the student's x0-prediction with the conditional real teacher; returns (loss, g, n_DM)."""
+    def dm_term(self, x0_student: Tensor, sigma: Tensor, u: Tensor, cond: Tensor | None,
+                fake: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+        """L_DM of the student's x0-prediction with the conditional real teacher; returns (loss, g, n_DM).
+
+        ``fake`` is the fake score to use (default ``self.fake_for(sigma)``, the copy routed by ``sigma``).
+        """
         cfg = self.config
+        fake = self.fake_for(sigma) if fake is None else fake
         tau = renoise_time(u, cfg.dm_renoise, sigma, cfg.t_min, cfg.t_max)
-        x0_real, x0_fake = dm_terms(self.teacher, self.fake_for(sigma), x0_student, tau, cond, 1.0)
+        x0_real, x0_fake = dm_terms(self.teacher, fake, x0_student, tau, cond, 1.0)
         loss, g = dm_loss(x0_student, x0_real, x0_fake, cfg.norm_floor, "dmd2")
         return loss, g, normaliser(x0_real, x0_student, cfg.norm_floor)
 
