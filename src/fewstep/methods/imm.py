@@ -16,7 +16,7 @@ Each particle uses its own pair (x0, x1): :math:`x_t = (1-t)x_0 + t x_1` and the
 DDIM step takes the batch's posterior mean :math:`\hat x_0(x_t)` instead of the particle's own x0, i.e.
 :math:`x_r = x_t - (t-r)\,\hat v(x_t,t)` with
 :func:`fewstep.methods._shared.batch_velocity.batch_velocity` (no teacher); groups with t < ``batch_t_min``
-keep the conditional interpolant (docs/methods.md, section 9).
+keep the conditional interpolant (docs/results/method_studies.md, section 2).
 With :math:`y_t^i = f^\theta_{t\to s}(x_t^i)` and the stop-gradient :math:`y_r^i = f^{\theta^-}_{r\to s}(x_r^i)`
 (θ⁻ an EMA copy, or sg(θ) when ``target_ema = 0``), the loss is
 
