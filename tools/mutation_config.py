@@ -149,10 +149,9 @@ EQUIVALENT: dict[str, str] = {
     _F + "FlowMapǁ_check_input__mutmut_39": _ONE_DEVICE,
     _F + "FlowMapǁ_check_input__mutmut_41": _ONE_DEVICE,
     "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_6": "anchor(batch, ) : grad=True is the default of anchor",
-    "fewstep.methods.cdm.xǁCDMǁstudent_loss__mutmut_71": 'dm_loss(..., ) : convention="dmd2" is the default',
     "fewstep.methods.cdm.xǁCDMǁofftraj_prediction__mutmut_8": 'renoise_time(u, t_min=, t_max=) : kind="uniform" is '
                                                                "the default",
-    "fewstep.methods.cdm.xǁCDMǁfake_loss__mutmut_52": 'renoise_time(u, t_min=, t_max=) : kind="uniform" is the default',
+    "fewstep.methods.cdm.xǁCDMǁfake_loss__mutmut_54": 'renoise_time(u, t_min=, t_max=) : kind="uniform" is the default',
     "fewstep.methods.cdm.xǁCDMǁfake_loss__mutmut_4": "(anchor is None) or True: no caller passes an anchor to "
                                                      "CDM.fake_loss (DMMethod.loss calls fake_loss(batch))",
     "fewstep.methods.cdm.xǁCDMǁ__init____mutmut_44": "fake.copies[1] for copies[0]: SplitFake's copies are deep "

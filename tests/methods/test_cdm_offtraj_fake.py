@@ -199,3 +199,18 @@ def test_fit_with_final_fake_samples_draws_the_random_dm_anchor() -> None:
     _, logs = m.loss("fake", b, 0)
     assert "fake_off_loss" in logs and spy.fake_calls == 1
     assert [(c[0] is b, c[1], c[2]) for c in spy.calls] == [(True, False, True), (True, False, False)]
+
+
+def test_fit_with_anchor_fake_samples_at_dm_at_final_draws_the_final_anchor() -> None:
+    """``dm_at=final`` with anchor fake samples: the fake step's anchor is a random one, while the off-trajectory
+    term acts at the final anchor of the fixed schedule, so the fit draws that one (gradient-free)."""
+    cls = get_method("cdm")
+    torch.manual_seed(123)
+    m = cls(_student_net(param="velocity"), ring_teacher(),
+            cls.make_config(guidance=1.0, schedule="fixed", n_steps=2, fake_samples="anchor", dm_at="final",
+                            offtraj_fake="fit"))
+    spy = AnchorSpy(m)
+    b = class_batch(32, seed=4)
+    _, logs = m.loss("fake", b, 0)
+    assert "fake_off_loss" in logs and spy.fake_calls == 1
+    assert [(c[0] is b, c[1], c[2]) for c in spy.calls] == [(True, False, False), (True, False, True)]
