@@ -13,7 +13,7 @@ copies.
 Through the CLI, round 2 is ``configs/reflow2_ma.yaml``: ``teacher: {kind: run, path: <round-1 run>}``,
 ``student.init_from: <round-1 run>``, ``score_teacher: {kind: preset, name: ring8}``. Here :func:`second_round` does
 the same in-process on the built trainer, from the cached round-1 student; the CLI run's EMA student equals the
-sweep's bitwise (docs/results/ma.md).
+sweep's bitwise (docs/results/ma_perflow_highdim.md).
 """
 
 from __future__ import annotations
