@@ -107,6 +107,7 @@ MODULES: dict[str, list[str]] = {
         "methods/test_ddmd.py", "methods/test_mutation_kills_ddmd.py", "methods/test_cdm_terms.py",
         "methods/test_mutation_kills_cdm.py", "methods/test_cdm_dm_at.py", "methods/test_ddmd_dm_at.py",
         "methods/test_split_fake.py",  # not test_shipped_configs_resolve: configs/ is not in the scratch copy
+        "methods/test_cdm_offtraj_fake.py",  # dm_term's fake argument (CDM's dedicated off-trajectory fake)
         *(f"methods/test_ca_dm_fake_samples.py::{t}" for t in (
             "test_auto_rule", "test_explicit_values_are_kept_and_unknown_rejected"))],
     "methods/_shared/flowmap_helpers.py": [  # time samplers and weights of meanflow, splitmeanflow, scm, facm, ayf
@@ -221,10 +222,10 @@ EQUIVALENT: dict[str, str] = {
     "fewstep.methods.ddmd.xǁDecoupledDMDǁstudent_loss__mutmut_15": "dm_anchor(batch, None): with dm_at=every it "
     "returns "
     "None, and ca_dm_loss takes a None DM anchor as the CA anchor a; with dm_at=final the argument is not read",
-    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_25": "dm_terms(..., cond, ) : guidance 1.0 is "
-    "the default",
-    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_38": 'dm_loss(..., floor, ) : "dmd2" is the default '
-    "(numbered 37 before fake_split)",
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_30": "dm_terms(..., cond, ) : guidance 1.0 is "
+    "the default (numbered 25 before dm_term's fake argument)",
+    "fewstep.methods._shared.ca_dm.xǁCADMMethodǁdm_term__mutmut_42": 'dm_loss(..., floor, ) : "dmd2" is the default '
+    "(numbered 37 before fake_split, 38 before dm_term's fake argument)",
     "fewstep.methods._shared.ca_dm.xǁCADMMethodǁca_dm_loss__mutmut_10": 'n_dm = "" instead of None: ca_term reads '
     "n_dm only when ca_norm='dm', where dm_term always sets it",
     **{f"fewstep.methods._shared.dm_base.xǁDistributionMatchingMethodǁ{k}": r for k, r in (
