@@ -1,8 +1,9 @@
 """Per-seed rows of MA sweep JSON files (several files, one per seed or arm), and a merged sweep JSON.
 
 Companion of ``tools/ma_paired_table.py`` (which prints the seed means and the seed-paired differences; its
-``load_runs`` merges the files here too). For every arm, seed and NFE this prints MMD², k-NN KL, k-NN TV, mean log p₀
-and the fold fraction as stored by the sweep, plus the held-out FM-on-pairs loss and the realised CPU seconds. With
+``load_runs`` merges the files here too). For every seed and NFE this prints MMD², k-NN KL, k-NN TV, mean log p₀ and the
+fold fraction as stored by the sweep, one cell per metric holding the ``--arms`` in order ("a / b / c"), then the
+held-out FM-on-pairs loss and the realised CPU seconds of every run. With
 a preset target it also prints, per seed, what exact samples score: the k-NN KL/TV floors stored by the sweep and the
 mean log p₀ of the seed's reference draws (seed + 1_000_003, n = 2000, as in
 :func:`fewstep.benchmarks.ma_eval.evaluate_student`), the level above which a student's log p₀ means
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("json", nargs="+", type=Path)
     p.add_argument("--target", default="ring8")
     p.add_argument("--merged", default="", help="write the merged sweep JSON here")
+    p.add_argument("--arms", nargs="+", default=["base@N", "MA 0.0003 mid", "base@cpu-mid"], help="cell order")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     runs = load_runs(a.json)
@@ -58,19 +60,23 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[tuple[str, int], dict] = {}
     for key, run in runs.items():
         tag, _, arm, seed = key.split("/")
-        if tag == a.target:
+        if tag == a.target and arm in a.arms:
             rows[(arm, int(seed))] = run
-    print("| arm | seed | steps | CPU s | held-out FM loss | NFE | " + " | ".join(METRICS) + " |")
-    print("|---|---|---|---|---|---|" + "---|" * len(METRICS))
-    for (arm, seed), run in sorted(rows.items()):
+    print(f"Cells: {' / '.join(a.arms)}\n")
+    print("| seed | NFE | " + " | ".join(METRICS) + " |")
+    print("|---|---|" + "---|" * len(METRICS))
+    for seed in sorted({s for _, s in rows}):
         for k in (1, 2, 4):
-            head = (
-                f"| {arm} | {seed} | {run['steps']} | {run['cpu_s_per_step'] * run['steps']:.0f} | {run['fm_loss']:.3g}"
-                if k == 1
-                else "| | | | |"
-            )
-            vals = [metric(run, m, k) for m in METRICS]
-            print(f"{head} | {k} | " + " | ".join("–" if v is None else f"{v:.4g}" for v in vals) + " |")
+            cells = []
+            for m in METRICS:
+                vals = [metric(rows[(arm, seed)], m, k) if (arm, seed) in rows else None for arm in a.arms]
+                cells.append(" / ".join("–" if v is None else f"{v:.3g}" for v in vals))
+            print(f"| {seed} | {k} | " + " | ".join(cells) + " |")
+    print("\n| arm | seed | steps | CPU s | held-out FM loss |\n|---|---|---|---|---|")
+    for (arm, seed), run in sorted(rows.items(), key=lambda kv: (a.arms.index(kv[0][0]), kv[0][1])):
+        print(
+            f"| {arm} | {seed} | {run['steps']} | {run['cpu_s_per_step'] * run['steps']:.0f} | {run['fm_loss']:.3g} |"
+        )
     seeds = sorted({s for _, s in rows})
     if ":" in a.target or a.target.endswith(".json") or not seeds:
         return
