@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ma_paired_table import load_runs  # noqa: E402
+from ma_paired_table import arm_runs, load_runs  # noqa: E402
 
 from fewstep.benchmarks.ma_stats import metric  # noqa: E402
 
@@ -57,11 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             ratio.update(json.loads(f.read_text()).get("ratio", {}))
         settings = json.loads(a.json[0].read_text()).get("settings", {})
         Path(a.merged).write_text(json.dumps({"settings": settings, "ratio": ratio, "runs": runs}, indent=1))
-    rows: dict[tuple[str, int], dict] = {}
-    for key, run in runs.items():
-        tag, _, arm, seed = key.split("/")
-        if tag == a.target and arm in a.arms:
-            rows[(arm, int(seed))] = run
+    rows = {(arm, seed): run for arm in a.arms for seed, run in arm_runs(runs, a.target, arm, None).items()}
     print(f"Cells: {' / '.join(a.arms)}\n")
     print("| seed | NFE | " + " | ".join(METRICS) + " |")
     print("|---|---|" + "---|" * len(METRICS))
