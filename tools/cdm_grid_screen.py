@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -27,27 +28,36 @@ from fewstep.evaluation.evaluate import noise
 DEFAULT_GRIDS = ["1,0", "1,.25,0", "1,.3,0", "1,.4,0", "1,.5,0", "1,.6,0", "1,.7,0", "1,.75,.5,.25,0"]
 
 
-def screen(method: str, target: str, grids: list[tuple[float, ...]], seed: int = 0) -> dict:
-    """MMD² of the trained cell's EMA student along each grid, the Euler bars and the wall time."""
-    t0 = time.time()
+def train_cell(method: str, target: str, overrides: tuple[str, ...] = (), seed: int = 0) -> tuple[Any, Any, Any, Any]:
+    """Train the s2000 bench cell (one probe) with ``overrides``.
+
+    Returns (trainer, EMA student, the cell's evaluation noise, the reference samples).
+    """
     b = Budget(steps=2000, batch_size=512, hidden=256, depth=4, n=2000, probes=1)
     init = cell_init(method, target, seed, b)
-    extra = () if init is None else (f"student.init_from={init['folder']}",)
+    extra = (() if init is None else (f"student.init_from={init['folder']}",)) + tuple(overrides)
     tr = build_run(cell_config(method, target, seed, b, extra=extra), device="cpu", run_dir=None, with_eval=False)
     tr.prepare()
     tr.fit()
-    f = tr.student(ema=True).eval()
     tgt = load_target(target)
-    x1 = noise(b.n, tgt, seed).float()
-    ref = target_reference(target, tgt, b.n, seed)
-    res: dict = {}
+    return tr, tr.student(ema=True).eval(), noise(b.n, tgt, seed).float(), target_reference(target, tgt, b.n, seed)
+
+
+def grid_mmd2(f: Any, x1: torch.Tensor, ref: Any, grid: tuple[float, ...]) -> float:
+    """MMD² to ``ref`` of the flow map ``f``'s deterministic jumps from ``x1`` along ``grid`` (no gradient)."""
+    x = x1
     with torch.no_grad():
-        for g in grids:
-            x = x1
-            for t, s in zip(g[:-1], g[1:]):
-                x = f(x, torch.full((b.n,), t), torch.full((b.n,), s))
-            res[str(g)] = sample_metrics(x, ref)["mmd2"]
-    res["bars"] = {k: v["mmd2"] for k, v in teacher_curve(target, seed, b.n)["euler"].items()}
+        for t, s in zip(grid[:-1], grid[1:]):
+            x = f(x, torch.full((x1.shape[0],), float(t)), torch.full((x1.shape[0],), float(s)))
+    return sample_metrics(x, ref)["mmd2"]
+
+
+def screen(method: str, target: str, grids: list[tuple[float, ...]], seed: int = 0) -> dict:
+    """MMD² of the trained cell's EMA student along each grid, the Euler bars and the wall time."""
+    t0 = time.time()
+    _, f, x1, ref = train_cell(method, target, seed=seed)
+    res: dict = {str(g): grid_mmd2(f, x1, ref, g) for g in grids}
+    res["bars"] = {k: v["mmd2"] for k, v in teacher_curve(target, seed, x1.shape[0])["euler"].items()}
     res["time_s"] = time.time() - t0
     return res
 

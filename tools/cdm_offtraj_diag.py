@@ -10,43 +10,28 @@ Used by docs/results/cdm_offtraj.md.  usage (repo root; FEWSTEP_BENCH_INIT cache
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from fewstep.benchmarks.leaderboard.cell_setup import Budget, cell_config
-from fewstep.benchmarks.leaderboard.init import cell_init
-from fewstep.benchmarks.leaderboard.targets import load_target, sample_metrics, target_reference, teacher_curve
-from fewstep.config.build import build_run
-from fewstep.evaluation.evaluate import noise
-from fewstep.methods._shared.dm import anchor_index, backward_simulate, renoise, renoise_time
-from fewstep.methods._shared.split_fake import fake_bin
-from fewstep.teachers.base import teacher_velocity
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cdm_grid_screen import grid_mmd2, train_cell  # noqa: E402
+
+from fewstep.benchmarks.leaderboard.targets import sample_metrics, teacher_curve  # noqa: E402
+from fewstep.methods._shared.dm import anchor_index, backward_simulate, renoise, renoise_time  # noqa: E402
+from fewstep.methods._shared.split_fake import fake_bin  # noqa: E402
+from fewstep.teachers.base import teacher_velocity  # noqa: E402
 
 
 def main(target: str, overrides: list[str]) -> None:
     """Train the cell, print the sample metrics (one JSON line) and the fake-error table (one JSON object)."""
     torch.set_num_threads(1)
-    b = Budget(steps=2000, batch_size=512, hidden=256, depth=4, n=2000, probes=1)
     t0 = time.time()
-    init = cell_init("cdm", target, 0, b)
-    extra = ([] if init is None else [f"student.init_from={init['folder']}"]) + overrides
-    tr = build_run(cell_config("cdm", target, 0, b, extra=tuple(extra)), device="cpu", run_dir=None, with_eval=False)
-    tr.prepare()
-    tr.fit()
-    f = tr.student(ema=True).eval()
-    teacher = load_target(target)
+    tr, f, x1, ref = train_cell("cdm", target, tuple(overrides))
     train_s = time.time() - t0
-    x1 = noise(2000, teacher, 0).float()
-    ref = target_reference(target, teacher, 2000, 0)
-
-    def c(v: float) -> torch.Tensor:
-        return torch.full((2000,), float(v))
 
     def grid(*ts: float) -> float:
-        x = x1
-        for t, s in zip(ts[:-1], ts[1:]):
-            x = f(x, c(t), c(s))
-        return sample_metrics(x, ref)["mmd2"]
+        return grid_mmd2(f, x1, ref, ts)
 
     bars = teacher_curve(target, 0, 2000)["euler"]
     with torch.no_grad():
